@@ -1,0 +1,716 @@
+//! The HTTP API: the only module that knows HTTP and JSON.
+//!
+//! hyper 1 over hyper-util's tokio glue; one function ([`route`]) maps a
+//! request to a handler, one ([`error_response`]) maps supervisor errors to
+//! statuses. Reads go straight to the store, which holds only durable
+//! state; changes go through the supervisor.
+
+pub mod wire;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::header::{HeaderValue, ALLOW, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulShutdown;
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+use crate::model::{ExitState, ProcessId, Record, State, Stream};
+use crate::store::Store;
+use crate::supervisor::machine::Reject;
+use crate::supervisor::{Supervisor, SupervisorError};
+use wire::{parse_create, parse_run, record_json, Invalid, NOT_AN_OBJECT};
+
+pub type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+/// How long in-flight requests get to finish once the server stops.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bytes per chunk of a streamed list.
+const LIST_CHUNK: usize = 64 * 1024;
+/// Header carrying the bytes dropped past `max_output_bytes`.
+pub const DROPPED_HEADER: &str = "x-cyrnel-dropped-bytes";
+
+/// What every handler may use.
+pub struct ApiState {
+    pub store: Store,
+    pub supervisor: Supervisor,
+    pub api_key: Option<String>,
+    pub max_body_bytes: u64,
+}
+
+/// Serves until `shutdown` resolves, then lets in-flight requests finish
+/// (bounded by DRAIN_TIMEOUT).
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<ApiState>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of descriptors and the like: back off briefly
+                        // instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let state = state.clone();
+                let svc = hyper::service::service_fn(move |req| {
+                    let state = state.clone();
+                    async move { Ok::<_, Infallible>(handle(&state, req, peer).await) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc);
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            _ = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some connections did not finish in time");
+    }
+}
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).boxed_unsync()
+}
+
+fn respond(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Body> {
+    let mut r = Response::new(full(body));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    respond(status, "application/json", body)
+}
+
+fn text(body: impl Into<Bytes>) -> Response<Body> {
+    respond(StatusCode::OK, "text/plain; charset=utf-8", body)
+}
+
+fn error(status: StatusCode, message: &str) -> Response<Body> {
+    json(
+        status,
+        serde_json::to_vec(&serde_json::json!({ "error": message })).expect("json"),
+    )
+}
+
+fn bad_request(m: Invalid) -> Response<Body> {
+    error(StatusCode::BAD_REQUEST, m.0)
+}
+
+/// The one mapping from supervisor errors to HTTP.
+fn error_response(e: SupervisorError) -> Response<Body> {
+    let status = match &e {
+        SupervisorError::NotFound => StatusCode::NOT_FOUND,
+        SupervisorError::Rejected(Reject::HasOutputs) => StatusCode::BAD_REQUEST,
+        SupervisorError::Rejected(Reject::Stale) => StatusCode::INTERNAL_SERVER_ERROR,
+        SupervisorError::Rejected(_) => StatusCode::CONFLICT,
+        SupervisorError::ShuttingDown | SupervisorError::Gone => StatusCode::SERVICE_UNAVAILABLE,
+        SupervisorError::SignalFailed => StatusCode::INTERNAL_SERVER_ERROR,
+        SupervisorError::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    let message = match &e {
+        SupervisorError::Gone => "Service is shutting down.".to_string(),
+        SupervisorError::Storage(inner) => format!("Storage is unavailable: {inner}"),
+        other => other.to_string(),
+    };
+    error(status, &message)
+}
+
+fn store_error(e: impl std::fmt::Display) -> Response<Body> {
+    tracing::error!(error = %e, "storage read failed");
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &format!("Storage is unavailable: {e}"),
+    )
+}
+
+/// Routes of the API, by path shape.
+enum Route<'a> {
+    Health,
+    Processes,
+    Process(&'a str),
+    Code(&'a str),
+    Output(&'a str),
+    Stdout(&'a str),
+    Stderr(&'a str),
+    Run(&'a str),
+    Kill(&'a str),
+}
+
+fn route(path: &str) -> Option<Route<'_>> {
+    let rest = path.strip_prefix('/')?;
+    if rest.split('/').any(str::is_empty) {
+        return None;
+    }
+    let mut parts = rest.split('/');
+    let r = match (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) {
+        (Some("health"), None, ..) => Route::Health,
+        (Some("processes"), None, ..) => Route::Processes,
+        (Some("processes"), Some(id), None, ..) => Route::Process(id),
+        (Some("processes"), Some(id), Some("code"), None, _) => Route::Code(id),
+        (Some("processes"), Some(id), Some("output"), None, _) => Route::Output(id),
+        (Some("processes"), Some(id), Some("stdout"), None, _) => Route::Stdout(id),
+        (Some("processes"), Some(id), Some("stderr"), None, _) => Route::Stderr(id),
+        (Some("processes"), Some(id), Some("signals"), Some("run"), None) => Route::Run(id),
+        (Some("processes"), Some(id), Some("signals"), Some("kill"), None) => Route::Kill(id),
+        _ => return None,
+    };
+    Some(r)
+}
+
+impl Route<'_> {
+    /// The methods a route answers, as the `Allow` header lists them.
+    fn allowed(&self) -> &'static [&'static str] {
+        match self {
+            Route::Health
+            | Route::Code(_)
+            | Route::Output(_)
+            | Route::Stdout(_)
+            | Route::Stderr(_) => &["GET"],
+            Route::Processes => &["GET", "POST"],
+            Route::Process(_) => &["GET", "DELETE"],
+            Route::Run(_) | Route::Kill(_) => &["POST"],
+        }
+    }
+
+    fn id(&self) -> Option<&str> {
+        match self {
+            Route::Health | Route::Processes => None,
+            Route::Process(id)
+            | Route::Code(id)
+            | Route::Output(id)
+            | Route::Stdout(id)
+            | Route::Stderr(id)
+            | Route::Run(id)
+            | Route::Kill(id) => Some(id),
+        }
+    }
+}
+
+/// Compares without an early exit so timing does not reveal a prefix.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn authorized(req: &Request<Incoming>, key: &str) -> bool {
+    let Some(value) = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let Some((scheme, token)) = value.trim().split_once(' ') else {
+        return false;
+    };
+    scheme.eq_ignore_ascii_case("bearer")
+        && constant_time_eq(token.trim().as_bytes(), key.as_bytes())
+}
+
+async fn handle(state: &ApiState, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let resp = dispatch(state, req).await;
+    tracing::debug!(%peer, %method, %path, status = resp.status().as_u16(), "request");
+    resp
+}
+
+async fn dispatch(state: &ApiState, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    let route = route(&path);
+    let is_health = matches!(route, Some(Route::Health));
+    if !is_health {
+        if let Some(key) = &state.api_key {
+            if !authorized(&req, key) {
+                return error(StatusCode::UNAUTHORIZED, "Unauthorized");
+            }
+        }
+    }
+    let Some(route) = route else {
+        return error(StatusCode::NOT_FOUND, "Not found.");
+    };
+    let allowed = route.allowed();
+    if !allowed.contains(&req.method().as_str()) {
+        let allow = allowed.join(", ");
+        let mut r = error(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed.");
+        r.headers_mut()
+            .insert(ALLOW, HeaderValue::from_str(&allow).expect("ascii"));
+        return r;
+    }
+    let id = match route.id().map(ProcessId::parse) {
+        Some(None) => return bad_request(Invalid("Field 'id' must be a positive integer.")),
+        Some(Some(id)) => Some(id),
+        None => None,
+    };
+    let method = req.method().clone();
+    match (route, id) {
+        (Route::Health, _) => json(StatusCode::OK, r#"{"status":"ok"}"#),
+        (Route::Processes, _) if method == Method::POST => create(state, req).await,
+        (Route::Processes, _) => list(state, req.uri().query().unwrap_or("")).await,
+        (Route::Process(_), Some(id)) if method == Method::DELETE => {
+            reply_record(state.supervisor.delete(id).await)
+        }
+        (Route::Process(_), Some(id)) => {
+            with_record(state, id, |r| json(StatusCode::OK, record_json(&r)))
+        }
+        (Route::Code(_), Some(id)) => code(state, id),
+        (Route::Output(_), Some(id)) => output(state, id),
+        (Route::Stdout(_), Some(id)) => stream(state, id, Stream::Stdout),
+        (Route::Stderr(_), Some(id)) => stream(state, id, Stream::Stderr),
+        (Route::Run(_), Some(id)) => run(state, id, req).await,
+        (Route::Kill(_), Some(id)) => kill(state, id, req).await,
+        _ => error(StatusCode::NOT_FOUND, "Not found."),
+    }
+}
+
+fn reply_record(r: Result<Record, SupervisorError>) -> Response<Body> {
+    match r {
+        Ok(rec) => json(StatusCode::OK, record_json(&rec)),
+        Err(e) => error_response(e),
+    }
+}
+
+fn with_record(
+    state: &ApiState,
+    id: ProcessId,
+    f: impl FnOnce(Record) -> Response<Body>,
+) -> Response<Body> {
+    match state.store.get(id) {
+        Ok(Some(r)) => f(r),
+        Ok(None) => error_response(SupervisorError::NotFound),
+        Err(e) => store_error(e),
+    }
+}
+
+/// Reads the body within `max_body_bytes`. `Ok(None)` for an empty body.
+async fn read_json(
+    state: &ApiState,
+    req: Request<Incoming>,
+) -> Result<Option<Value>, Response<Body>> {
+    let too_large = || error(StatusCode::PAYLOAD_TOO_LARGE, "Request body is too large.");
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > state.max_body_bytes) {
+        return Err(too_large());
+    }
+    let limited = Limited::new(req.into_body(), state.max_body_bytes as usize);
+    let bytes = match limited.collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            return Err(too_large())
+        }
+        Err(_) => {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "Could not read the request body.",
+            ))
+        }
+    };
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|_| error(StatusCode::BAD_REQUEST, "Malformed JSON in request body."))
+}
+
+async fn create(state: &ApiState, req: Request<Incoming>) -> Response<Body> {
+    if state.supervisor.is_shutting_down() {
+        return error_response(SupervisorError::ShuttingDown);
+    }
+    let body = match read_json(state, req).await {
+        Ok(Some(v)) => v,
+        Ok(None) => return bad_request(NOT_AN_OBJECT),
+        Err(r) => return r,
+    };
+    let request = match parse_create(&body) {
+        Ok(r) => r,
+        Err(m) => return bad_request(m),
+    };
+    match state.supervisor.create(request).await {
+        Ok(id) => json(StatusCode::CREATED, format!("{{\"id\":{id}}}")),
+        Err(e) => error_response(e),
+    }
+}
+
+async fn run(state: &ApiState, id: ProcessId, req: Request<Incoming>) -> Response<Body> {
+    let body = match read_json(state, req).await {
+        Ok(Some(v)) => v,
+        Ok(None) => return bad_request(NOT_AN_OBJECT),
+        Err(r) => return r,
+    };
+    match parse_run(&body) {
+        Ok(force) => reply_record(state.supervisor.run(id, force).await),
+        Err(m) => bad_request(m),
+    }
+}
+
+async fn kill(state: &ApiState, id: ProcessId, req: Request<Incoming>) -> Response<Body> {
+    match read_json(state, req).await {
+        Ok(None) => {}
+        Ok(Some(Value::Object(_))) => {}
+        Ok(Some(_)) => return bad_request(NOT_AN_OBJECT),
+        Err(r) => return r,
+    }
+    reply_record(state.supervisor.kill(id).await)
+}
+
+fn code(state: &ApiState, id: ProcessId) -> Response<Body> {
+    match state.store.code(id) {
+        Ok(Some(c)) => text(c),
+        Ok(None) => error_response(SupervisorError::NotFound),
+        Err(e) => store_error(e),
+    }
+}
+
+const NOT_YET: &str = "Process output is not yet available.";
+
+fn output(state: &ApiState, id: ProcessId) -> Response<Body> {
+    with_record(state, id, |r| {
+        if r.state != State::Idle {
+            return error(StatusCode::CONFLICT, NOT_YET);
+        }
+        match state.store.output(id) {
+            Ok(Some(o)) => json(StatusCode::OK, o),
+            Ok(None) => json(StatusCode::OK, "{}"),
+            Err(e) => store_error(e),
+        }
+    })
+}
+
+fn stream(state: &ApiState, id: ProcessId, which: Stream) -> Response<Body> {
+    with_record(state, id, |r| {
+        if r.state != State::Idle {
+            return error(StatusCode::CONFLICT, NOT_YET);
+        }
+        let dropped = match which {
+            Stream::Stdout => r.stdout_dropped,
+            Stream::Stderr => r.stderr_dropped,
+        };
+        match state.store.stream(id, which) {
+            Ok(bytes) => {
+                let mut resp = text(bytes);
+                resp.headers_mut()
+                    .insert(DROPPED_HEADER, HeaderValue::from(dropped));
+                resp
+            }
+            Err(e) => store_error(e),
+        }
+    })
+}
+
+/// Filters of `GET /processes`.
+struct ListQuery {
+    state: Option<State>,
+    status: Option<Option<ExitState>>,
+    r#ref: Option<String>,
+    limit: Option<usize>,
+    cursor: Option<ProcessId>,
+}
+
+impl ListQuery {
+    fn matches(&self, r: &Record) -> bool {
+        self.state.is_none_or(|s| r.state == s)
+            && self.status.is_none_or(|s| r.exit_state == s)
+            && self
+                .r#ref
+                .as_deref()
+                .is_none_or(|f| r.r#ref.as_deref() == Some(f))
+    }
+}
+
+fn parse_list_query(query: &str) -> Result<ListQuery, Invalid> {
+    let mut q = ListQuery {
+        state: None,
+        status: None,
+        r#ref: None,
+        limit: None,
+        cursor: None,
+    };
+    let mut seen = std::collections::HashSet::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let (k, v) = (percent_decode(k), percent_decode(v));
+        // The first occurrence of a parameter wins.
+        if !seen.insert(k.clone()) {
+            continue;
+        }
+        match k.as_str() {
+            "state" => {
+                q.state = Some(State::parse(&v).ok_or(Invalid(
+                    "Invalid value for 'state': must be one of queued, running, idle, terminating.",
+                ))?)
+            }
+            "status" => {
+                q.status = Some(if v == "null" {
+                    None
+                } else {
+                    Some(ExitState::parse(&v).ok_or(Invalid(
+                        "Invalid value for 'status': must be one of success, failed, timeout, canceled, null.",
+                    ))?)
+                })
+            }
+            "ref" => {
+                let t = v.trim();
+                if t.is_empty() {
+                    return Err(Invalid("Invalid value for 'ref': must not be empty."));
+                }
+                q.r#ref = Some(t.to_string());
+            }
+            "limit" => {
+                q.limit = Some(
+                    v.parse::<usize>()
+                        .ok()
+                        .filter(|n| (1..=1000).contains(n) && v.bytes().all(|b| b.is_ascii_digit()))
+                        .ok_or(Invalid(
+                            "Invalid value for 'limit': must be an integer between 1 and 1000.",
+                        ))?,
+                )
+            }
+            "cursor" => {
+                q.cursor = Some(ProcessId::parse(&v).ok_or(Invalid("Invalid value for 'cursor'."))?)
+            }
+            _ => {}
+        }
+    }
+    Ok(q)
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
+                {
+                    Ok(v) => {
+                        out.push(v);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn list(state: &ApiState, query: &str) -> Response<Body> {
+    let q = match parse_list_query(query) {
+        Ok(q) => q,
+        Err(m) => return bad_request(m),
+    };
+    let store = state.store.clone();
+    match q.limit {
+        Some(limit) => {
+            let page = tokio::task::spawn_blocking(move || {
+                let mut items = Vec::with_capacity(limit.min(128));
+                let mut more = false;
+                store
+                    .scan_newest_first(q.cursor, |r| {
+                        if !q.matches(&r) {
+                            return true;
+                        }
+                        if items.len() == limit {
+                            more = true;
+                            return false;
+                        }
+                        items.push(r);
+                        true
+                    })
+                    .map(|_| (items, more))
+            })
+            .await;
+            match page {
+                Ok(Ok((items, more))) => {
+                    let next = items.last().filter(|_| more).map(|r| r.id);
+                    let mut body = b"{\"processes\":[".to_vec();
+                    for (i, r) in items.iter().enumerate() {
+                        if i > 0 {
+                            body.push(b',');
+                        }
+                        body.extend_from_slice(&record_json(r));
+                    }
+                    match next {
+                        Some(id) => body
+                            .extend_from_slice(format!("],\"nextCursor\":\"{id}\"}}").as_bytes()),
+                        None => body.extend_from_slice(b"],\"nextCursor\":null}"),
+                    }
+                    json(StatusCode::OK, body)
+                }
+                Ok(Err(e)) => store_error(e),
+                Err(e) => store_error(e),
+            }
+        }
+        None => stream_list(store, q),
+    }
+}
+
+/// Streams every match, newest first, in chunks: memory stays flat however
+/// many records exist. A storage error mid-stream aborts the response.
+fn stream_list(store: Store, q: ListQuery) -> Response<Body> {
+    let (tx, mut rx) = mpsc::channel::<Result<Bytes, ()>>(4);
+    tokio::task::spawn_blocking(move || {
+        let mut buf = Vec::with_capacity(LIST_CHUNK + 1024);
+        buf.extend_from_slice(b"{\"processes\":[");
+        let mut first = true;
+        let mut open = true;
+        let res = store.scan_newest_first(q.cursor, |r| {
+            if !q.matches(&r) {
+                return true;
+            }
+            if !first {
+                buf.push(b',');
+            }
+            first = false;
+            buf.extend_from_slice(&record_json(&r));
+            if buf.len() >= LIST_CHUNK {
+                let chunk = Bytes::from(std::mem::replace(
+                    &mut buf,
+                    Vec::with_capacity(LIST_CHUNK + 1024),
+                ));
+                open = tx.blocking_send(Ok(chunk)).is_ok();
+            }
+            open
+        });
+        match res {
+            Ok(()) if open => {
+                buf.extend_from_slice(b"]}");
+                let _ = tx.blocking_send(Ok(Bytes::from(buf)));
+            }
+            Ok(()) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "listing failed mid-stream");
+                let _ = tx.blocking_send(Err(()));
+            }
+        }
+    });
+    let frames = futures_util::stream::poll_fn(move |cx| {
+        rx.poll_recv(cx).map(|item| match item {
+            Some(Ok(b)) => Some(Ok::<_, Infallible>(Frame::data(b))),
+            // Ending the body early makes hyper abort the chunked response,
+            // so the client sees a broken transfer, not a short list.
+            Some(Err(())) => None,
+            None => None,
+        })
+    });
+    let mut r = Response::new(BodyExt::boxed_unsync(StreamBody::new(frames)));
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_by_shape() {
+        assert!(matches!(route("/health"), Some(Route::Health)));
+        assert!(matches!(route("/processes"), Some(Route::Processes)));
+        assert!(matches!(route("/processes/7"), Some(Route::Process("7"))));
+        assert!(matches!(
+            route("/processes/x/stdout"),
+            Some(Route::Stdout("x"))
+        ));
+        assert!(matches!(
+            route("/processes/1/signals/kill"),
+            Some(Route::Kill("1"))
+        ));
+        for bad in [
+            "/",
+            "",
+            "/processes/",
+            "/processes/1/",
+            "/processes/1/signals",
+            "/processes/1/signals/stop",
+            "/health/x",
+            "/processes/1/code/x",
+        ] {
+            assert!(route(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn list_query_validation() {
+        assert!(
+            parse_list_query("state=running&status=null&ref=%20a%20&limit=10&cursor=5").is_ok()
+        );
+        let q = parse_list_query("ref=a+b").unwrap();
+        assert_eq!(q.r#ref.as_deref(), Some("a b"));
+        assert_eq!(
+            parse_list_query("state=done").err().unwrap().0,
+            "Invalid value for 'state': must be one of queued, running, idle, terminating."
+        );
+        assert_eq!(
+            parse_list_query("status=x").err().unwrap().0,
+            "Invalid value for 'status': must be one of success, failed, timeout, canceled, null."
+        );
+        for l in ["0", "1001", "a", "+5", ""] {
+            assert!(parse_list_query(&format!("limit={l}")).is_err(), "{l}");
+        }
+        assert!(parse_list_query("cursor=0").is_err());
+        assert!(parse_list_query("ref=%20").is_err());
+        assert_eq!(percent_decode("%41%zz%"), "A%zz%");
+    }
+
+    #[test]
+    fn constant_time_compare() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+}

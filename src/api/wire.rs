@@ -1,0 +1,245 @@
+//! Wire types: the JSON clients see, and the validation of what they send.
+//! The only serde types of the API; `cyrnelctl` will share them.
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::model::{signal_name, Record};
+use crate::supervisor::{CreateRequest, Timeout};
+
+/// Longest `code`, in characters.
+pub const MAX_CODE_CHARS: usize = 102_400;
+
+/// A Process record as the API shows it.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProcessJson<'a> {
+    pub id: u64,
+    #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+    pub r#ref: Option<&'a str>,
+    pub state: &'static str,
+    pub exit_state: Option<&'static str>,
+    pub error: Option<&'a str>,
+    pub created_at: String,
+    pub completed_at: Option<String>,
+    pub started_at: Option<String>,
+    pub pid: Option<i32>,
+    pub exit_code: Option<i32>,
+    pub signal: Option<String>,
+}
+
+impl<'a> From<&'a Record> for ProcessJson<'a> {
+    fn from(r: &'a Record) -> Self {
+        ProcessJson {
+            id: r.id.0,
+            r#ref: r.r#ref.as_deref(),
+            state: r.state.as_str(),
+            exit_state: r.exit_state.map(|e| e.as_str()),
+            error: r.error.as_deref(),
+            created_at: iso8601(r.created_at),
+            completed_at: r.completed_at.map(iso8601),
+            started_at: r.started_at.map(iso8601),
+            pid: r.pid(),
+            exit_code: r.exit_code,
+            signal: r.signal.map(signal_name),
+        }
+    }
+}
+
+pub fn record_json(r: &Record) -> Vec<u8> {
+    serde_json::to_vec(&ProcessJson::from(r)).expect("record serialises")
+}
+
+/// Milliseconds since the Unix epoch as `YYYY-MM-DDTHH:MM:SS.mmmZ`.
+pub fn iso8601(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil-from-days (Howard Hinnant's algorithm), for days since 1970-01-01.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
+/// A 400 with its exact message.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Invalid(pub &'static str);
+
+pub const NOT_AN_OBJECT: Invalid = Invalid("Request body must be an object.");
+
+/// Validates a create body, in the contract's order.
+pub fn parse_create(body: &Value) -> Result<CreateRequest, Invalid> {
+    let obj = body.as_object().ok_or(NOT_AN_OBJECT)?;
+    let code = match obj.get("code") {
+        None => return Err(Invalid("Missing required field: code")),
+        Some(Value::String(s)) => s,
+        Some(_) => return Err(Invalid("Field 'code' must be a string.")),
+    };
+    if code.chars().count() > MAX_CODE_CHARS {
+        return Err(Invalid("Field 'code' must not exceed 100 KB."));
+    }
+    let r#ref = match obj.get("ref") {
+        None => None,
+        Some(Value::String(s)) => {
+            let t = s.trim();
+            if t.is_empty() {
+                return Err(Invalid("Field 'ref' must not be empty."));
+            }
+            Some(t.to_string())
+        }
+        Some(_) => return Err(Invalid("Field 'ref' in body must be a string.")),
+    };
+    let (timeout, kill_grace_ms) = match obj.get("options") {
+        None | Some(Value::Null) => (Timeout::Default, None),
+        Some(Value::Object(o)) => {
+            let timeout = match o.get("timeout") {
+                None => Timeout::Default,
+                Some(Value::Null) => Timeout::Unlimited,
+                Some(v) => match v.as_u64() {
+                    Some(ms) if ms > 0 => Timeout::Ms(ms),
+                    _ => {
+                        return Err(Invalid(
+                            "Field 'options.timeout' must be a positive integer or null.",
+                        ))
+                    }
+                },
+            };
+            let grace = match o.get("killGrace") {
+                None | Some(Value::Null) => None,
+                Some(v) => Some(v.as_u64().ok_or(Invalid(
+                    "Field 'options.killGrace' must be a non-negative integer.",
+                ))?),
+            };
+            (timeout, grace)
+        }
+        Some(_) => return Err(Invalid("Field 'options' must be an object.")),
+    };
+    let autorun = match obj.get("autorun") {
+        None => true,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(Invalid("Field 'autorun' must be a boolean.")),
+    };
+    Ok(CreateRequest {
+        code: code.clone(),
+        r#ref,
+        timeout,
+        kill_grace_ms,
+        autorun,
+    })
+}
+
+/// Validates a run-signal body: `{"force": bool}`, both optional.
+pub fn parse_run(body: &Value) -> Result<bool, Invalid> {
+    let obj = body.as_object().ok_or(NOT_AN_OBJECT)?;
+    match obj.get("force") {
+        None => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(Invalid("Field 'force' must be a boolean.")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn iso8601_formats_utc_millis() {
+        assert_eq!(iso8601(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(iso8601(951_782_400_000), "2000-02-29T00:00:00.000Z");
+        assert_eq!(iso8601(1_795_780_800_123), "2026-11-27T12:00:00.123Z");
+        assert_eq!(iso8601(4_102_444_799_999), "2099-12-31T23:59:59.999Z");
+    }
+
+    #[test]
+    fn create_validation_messages() {
+        let cases = [
+            (json!([]), "Request body must be an object."),
+            (json!({}), "Missing required field: code"),
+            (json!({"code": 1}), "Field 'code' must be a string."),
+            (json!({"code": null}), "Field 'code' must be a string."),
+            (
+                json!({"code": "x".repeat(MAX_CODE_CHARS + 1)}),
+                "Field 'code' must not exceed 100 KB.",
+            ),
+            (
+                json!({"code": "", "ref": 5}),
+                "Field 'ref' in body must be a string.",
+            ),
+            (
+                json!({"code": "", "ref": "  "}),
+                "Field 'ref' must not be empty.",
+            ),
+            (
+                json!({"code": "", "options": 1}),
+                "Field 'options' must be an object.",
+            ),
+            (
+                json!({"code": "", "options": {"timeout": 0}}),
+                "Field 'options.timeout' must be a positive integer or null.",
+            ),
+            (
+                json!({"code": "", "options": {"timeout": 1.5}}),
+                "Field 'options.timeout' must be a positive integer or null.",
+            ),
+            (
+                json!({"code": "", "options": {"timeout": "1"}}),
+                "Field 'options.timeout' must be a positive integer or null.",
+            ),
+            (
+                json!({"code": "", "options": {"killGrace": -1}}),
+                "Field 'options.killGrace' must be a non-negative integer.",
+            ),
+            (
+                json!({"code": "", "autorun": "yes"}),
+                "Field 'autorun' must be a boolean.",
+            ),
+        ];
+        for (body, msg) in cases {
+            assert_eq!(parse_create(&body).unwrap_err(), Invalid(msg), "{body}");
+        }
+    }
+
+    #[test]
+    fn create_defaults_and_values() {
+        let r = parse_create(&json!({"code": ""})).unwrap();
+        assert_eq!(
+            (r.timeout, r.kill_grace_ms, r.autorun, r.r#ref),
+            (Timeout::Default, None, true, None)
+        );
+        let r = parse_create(&json!({"code": "é".repeat(MAX_CODE_CHARS), "ref": " a ", "options": {"timeout": null, "killGrace": 0}, "autorun": false, "extra": 1})).unwrap();
+        assert_eq!(
+            (r.timeout, r.kill_grace_ms, r.autorun, r.r#ref.as_deref()),
+            (Timeout::Unlimited, Some(0), false, Some("a"))
+        );
+        assert_eq!(
+            parse_create(&json!({"code": "", "options": {"timeout": 5}}))
+                .unwrap()
+                .timeout,
+            Timeout::Ms(5)
+        );
+    }
+
+    #[test]
+    fn run_body() {
+        assert_eq!(parse_run(&json!({})), Ok(false));
+        assert_eq!(parse_run(&json!({"force": true})), Ok(true));
+        assert_eq!(
+            parse_run(&json!({"force": 1})),
+            Err(Invalid("Field 'force' must be a boolean."))
+        );
+        assert_eq!(parse_run(&json!(null)), Err(NOT_AN_OBJECT));
+    }
+}

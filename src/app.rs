@@ -1,0 +1,98 @@
+//! The composition root: prepare the data dir → open the store → bind →
+//! recover and start the supervisor → serve → on shutdown, stop the
+//! supervisor (which puts down every running group) → stop the server.
+//! Shutdown is a future passed in, never a global, so tests and `main`
+//! decide when it fires. Nothing here exits the process.
+
+use std::fs;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+use crate::api::{self, ApiState};
+use crate::config::Config;
+use crate::store::{Store, StoreError};
+use crate::supervisor::{Settings, Supervisor};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("cannot prepare the data dir {path}: {source}")]
+    DataDir { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: io::Error },
+}
+
+/// Creates `dir` (0700) if missing; tightens an existing one to 0700,
+/// since it holds staged code and outputs.
+fn private_dir(dir: &Path) -> Result<(), AppError> {
+    let wrap = |source| AppError::DataDir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(wrap)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(wrap)
+}
+
+/// Runs the daemon until `shutdown` resolves; returns once every running
+/// group is gone and every transition is durable.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
+    private_dir(&config.data_dir)?;
+    // Absolute, because children run with their own working directory and
+    // are handed paths inside the data dir.
+    let data_dir = fs::canonicalize(&config.data_dir).map_err(|source| AppError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    let run_dir = data_dir.join("run");
+    private_dir(&run_dir)?;
+    let store = Store::open(&data_dir.join("db"))?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| AppError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let supervisor = Supervisor::start(
+        store.clone(),
+        Settings {
+            default_timeout_ms: config.default_timeout_ms,
+            kill_grace_ms: config.kill_grace_ms,
+            max_running: config.max_running,
+            shell: config.shell.clone(),
+            env: config.env.clone(),
+            max_output_bytes: config.max_output_bytes,
+            run_dir,
+        },
+    )?;
+    let state = Arc::new(ApiState {
+        store,
+        supervisor: supervisor.clone(),
+        api_key: config.api_key.clone(),
+        max_body_bytes: config.max_body_bytes,
+    });
+    let addr = listener.local_addr().unwrap_or(config.listen);
+    tracing::info!(%addr, data_dir = %data_dir.display(), auth = config.api_key.is_some(), "cyrneld listening");
+    let (stop_server, server_stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(api::serve(listener, state, async {
+        let _ = server_stopped.await;
+    }));
+    shutdown.await;
+    tracing::info!("shutting down: terminating running processes");
+    supervisor.shutdown().await;
+    let _ = stop_server.send(());
+    let _ = server.await;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,417 @@
+//! Configuration: parsed and validated once, at start-up, into typed values.
+//!
+//! Sources, strongest first: command-line flags, `CYRNEL_<KEY>` environment
+//! variables, the TOML file given with `--config`, built-in defaults. Any
+//! invalid value stops the daemon with a message naming the key; nothing
+//! starts half-configured.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Every key the daemon understands, with its default as documentation
+/// (`platform/cyrneld.toml` lists the same).
+pub const KEYS: &[&str] = &[
+    "listen",
+    "data_dir",
+    "api_key",
+    "max_running",
+    "default_timeout_ms",
+    "kill_grace_ms",
+    "shell",
+    "max_output_bytes",
+    "max_body_bytes",
+    "env",
+    "log_level",
+];
+
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+#[derive(Clone, PartialEq, Eq)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub api_key: Option<String>,
+    pub max_running: usize,
+    /// `None`: no default time limit (`default_timeout_ms = 0`).
+    pub default_timeout_ms: Option<u64>,
+    pub kill_grace_ms: u64,
+    pub shell: String,
+    pub max_output_bytes: u64,
+    pub max_body_bytes: u64,
+    pub env: Vec<(String, String)>,
+    pub log_level: String,
+}
+
+impl fmt::Debug for Config {
+    // Hand-written so the API key never reaches a log line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("data_dir", &self.data_dir)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<set>"))
+            .field("max_running", &self.max_running)
+            .field("default_timeout_ms", &self.default_timeout_ms)
+            .field("kill_grace_ms", &self.kill_grace_ms)
+            .field("shell", &self.shell)
+            .field("max_output_bytes", &self.max_output_bytes)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("env", &self.env.iter().map(|(k, _)| k).collect::<Vec<_>>())
+            .field("log_level", &self.log_level)
+            .finish()
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+fn err(key: &str, msg: impl fmt::Display) -> ConfigError {
+    ConfigError(format!("{key}: {msg}"))
+}
+
+/// What the command line says.
+#[derive(Clone, Debug, Default)]
+pub struct Flags {
+    pub config: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+}
+
+/// A value before typing: from TOML, or text from a flag or variable.
+enum Raw {
+    Toml(toml::Value),
+    Text(String),
+}
+
+impl Raw {
+    fn show(&self) -> String {
+        match self {
+            Raw::Toml(v) => v.to_string(),
+            Raw::Text(s) => format!("{s:?}"),
+        }
+    }
+}
+
+/// Loads the configuration. `env` looks up environment variables (a
+/// parameter so tests need not touch the process environment).
+pub fn load(flags: &Flags, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+    let mut raw: BTreeMap<&'static str, Raw> = BTreeMap::new();
+    if let Some(path) = &flags.config {
+        for (k, v) in read_file(path)? {
+            let key = KEYS
+                .iter()
+                .find(|known| **known == k)
+                .ok_or_else(|| ConfigError(format!("{}: unknown key '{k}'", path.display())))?;
+            raw.insert(key, Raw::Toml(v));
+        }
+    }
+    for key in KEYS {
+        if let Some(v) = env(&format!("CYRNEL_{}", key.to_ascii_uppercase())) {
+            raw.insert(key, Raw::Text(v));
+        }
+    }
+    if let Some(v) = &flags.listen {
+        raw.insert("listen", Raw::Text(v.clone()));
+    }
+    if let Some(v) = &flags.data_dir {
+        raw.insert("data_dir", Raw::Text(v.display().to_string()));
+    }
+    build(&raw)
+}
+
+fn read_file(path: &Path) -> Result<toml::Table, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
+    text.parse::<toml::Table>()
+        .map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))
+}
+
+fn string(key: &str, v: Option<&Raw>) -> Result<Option<String>, ConfigError> {
+    match v {
+        None => Ok(None),
+        Some(Raw::Text(s)) => Ok(Some(s.clone())),
+        Some(Raw::Toml(toml::Value::String(s))) => Ok(Some(s.clone())),
+        Some(other) => Err(err(key, format!("must be a string (got {})", other.show()))),
+    }
+}
+
+fn integer(key: &str, v: Option<&Raw>, default: u64, min: u64) -> Result<u64, ConfigError> {
+    let n = match v {
+        None => return Ok(default),
+        Some(Raw::Text(s)) => s.trim().parse::<u64>().ok(),
+        Some(Raw::Toml(toml::Value::Integer(i))) => u64::try_from(*i).ok(),
+        Some(_) => None,
+    };
+    match n {
+        Some(n) if n >= min => Ok(n),
+        _ => Err(err(
+            key,
+            format!(
+                "must be an integer >= {min} (got {})",
+                v.map(Raw::show).unwrap_or_default()
+            ),
+        )),
+    }
+}
+
+fn env_table(v: Option<&Raw>) -> Result<Vec<(String, String)>, ConfigError> {
+    let key = "env";
+    let map: BTreeMap<String, String> = match v {
+        None => return Ok(vec![("PATH".into(), DEFAULT_PATH.into())]),
+        Some(Raw::Text(s)) => serde_json::from_str(s).map_err(|e| {
+            err(
+                key,
+                format!(
+                    "must be a JSON object of strings, e.g. {{\"PATH\":\"/usr/bin:/bin\"}} ({e})"
+                ),
+            )
+        })?,
+        Some(Raw::Toml(toml::Value::Table(t))) => t
+            .iter()
+            .map(|(k, v)| match v {
+                toml::Value::String(s) => Ok((k.clone(), s.clone())),
+                other => Err(err(
+                    key,
+                    format!("value of {k} must be a string (got {other})"),
+                )),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(other) => {
+            return Err(err(
+                key,
+                format!("must be a table of strings (got {})", other.show()),
+            ))
+        }
+    };
+    for name in map.keys() {
+        if name.is_empty() || name.contains('=') || name.contains('\0') {
+            return Err(err(key, format!("invalid variable name {name:?}")));
+        }
+    }
+    if map.values().any(|v| v.contains('\0')) {
+        return Err(err(key, "values must not contain NUL bytes"));
+    }
+    Ok(map.into_iter().collect())
+}
+
+fn build(raw: &BTreeMap<&'static str, Raw>) -> Result<Config, ConfigError> {
+    let listen_text =
+        string("listen", raw.get("listen"))?.unwrap_or_else(|| "127.0.0.1:9371".into());
+    let listen: SocketAddr = listen_text.parse().map_err(|_| {
+        err(
+            "listen",
+            format!("must be ADDRESS:PORT, e.g. 127.0.0.1:9371 (got {listen_text:?})"),
+        )
+    })?;
+    let data_dir = PathBuf::from(
+        string("data_dir", raw.get("data_dir"))?.unwrap_or_else(|| "cyrnel-data".into()),
+    );
+    if data_dir.as_os_str().is_empty() {
+        return Err(err("data_dir", "must not be empty"));
+    }
+    let api_key = string("api_key", raw.get("api_key"))?;
+    if api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
+        return Err(err(
+            "api_key",
+            "must not be empty (leave it unset to disable authentication)",
+        ));
+    }
+    if api_key.is_none() && !listen.ip().is_loopback() {
+        return Err(err(
+            "listen",
+            format!("refusing to listen on non-loopback address {listen} without an api_key"),
+        ));
+    }
+    let max_running = integer("max_running", raw.get("max_running"), 32, 1)?;
+    let default_timeout_ms = integer(
+        "default_timeout_ms",
+        raw.get("default_timeout_ms"),
+        30_000,
+        0,
+    )?;
+    let kill_grace_ms = integer("kill_grace_ms", raw.get("kill_grace_ms"), 5_000, 0)?;
+    let max_output_bytes = integer("max_output_bytes", raw.get("max_output_bytes"), 8 << 20, 0)?;
+    let max_body_bytes = integer("max_body_bytes", raw.get("max_body_bytes"), 1 << 20, 1024)?;
+    let shell = string("shell", raw.get("shell"))?.unwrap_or_else(|| "/bin/sh".into());
+    if !Path::new(&shell).is_absolute() {
+        return Err(err(
+            "shell",
+            format!("must be an absolute path (got {shell:?})"),
+        ));
+    }
+    if !Path::new(&shell).is_file() {
+        return Err(err("shell", format!("{shell} does not exist")));
+    }
+    let env = env_table(raw.get("env"))?;
+    let log_level = string("log_level", raw.get("log_level"))?.unwrap_or_else(|| "info".into());
+    if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
+        return Err(err(
+            "log_level",
+            format!("not a valid filter (got {log_level:?}); try info or debug"),
+        ));
+    }
+    Ok(Config {
+        listen,
+        data_dir,
+        api_key,
+        max_running: usize::try_from(max_running).map_err(|_| err("max_running", "too large"))?,
+        default_timeout_ms: (default_timeout_ms > 0).then_some(default_timeout_ms),
+        kill_grace_ms,
+        shell,
+        max_output_bytes,
+        max_body_bytes,
+        env,
+        log_level,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn load_with(flags: &Flags, vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let vars: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        load(flags, |k| vars.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults() {
+        let c = load_with(&Flags::default(), &[]).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:9371");
+        assert_eq!(c.data_dir, PathBuf::from("cyrnel-data"));
+        assert_eq!(
+            (c.max_running, c.default_timeout_ms, c.kill_grace_ms),
+            (32, Some(30_000), 5_000)
+        );
+        assert_eq!(c.max_output_bytes, 8 << 20);
+        assert_eq!(c.shell, "/bin/sh");
+        assert_eq!(c.env, vec![("PATH".to_string(), DEFAULT_PATH.to_string())]);
+        assert_eq!(c.api_key, None);
+    }
+
+    #[test]
+    fn precedence_flag_env_file_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:1000\"\nkill_grace_ms = 10\nmax_running = 3\n[env]\nA = \"b\"\n",
+        )
+        .unwrap();
+        let flags = Flags {
+            config: Some(file),
+            listen: Some("127.0.0.1:3000".into()),
+            data_dir: None,
+        };
+        let c = load_with(
+            &flags,
+            &[
+                ("CYRNEL_LISTEN", "127.0.0.1:2000"),
+                ("CYRNEL_KILL_GRACE_MS", "20"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:3000"); // flag beats env and file
+        assert_eq!(c.kill_grace_ms, 20); // env beats file
+        assert_eq!(c.max_running, 3); // file beats default
+        assert_eq!(c.env, vec![("A".to_string(), "b".to_string())]);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (&[("CYRNEL_KILL_GRACE_MS", "abc")], "kill_grace_ms"),
+            (&[("CYRNEL_MAX_RUNNING", "0")], "max_running"),
+            (&[("CYRNEL_LISTEN", "nonsense")], "listen"),
+            (&[("CYRNEL_LISTEN", "0.0.0.0:9371")], "non-loopback"),
+            (&[("CYRNEL_SHELL", "/no/such/shell")], "shell"),
+            (&[("CYRNEL_ENV", "[1]")], "env"),
+            (&[("CYRNEL_API_KEY", " ")], "api_key"),
+            (&[("CYRNEL_LOG_LEVEL", "=[")], "log_level"),
+        ];
+        for (vars, needle) in cases {
+            let e = load_with(&Flags::default(), vars).unwrap_err();
+            assert!(e.to_string().contains(needle), "{vars:?}: {e}");
+        }
+        let ok = load_with(
+            &Flags::default(),
+            &[("CYRNEL_LISTEN", "0.0.0.0:9371"), ("CYRNEL_API_KEY", "k")],
+        );
+        assert!(ok.is_ok());
+    }
+
+    #[test]
+    fn file_errors_name_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "kill_grace = 10\n").unwrap();
+        let flags = Flags {
+            config: Some(file.clone()),
+            ..Flags::default()
+        };
+        assert!(load_with(&flags, &[])
+            .unwrap_err()
+            .to_string()
+            .contains("unknown key 'kill_grace'"));
+        std::fs::write(&file, "kill_grace_ms = \"soon\"\n").unwrap();
+        assert!(load_with(&flags, &[])
+            .unwrap_err()
+            .to_string()
+            .contains("kill_grace_ms"));
+        std::fs::write(&file, "kill_grace_ms = -1\n").unwrap();
+        assert!(load_with(&flags, &[])
+            .unwrap_err()
+            .to_string()
+            .contains("kill_grace_ms"));
+    }
+
+    /// `platform/cyrneld.toml` documents every key with its default: with
+    /// each setting uncommented it must parse to exactly the defaults.
+    #[test]
+    fn shipped_config_documents_the_defaults() {
+        let shipped = include_str!("../platform/cyrneld.toml");
+        let uncommented: String = shipped
+            .lines()
+            .filter_map(|l| l.strip_prefix('#'))
+            .filter(|l| {
+                let l = l.trim_start();
+                l.starts_with('[')
+                    || (l.contains(" = ") && !l.starts_with(' ') && !l.starts_with("api_key"))
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let documented: Vec<&str> = uncommented
+            .lines()
+            .filter_map(|l| l.split_once(" = ").map(|(k, _)| k))
+            .collect();
+        for key in KEYS.iter().filter(|k| !["api_key", "env"].contains(k)) {
+            assert!(
+                documented.contains(key),
+                "{key} is not documented in platform/cyrneld.toml"
+            );
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, &uncommented).unwrap();
+        let flags = Flags {
+            config: Some(file),
+            ..Flags::default()
+        };
+        assert_eq!(
+            load_with(&flags, &[]).unwrap(),
+            load_with(&Flags::default(), &[]).unwrap()
+        );
+    }
+
+    #[test]
+    fn api_key_is_not_debug_printed() {
+        let c = load_with(&Flags::default(), &[("CYRNEL_API_KEY", "sekrit")]).unwrap();
+        assert!(!format!("{c:?}").contains("sekrit"));
+    }
+}

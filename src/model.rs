@@ -1,0 +1,280 @@
+//! Plain domain types: process ids, states, exit states and the stored
+//! process record. No serde, no I/O: the store encodes these, the API turns
+//! them into JSON, the supervisor decides over them.
+
+use std::fmt;
+
+/// A process id: assigned at creation from a persisted counter, never reused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ProcessId(pub u64);
+
+impl ProcessId {
+    /// The largest id the API accepts (2^63 - 1), so ids fit a signed 64-bit
+    /// integer in every client language.
+    pub const MAX: u64 = i64::MAX as u64;
+
+    /// Strict parser for path ids: ASCII digits only, 1 ..= 2^63-1.
+    /// `+5`, `1.5`, `1abc`, `0`, `-1` and the empty string are rejected.
+    pub fn parse(s: &str) -> Option<ProcessId> {
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let v: u64 = s.parse().ok()?;
+        (1..=Self::MAX).contains(&v).then_some(ProcessId(v))
+    }
+}
+
+impl fmt::Display for ProcessId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum State {
+    Queued,
+    Running,
+    Terminating,
+    Idle,
+}
+
+impl State {
+    pub const ALL: [State; 4] = [
+        State::Queued,
+        State::Running,
+        State::Idle,
+        State::Terminating,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Queued => "queued",
+            State::Running => "running",
+            State::Terminating => "terminating",
+            State::Idle => "idle",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<State> {
+        State::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ExitState {
+    Success,
+    Failed,
+    Timeout,
+    Canceled,
+}
+
+impl ExitState {
+    pub const ALL: [ExitState; 4] = [
+        ExitState::Success,
+        ExitState::Failed,
+        ExitState::Timeout,
+        ExitState::Canceled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExitState::Success => "success",
+            ExitState::Failed => "failed",
+            ExitState::Timeout => "timeout",
+            ExitState::Canceled => "canceled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ExitState> {
+        ExitState::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+}
+
+/// Why a run is being terminated; decides the exit state it settles with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TermCause {
+    /// A client's kill signal: settles `canceled`.
+    Kill,
+    /// `options.timeout` expired: settles `timeout`.
+    Timeout,
+    /// The daemon is stopping: settles `canceled`.
+    Shutdown,
+    /// Found alive after a daemon restart: settles `failed`
+    /// (or `canceled` if it was already terminating).
+    Restart,
+}
+
+/// Identity of a started process: enough to tell, after a restart, whether
+/// the pid still names the process we started (pid numbers are reused).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcIdentity {
+    pub pid: i32,
+    /// Field 22 of /proc/<pid>/stat: start time in clock ticks since boot.
+    pub start_time: u64,
+    /// /proc/sys/kernel/random/boot_id at spawn time.
+    pub boot_id: String,
+}
+
+/// One process record: what the API shows plus what the supervisor needs to
+/// resume after a restart. Times are milliseconds since the Unix epoch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub id: ProcessId,
+    pub r#ref: Option<String>,
+    pub state: State,
+    pub exit_state: Option<ExitState>,
+    pub error: Option<String>,
+    pub created_at: u64,
+    pub started_at: Option<u64>,
+    pub completed_at: Option<u64>,
+    /// The leader's identity while running/terminating.
+    pub identity: Option<ProcIdentity>,
+    pub exit_code: Option<i32>,
+    /// The signal number that ended the leader.
+    pub signal: Option<i32>,
+    /// Resolved at creation: `None` means no time limit.
+    pub timeout_ms: Option<u64>,
+    /// Resolved at creation: SIGTERM → SIGKILL grace for this process.
+    pub kill_grace_ms: u64,
+    /// Set while terminating: why, and when SIGKILL is due (ms since epoch).
+    pub term_cause: Option<TermCause>,
+    pub kill_deadline: Option<u64>,
+    /// Captured bytes kept per stream, and bytes dropped past the cap.
+    pub stdout_len: u64,
+    pub stderr_len: u64,
+    pub stdout_dropped: u64,
+    pub stderr_dropped: u64,
+    /// Whether the last run produced structured output.
+    pub has_output: bool,
+}
+
+impl Record {
+    pub fn new(id: ProcessId, r#ref: Option<String>, created_at: u64) -> Record {
+        Record {
+            id,
+            r#ref,
+            state: State::Idle,
+            exit_state: None,
+            error: None,
+            created_at,
+            started_at: None,
+            completed_at: None,
+            identity: None,
+            exit_code: None,
+            signal: None,
+            timeout_ms: None,
+            kill_grace_ms: 0,
+            term_cause: None,
+            kill_deadline: None,
+            stdout_len: 0,
+            stderr_len: 0,
+            stdout_dropped: 0,
+            stderr_dropped: 0,
+            has_output: false,
+        }
+    }
+
+    pub fn pid(&self) -> Option<i32> {
+        self.identity.as_ref().map(|i| i.pid)
+    }
+
+    /// "has outputs" in the contract's sense for the run signal.
+    pub fn has_outputs(&self) -> bool {
+        self.exit_state.is_some() || self.has_output || self.stdout_len > 0 || self.stderr_len > 0
+    }
+}
+
+/// Which captured stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+impl Stream {
+    pub fn tag(self) -> u8 {
+        match self {
+            Stream::Stdout => 1,
+            Stream::Stderr => 2,
+        }
+    }
+}
+
+/// Signal names as the API shows them (`SIGKILL`), for the common signals.
+pub fn signal_name(sig: i32) -> String {
+    let name = match sig {
+        1 => "SIGHUP",
+        2 => "SIGINT",
+        3 => "SIGQUIT",
+        4 => "SIGILL",
+        5 => "SIGTRAP",
+        6 => "SIGABRT",
+        7 => "SIGBUS",
+        8 => "SIGFPE",
+        9 => "SIGKILL",
+        10 => "SIGUSR1",
+        11 => "SIGSEGV",
+        12 => "SIGUSR2",
+        13 => "SIGPIPE",
+        14 => "SIGALRM",
+        15 => "SIGTERM",
+        16 => "SIGSTKFLT",
+        17 => "SIGCHLD",
+        18 => "SIGCONT",
+        19 => "SIGSTOP",
+        20 => "SIGTSTP",
+        21 => "SIGTTIN",
+        22 => "SIGTTOU",
+        23 => "SIGURG",
+        24 => "SIGXCPU",
+        25 => "SIGXFSZ",
+        26 => "SIGVTALRM",
+        27 => "SIGPROF",
+        28 => "SIGWINCH",
+        29 => "SIGIO",
+        30 => "SIGPWR",
+        31 => "SIGSYS",
+        _ => return format!("SIG{sig}"),
+    };
+    name.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_parser_is_strict() {
+        for bad in [
+            "",
+            "0",
+            "-1",
+            "+5",
+            "1.5",
+            "1abc",
+            "abc",
+            " 1",
+            "9223372036854775808",
+            "99999999999999999999",
+        ] {
+            assert_eq!(ProcessId::parse(bad), None, "{bad:?}");
+        }
+        assert_eq!(ProcessId::parse("1"), Some(ProcessId(1)));
+        assert_eq!(ProcessId::parse("007"), Some(ProcessId(7)));
+        assert_eq!(
+            ProcessId::parse("9223372036854775807"),
+            Some(ProcessId(i64::MAX as u64))
+        );
+    }
+
+    #[test]
+    fn states_round_trip() {
+        for s in State::ALL {
+            assert_eq!(State::parse(s.as_str()), Some(s));
+        }
+        for s in ExitState::ALL {
+            assert_eq!(ExitState::parse(s.as_str()), Some(s));
+        }
+        assert_eq!(State::parse("done"), None);
+    }
+}

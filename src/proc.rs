@@ -1,0 +1,320 @@
+//! The only module that talks to the kernel about processes: spawning a run
+//! as the leader of a new process group, waiting for the leader without
+//! reaping it, signalling the group, finding group members in /proc, and
+//! proving a pid's identity after a restart.
+//!
+//! Pid-reuse safety rests on one rule: the leader of a run we started stays
+//! unreaped (a zombie at worst) until its whole group is gone, so its pid,
+//! which is also the group id, cannot be handed to another process while we
+//! may still signal it. Exits are observed through a pidfd with `WNOWAIT`;
+//! the reap happens once, explicitly, in [`Leader::reap`]. Nothing here calls
+//! `waitpid(-1)`. It knows nothing of HTTP, JSON or RocksDB.
+
+use std::ffi::OsStr;
+use std::fs;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::io::unix::AsyncFd;
+use tokio::net::unix::pipe;
+
+use crate::model::ProcIdentity;
+
+/// `PIDFD_SIGNAL_PROCESS_GROUP` from linux/pidfd.h (Linux 6.9+).
+const PIDFD_SIGNAL_PROCESS_GROUP: libc::c_uint = 1 << 2;
+
+/// How the leader ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitStatus {
+    Code(i32),
+    Signal(i32),
+}
+
+/// What to run and how.
+pub struct SpawnSpec<'a> {
+    /// The staged code file.
+    pub code_path: &'a Path,
+    /// Execute `code_path` directly (it starts with `#!`) instead of passing
+    /// it to `shell`.
+    pub direct: bool,
+    pub shell: &'a str,
+    pub env: &'a [(String, String)],
+    pub cwd: &'a Path,
+}
+
+/// A started run: the unreaped leader and its two output pipes.
+pub struct Spawned {
+    pub leader: Leader,
+    pub stdout: pipe::Receiver,
+    pub stderr: pipe::Receiver,
+    pub identity: ProcIdentity,
+}
+
+/// The leader of a run's process group, held through a pidfd and never
+/// reaped until [`Leader::reap`].
+pub struct Leader {
+    pid: i32,
+    pidfd: AsyncFd<OwnedFd>,
+}
+
+pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
+    let mut cmd = if spec.direct {
+        Command::new(spec.code_path)
+    } else {
+        let mut c = Command::new(spec.shell);
+        c.arg(spec.code_path);
+        c
+    };
+    cmd.env_clear()
+        .envs(spec.env.iter().map(|(k, v)| (OsStr::new(k), OsStr::new(v))))
+        .current_dir(spec.cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let mut child = cmd.spawn()?;
+    let pid = child.id() as i32;
+    let stdout = OwnedFd::from(child.stdout.take().expect("piped stdout"));
+    let stderr = OwnedFd::from(child.stderr.take().expect("piped stderr"));
+    // Dropping a std Child neither waits nor kills: the pid stays ours,
+    // unreaped, and only this module reaps it.
+    drop(child);
+    // Nobody else reaps our children, so the pid cannot change meaning
+    // between spawn and pidfd_open.
+    let pidfd = pidfd_open(pid)?;
+    let identity = ProcIdentity {
+        pid,
+        start_time: stat(pid).map(|s| s.start_time).unwrap_or(0),
+        boot_id: boot_id().to_string(),
+    };
+    // SAFETY: the AsyncFd takes ownership of the OwnedFd, which stays open
+    // and refers to the same pidfd until the AsyncFd is dropped.
+    let pidfd = unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)?;
+    Ok(Spawned {
+        leader: Leader { pid, pidfd },
+        stdout: pipe::Receiver::from_owned_fd(stdout)?,
+        stderr: pipe::Receiver::from_owned_fd(stderr)?,
+        identity,
+    })
+}
+
+fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall; on success it returns a new fd that we own.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor returned by the kernel.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+fn pidfd_send_signal(pidfd: &OwnedFd, sig: i32, flags: libc::c_uint) -> io::Result<()> {
+    // SAFETY: plain syscall on a valid pidfd, no siginfo.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            sig,
+            std::ptr::null::<libc::siginfo_t>(),
+            flags,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// waitid(P_PIDFD) on our own child.
+fn waitid_pidfd(pidfd: &OwnedFd, flags: libc::c_int) -> io::Result<Option<ExitStatus>> {
+    // SAFETY: siginfo_t is plain data; waitid fills it.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    let r = unsafe {
+        libc::waitid(
+            libc::P_PIDFD,
+            pidfd.as_raw_fd() as libc::id_t,
+            &mut info,
+            flags | libc::WEXITED | libc::WNOHANG,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: waitid succeeded; with WNOHANG si_pid is 0 when nothing exited.
+    let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
+    if pid == 0 {
+        return Ok(None);
+    }
+    Ok(Some(match info.si_code {
+        libc::CLD_EXITED => ExitStatus::Code(status),
+        _ => ExitStatus::Signal(status),
+    }))
+}
+
+impl Leader {
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Waits until the leader has exited, without reaping it.
+    pub async fn exited(&self) -> io::Result<ExitStatus> {
+        loop {
+            let mut guard = self.pidfd.readable().await?;
+            if let Some(st) = waitid_pidfd(self.pidfd.get_ref(), libc::WNOWAIT)? {
+                return Ok(st);
+            }
+            guard.clear_ready();
+        }
+    }
+
+    /// Signals every process of the run's group. Safe against pid reuse
+    /// because the leader is unreaped, so its pid (the group id) is still
+    /// taken.
+    pub fn signal_group(&self, sig: Signal) -> io::Result<()> {
+        killpg(Pid::from_raw(self.pid), sig).map_err(io::Error::from)
+    }
+
+    /// Whether any live process other than the (possibly zombie) leader is
+    /// still in the group.
+    pub fn group_has_others(&self) -> bool {
+        group_members(self.pid).into_iter().any(|p| p != self.pid)
+    }
+
+    /// Reaps the leader. Call only once the group is empty and will not be
+    /// signalled again.
+    pub fn reap(&self) -> io::Result<Option<ExitStatus>> {
+        waitid_pidfd(self.pidfd.get_ref(), 0)
+    }
+}
+
+/// The fields of /proc/<pid>/stat we use.
+#[derive(Clone, Copy, Debug)]
+pub struct Stat {
+    pub state: u8,
+    pub pgrp: i32,
+    pub start_time: u64,
+}
+
+pub fn stat(pid: i32) -> Option<Stat> {
+    let s = fs::read(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&s)
+}
+
+fn parse_stat(s: &[u8]) -> Option<Stat> {
+    // The command name (field 2) may contain spaces and parentheses; every
+    // later field starts after the last ')'.
+    let close = s.iter().rposition(|&b| b == b')')?;
+    let rest = std::str::from_utf8(&s[close + 1..]).ok()?;
+    let mut f = rest.split_ascii_whitespace();
+    let state = f.next()?.as_bytes()[0];
+    let _ppid = f.next()?;
+    let pgrp = f.next()?.parse().ok()?;
+    // starttime is field 22; we are at field 6 now.
+    let start_time = f.nth(16)?.parse().ok()?;
+    Some(Stat {
+        state,
+        pgrp,
+        start_time,
+    })
+}
+
+/// Live (not zombie, not dead) processes whose process group is `pgid`.
+pub fn group_members(pgid: i32) -> Vec<i32> {
+    group_members_since(pgid, 0)
+}
+
+fn group_members_since(pgid: i32, min_start: u64) -> Vec<i32> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| {
+            stat(pid).is_some_and(|s| {
+                s.pgrp == pgid && s.state != b'Z' && s.state != b'X' && s.start_time >= min_start
+            })
+        })
+        .collect()
+}
+
+/// The kernel's boot id; with pid and start time it identifies a process
+/// across daemon restarts.
+pub fn boot_id() -> &'static str {
+    static ID: OnceLock<String> = OnceLock::new();
+    ID.get_or_init(|| {
+        fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    })
+}
+
+/// After a restart: the processes still alive in the group of a run we
+/// started before, proven ours by boot id, group id and a start time no
+/// earlier than the leader's (a process joins a group only after its leader
+/// exists).
+pub fn orphan_members(id: &ProcIdentity) -> Vec<i32> {
+    if id.boot_id != boot_id() {
+        return Vec::new();
+    }
+    group_members_since(id.pid, id.start_time)
+}
+
+/// Signals the orphaned members of a run we started before a restart. Each
+/// target is pinned with a pidfd and its identity re-checked through it
+/// before the signal, so a pid reused in between is never hit. Returns how
+/// many processes were signalled.
+pub fn signal_orphans(id: &ProcIdentity, sig: Signal) -> usize {
+    let mut n = 0;
+    for pid in orphan_members(id) {
+        let Ok(fd) = pidfd_open(pid) else { continue };
+        let still_ours =
+            stat(pid).is_some_and(|s| s.pgrp == id.pid && s.start_time >= id.start_time);
+        if still_ours && pidfd_send_signal(&fd, sig as i32, 0).is_ok() {
+            n += 1;
+        }
+    }
+    n
+}
+
+/// Signals a whole group through its leader's pidfd when the leader still
+/// exists and is provably the one we started (Linux 6.9+). Used by recovery
+/// before falling back to per-member signals.
+pub fn signal_orphan_group(id: &ProcIdentity, sig: Signal) -> bool {
+    if id.boot_id != boot_id() {
+        return false;
+    }
+    let Ok(fd) = pidfd_open(id.pid) else {
+        return false;
+    };
+    let same = stat(id.pid).is_some_and(|s| s.start_time == id.start_time);
+    same && pidfd_send_signal(&fd, sig as i32, PIDFD_SIGNAL_PROCESS_GROUP).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_stat_with_hostile_comm() {
+        let line = b"4242 (a) b) (c) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 123456 1000 100 0 0";
+        let s = parse_stat(line).unwrap();
+        assert_eq!(s.state, b'S');
+        assert_eq!(s.pgrp, 4242);
+        assert_eq!(s.start_time, 123456);
+    }
+
+    #[test]
+    fn own_stat_is_readable() {
+        let me = std::process::id() as i32;
+        let s = stat(me).unwrap();
+        assert!(s.start_time > 0);
+        assert!(!boot_id().is_empty());
+    }
+}

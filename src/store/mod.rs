@@ -1,0 +1,538 @@
+//! The store: the only module that knows RocksDB.
+//!
+//! It owns the column families and their key encoding, the on-disk format
+//! version, and the group-commit writer. Every write goes through one writer
+//! thread in submission order; concurrent batches are merged into one RocksDB
+//! write, synced once when any of them asks for durability, so N concurrent
+//! transitions cost one fsync instead of N. Reads go straight to RocksDB and
+//! therefore see only what a completed write put there. It knows nothing of
+//! HTTP, JSON or processes.
+
+mod codec;
+
+pub use codec::{decode_record, encode_record, DecodeError};
+
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc};
+use std::thread;
+
+use rocksdb::{
+    ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
+};
+use tokio::sync::oneshot;
+
+use crate::model::{ProcessId, Record, State, Stream};
+
+/// The on-disk format this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+const CF_META: &str = "meta";
+const CF_RECORDS: &str = "records";
+const CF_CODE: &str = "code";
+const CF_OUTPUT: &str = "output";
+const CF_CHUNKS: &str = "chunks";
+const ALL_CFS: [&str; 5] = [CF_META, CF_RECORDS, CF_CODE, CF_OUTPUT, CF_CHUNKS];
+
+const KEY_FORMAT_VERSION: &[u8] = b"format_version";
+const KEY_NEXT_ID: &[u8] = b"next_id";
+
+/// Most batches merged into one RocksDB write.
+const MAX_GROUP: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the database in {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: rocksdb::Error,
+    },
+    #[error("the database in {path} has format version {found}; this cyrneld reads version {FORMAT_VERSION} (refusing to touch it)")]
+    FormatVersion { path: PathBuf, found: String },
+    #[error("the database in {0} holds data but no format version: it is not a cyrnel data dir or it is damaged (refusing to touch it)")]
+    NoVersion(PathBuf),
+    #[error("corrupt record {key}: {source}")]
+    Corrupt { key: String, source: DecodeError },
+    #[error("storage read failed: {0}")]
+    Read(rocksdb::Error),
+    #[error("storage write failed: {0}")]
+    Write(String),
+    #[error("the store writer has stopped")]
+    WriterGone,
+}
+
+/// One write operation, as the writer applies it.
+enum Op {
+    Put(&'static str, Vec<u8>, Vec<u8>),
+    Delete(&'static str, Vec<u8>),
+    DeleteRange(&'static str, Vec<u8>, Vec<u8>),
+}
+
+/// An atomic set of changes. Built by the supervisor, applied by the writer
+/// in submission order.
+#[derive(Default)]
+pub struct Batch {
+    ops: Vec<Op>,
+    sync: bool,
+}
+
+fn id_key(id: ProcessId) -> [u8; 8] {
+    id.0.to_be_bytes()
+}
+
+fn chunk_key(id: ProcessId, stream: Stream, offset: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(17);
+    k.extend_from_slice(&id.0.to_be_bytes());
+    k.push(stream.tag());
+    k.extend_from_slice(&offset.to_be_bytes());
+    k
+}
+
+impl Batch {
+    /// A batch that is durable (synced WAL) when its completion fires.
+    pub fn durable() -> Batch {
+        Batch {
+            ops: Vec::new(),
+            sync: true,
+        }
+    }
+
+    /// A batch written to the WAL without waiting for fsync: it survives a
+    /// daemon crash but not a power loss until the next synced batch, which
+    /// syncs everything written before it.
+    pub fn buffered() -> Batch {
+        Batch::default()
+    }
+
+    pub fn put_record(&mut self, r: &Record) {
+        self.ops
+            .push(Op::Put(CF_RECORDS, id_key(r.id).to_vec(), encode_record(r)));
+    }
+
+    pub fn put_next_id(&mut self, next: u64) {
+        self.ops.push(Op::Put(
+            CF_META,
+            KEY_NEXT_ID.to_vec(),
+            next.to_be_bytes().to_vec(),
+        ));
+    }
+
+    pub fn put_code(&mut self, id: ProcessId, code: &[u8]) {
+        self.ops
+            .push(Op::Put(CF_CODE, id_key(id).to_vec(), code.to_vec()));
+    }
+
+    pub fn put_output(&mut self, id: ProcessId, json: Vec<u8>) {
+        self.ops.push(Op::Put(CF_OUTPUT, id_key(id).to_vec(), json));
+    }
+
+    pub fn put_chunk(&mut self, id: ProcessId, stream: Stream, offset: u64, bytes: Vec<u8>) {
+        self.ops
+            .push(Op::Put(CF_CHUNKS, chunk_key(id, stream, offset), bytes));
+    }
+
+    /// Removes the outputs of the last run: structured output and both
+    /// captured streams.
+    pub fn clear_outputs(&mut self, id: ProcessId) {
+        self.ops.push(Op::Delete(CF_OUTPUT, id_key(id).to_vec()));
+        let next = ProcessId(id.0 + 1);
+        self.ops.push(Op::DeleteRange(
+            CF_CHUNKS,
+            id_key(id).to_vec(),
+            id_key(next).to_vec(),
+        ));
+    }
+
+    /// Removes everything stored for a process.
+    pub fn delete_process(&mut self, id: ProcessId) {
+        self.clear_outputs(id);
+        self.ops.push(Op::Delete(CF_RECORDS, id_key(id).to_vec()));
+        self.ops.push(Op::Delete(CF_CODE, id_key(id).to_vec()));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+/// Resolves when the batch is written (and synced, for durable batches).
+pub type Completion = oneshot::Receiver<Result<(), StoreError>>;
+
+/// How the writer reports a finished batch.
+enum Done {
+    Channel(oneshot::Sender<Result<(), StoreError>>),
+    /// Called on the writer thread, in submission order: callers that need
+    /// completions in order (the supervisor) use this.
+    Callback(Box<dyn FnOnce(Result<(), StoreError>) + Send>),
+}
+
+impl Done {
+    fn complete(self, r: Result<(), StoreError>) {
+        match self {
+            Done::Channel(tx) => {
+                let _ = tx.send(r);
+            }
+            Done::Callback(f) => f(r),
+        }
+    }
+}
+
+struct Job {
+    batch: Batch,
+    done: Done,
+}
+
+/// Handle to the open store. Cheap to clone; the database closes when the
+/// last handle is dropped, after the writer has applied everything queued.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Arc<DB>,
+    jobs: Option<mpsc::Sender<Job>>,
+    writer: Option<thread::JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Closing the channel ends the writer loop once it has drained the
+        // queue; joining it releases its database handle, so the database
+        // is closed (and its lock released) when this returns.
+        self.jobs.take();
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the database under `dir`. Never repairs or wipes:
+    /// a database it cannot read is an error for the operator.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        // Bound the memory RocksDB keeps per column family; defaults are
+        // sized for much larger write rates than a supervisor produces.
+        opts.set_write_buffer_size(8 << 20);
+        opts.set_max_write_buffer_number(2);
+        opts.set_keep_log_file_num(4);
+        let cfs = ALL_CFS.map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+        let db = DB::open_cf_descriptors(&opts, dir, cfs).map_err(|source| StoreError::Open {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        check_format(&db, dir)?;
+        let db = Arc::new(db);
+        let (tx, rx) = mpsc::channel();
+        let writer_db = db.clone();
+        let writer = thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer_loop(&writer_db, rx))
+            .expect("spawn store writer thread");
+        Ok(Store {
+            inner: Arc::new(Inner {
+                db,
+                jobs: Some(tx),
+                writer: Some(writer),
+            }),
+        })
+    }
+
+    /// Queues a batch; the returned completion fires once it is applied.
+    pub fn submit(&self, batch: Batch) -> Completion {
+        let (tx, rx) = oneshot::channel();
+        self.enqueue(Job {
+            batch,
+            done: Done::Channel(tx),
+        });
+        rx
+    }
+
+    /// Queues a batch; `then` runs on the writer thread once it is applied.
+    /// Completions run in submission order.
+    pub fn submit_then(
+        &self,
+        batch: Batch,
+        then: impl FnOnce(Result<(), StoreError>) + Send + 'static,
+    ) {
+        self.enqueue(Job {
+            batch,
+            done: Done::Callback(Box::new(then)),
+        });
+    }
+
+    fn enqueue(&self, job: Job) {
+        let Some(jobs) = &self.inner.jobs else {
+            return job.done.complete(Err(StoreError::WriterGone));
+        };
+        if let Err(mpsc::SendError(job)) = jobs.send(job) {
+            job.done.complete(Err(StoreError::WriterGone));
+        }
+    }
+
+    fn db(&self) -> &DB {
+        &self.inner.db
+    }
+
+    /// Applies a batch and waits for it.
+    pub async fn write(&self, batch: Batch) -> Result<(), StoreError> {
+        self.submit(batch)
+            .await
+            .unwrap_or(Err(StoreError::WriterGone))
+    }
+
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        self.db().cf_handle(name).expect("column family exists")
+    }
+
+    /// The next id to assign (1 on a new store).
+    pub fn next_id(&self) -> Result<u64, StoreError> {
+        let v = self
+            .db()
+            .get_cf(self.cf(CF_META), KEY_NEXT_ID)
+            .map_err(StoreError::Read)?;
+        Ok(match v {
+            Some(b) if b.len() == 8 => u64::from_be_bytes(b[..].try_into().unwrap()),
+            _ => 1,
+        })
+    }
+
+    pub fn get(&self, id: ProcessId) -> Result<Option<Record>, StoreError> {
+        let v = self
+            .db()
+            .get_pinned_cf(self.cf(CF_RECORDS), id_key(id))
+            .map_err(StoreError::Read)?;
+        v.map(|b| {
+            decode_record(&b).map_err(|source| StoreError::Corrupt {
+                key: id.to_string(),
+                source,
+            })
+        })
+        .transpose()
+    }
+
+    pub fn code(&self, id: ProcessId) -> Result<Option<Vec<u8>>, StoreError> {
+        self.db()
+            .get_cf(self.cf(CF_CODE), id_key(id))
+            .map_err(StoreError::Read)
+    }
+
+    pub fn output(&self, id: ProcessId) -> Result<Option<Vec<u8>>, StoreError> {
+        self.db()
+            .get_cf(self.cf(CF_OUTPUT), id_key(id))
+            .map_err(StoreError::Read)
+    }
+
+    /// All captured bytes of one stream of the last run, in order.
+    pub fn stream(&self, id: ProcessId, stream: Stream) -> Result<Vec<u8>, StoreError> {
+        let prefix = chunk_key(id, stream, 0);
+        let prefix = &prefix[..9];
+        let mut out = Vec::new();
+        let iter = self.db().iterator_cf(
+            self.cf(CF_CHUNKS),
+            IteratorMode::From(prefix, Direction::Forward),
+        );
+        for item in iter {
+            let (k, v) = item.map_err(StoreError::Read)?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            out.extend_from_slice(&v);
+        }
+        Ok(out)
+    }
+
+    /// Visits records newest first, starting below `before` (exclusive) when
+    /// given, until `visit` returns false.
+    pub fn scan_newest_first(
+        &self,
+        before: Option<ProcessId>,
+        mut visit: impl FnMut(Record) -> bool,
+    ) -> Result<(), StoreError> {
+        let start;
+        let mode = match before {
+            Some(id) if id.0 <= 1 => return Ok(()),
+            Some(id) => {
+                start = id_key(ProcessId(id.0 - 1));
+                IteratorMode::From(&start, Direction::Reverse)
+            }
+            None => IteratorMode::End,
+        };
+        for item in self.db().iterator_cf(self.cf(CF_RECORDS), mode) {
+            let (k, v) = item.map_err(StoreError::Read)?;
+            let rec = decode_record(&v).map_err(|source| StoreError::Corrupt {
+                key: format!("{k:02x?}"),
+                source,
+            })?;
+            if !visit(rec) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every record not idle, oldest first: what recovery must look at.
+    pub fn unsettled(&self) -> Result<Vec<Record>, StoreError> {
+        let mut out = Vec::new();
+        self.scan_newest_first(None, |r| {
+            if r.state != State::Idle {
+                out.push(r);
+            }
+            true
+        })?;
+        out.reverse();
+        Ok(out)
+    }
+}
+
+fn check_format(db: &DB, dir: &Path) -> Result<(), StoreError> {
+    let meta = db.cf_handle(CF_META).expect("meta cf");
+    let found = db
+        .get_cf(meta, KEY_FORMAT_VERSION)
+        .map_err(StoreError::Read)?;
+    match found {
+        Some(v) if v[..] == FORMAT_VERSION.to_be_bytes() => Ok(()),
+        Some(v) => Err(StoreError::FormatVersion {
+            path: dir.to_path_buf(),
+            found: match <[u8; 4]>::try_from(&v[..]) {
+                Ok(b) => u32::from_be_bytes(b).to_string(),
+                Err(_) => format!("{v:02x?}"),
+            },
+        }),
+        None => {
+            let records = db.cf_handle(CF_RECORDS).expect("records cf");
+            let empty = db.iterator_cf(meta, IteratorMode::Start).next().is_none()
+                && db
+                    .iterator_cf(records, IteratorMode::Start)
+                    .next()
+                    .is_none();
+            if !empty {
+                return Err(StoreError::NoVersion(dir.to_path_buf()));
+            }
+            let mut wo = WriteOptions::default();
+            wo.set_sync(true);
+            db.put_cf_opt(meta, KEY_FORMAT_VERSION, FORMAT_VERSION.to_be_bytes(), &wo)
+                .map_err(|e| StoreError::Write(e.to_string()))
+        }
+    }
+}
+
+/// Group commit: takes every job queued right now (up to MAX_GROUP), applies
+/// them as one RocksDB write, syncs once if any asked for it, then completes
+/// them all. Runs until every Store handle is dropped.
+fn writer_loop(db: &DB, rx: mpsc::Receiver<Job>) {
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        let mut wb = WriteBatch::default();
+        let mut sync = false;
+        for job in &mut jobs {
+            sync |= job.batch.sync;
+            for op in job.batch.ops.drain(..) {
+                match op {
+                    Op::Put(cf, k, v) => wb.put_cf(db.cf_handle(cf).expect("cf"), k, v),
+                    Op::Delete(cf, k) => wb.delete_cf(db.cf_handle(cf).expect("cf"), k),
+                    Op::DeleteRange(cf, from, to) => {
+                        wb.delete_range_cf(db.cf_handle(cf).expect("cf"), from, to)
+                    }
+                }
+            }
+        }
+        let mut wo = WriteOptions::default();
+        wo.set_sync(sync);
+        let res = db.write_opt(wb, &wo);
+        if let Err(e) = &res {
+            tracing::error!(error = %e, "storage write failed");
+        }
+        for job in jobs {
+            let r = res
+                .as_ref()
+                .map(|_| ())
+                .map_err(|e| StoreError::Write(e.to_string()));
+            job.done.complete(r);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn records_code_chunks_and_counter_persist_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            assert_eq!(s.next_id().unwrap(), 1);
+            let mut b = Batch::durable();
+            for i in 1..=3 {
+                let mut r = Record::new(ProcessId(i), None, i * 10);
+                if i == 2 {
+                    r.state = State::Running;
+                }
+                b.put_record(&r);
+                b.put_code(ProcessId(i), b"echo hi");
+            }
+            b.put_next_id(4);
+            b.put_chunk(ProcessId(2), Stream::Stdout, 0, b"hel".to_vec());
+            b.put_chunk(ProcessId(2), Stream::Stdout, 3, b"lo".to_vec());
+            b.put_chunk(ProcessId(2), Stream::Stderr, 0, b"err".to_vec());
+            b.put_chunk(ProcessId(3), Stream::Stdout, 0, b"other".to_vec());
+            s.write(b).await.unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.next_id().unwrap(), 4);
+        assert_eq!(s.stream(ProcessId(2), Stream::Stdout).unwrap(), b"hello");
+        assert_eq!(s.stream(ProcessId(2), Stream::Stderr).unwrap(), b"err");
+        assert_eq!(s.code(ProcessId(1)).unwrap().unwrap(), b"echo hi");
+        let mut seen = vec![];
+        s.scan_newest_first(None, |r| {
+            seen.push(r.id.0);
+            true
+        })
+        .unwrap();
+        assert_eq!(seen, vec![3, 2, 1]);
+        let mut below = vec![];
+        s.scan_newest_first(Some(ProcessId(3)), |r| {
+            below.push(r.id.0);
+            true
+        })
+        .unwrap();
+        assert_eq!(below, vec![2, 1]);
+        let unsettled: Vec<u64> = s.unsettled().unwrap().iter().map(|r| r.id.0).collect();
+        assert_eq!(unsettled, vec![2]);
+
+        let mut b = Batch::durable();
+        b.clear_outputs(ProcessId(2));
+        s.write(b).await.unwrap();
+        assert!(s.stream(ProcessId(2), Stream::Stdout).unwrap().is_empty());
+        assert_eq!(s.stream(ProcessId(3), Stream::Stdout).unwrap(), b"other");
+
+        let mut b = Batch::durable();
+        b.delete_process(ProcessId(3));
+        s.write(b).await.unwrap();
+        assert!(s.get(ProcessId(3)).unwrap().is_none());
+        assert!(s.code(ProcessId(3)).unwrap().is_none());
+    }
+
+    #[test]
+    fn refuses_unknown_format_version() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            let meta = s.db().cf_handle(CF_META).unwrap();
+            s.db()
+                .put_cf(meta, KEY_FORMAT_VERSION, 9u32.to_be_bytes())
+                .unwrap();
+        }
+        let err = Store::open(dir.path()).err().expect("must refuse");
+        assert!(err.to_string().contains("format version 9"), "{err}");
+    }
+}

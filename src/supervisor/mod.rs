@@ -1,0 +1,984 @@
+//! The supervisor: the one owner of process state.
+//!
+//! A single actor task receives API commands (bounded channel) and internal
+//! events (run finished, timers, write completions). For each it asks the
+//! pure state machine ([`machine::decide`]) for the next record and effects,
+//! submits the new record to the store, and carries out the effects that
+//! must wait for durability (replies, SIGTERM, starting queued runs) only
+//! when the store reports the write synced. The actor never waits for a
+//! write itself, so concurrent transitions share one fsync (group commit)
+//! while each is still durable before anything shows it.
+//!
+//! It keeps in memory only the records that are not idle or still have a
+//! write in flight; everything else is read from the store. It knows
+//! nothing of HTTP or JSON.
+
+pub mod machine;
+mod run;
+
+use std::collections::{HashMap, VecDeque};
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use nix::sys::signal::Signal;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::AbortHandle;
+
+use crate::model::{ProcIdentity, ProcessId, Record, State};
+use crate::proc::{self, Leader, SpawnSpec};
+use crate::store::{Batch, Store, StoreError};
+use machine::{decide, Effect, Event, Reject};
+use run::{Finished, RunContext};
+
+/// Capacity of the API command channel: callers wait (backpressure) when
+/// the actor is this far behind.
+const COMMAND_QUEUE: usize = 1024;
+
+/// Everything the supervisor needs from the configuration.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// `None`: runs have no time limit unless they ask for one.
+    pub default_timeout_ms: Option<u64>,
+    pub kill_grace_ms: u64,
+    pub max_running: usize,
+    pub shell: String,
+    pub env: Vec<(String, String)>,
+    pub max_output_bytes: u64,
+    /// Where code is staged: `<run_dir>/<id>/`.
+    pub run_dir: PathBuf,
+}
+
+/// `options.timeout` as the client gave it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Timeout {
+    Default,
+    Unlimited,
+    Ms(u64),
+}
+
+#[derive(Clone, Debug)]
+pub struct CreateRequest {
+    pub code: String,
+    pub r#ref: Option<String>,
+    pub timeout: Timeout,
+    pub kill_grace_ms: Option<u64>,
+    pub autorun: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    #[error("Process not found.")]
+    NotFound,
+    #[error(transparent)]
+    Rejected(#[from] Reject),
+    #[error("Service is shutting down.")]
+    ShuttingDown,
+    #[error("Process could not be terminated.")]
+    SignalFailed,
+    #[error("{0}")]
+    Storage(StoreError),
+    #[error("The supervisor has stopped.")]
+    Gone,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, SupervisorError>>;
+
+enum Command {
+    Create(CreateRequest, Reply<ProcessId>),
+    Run(ProcessId, bool, Reply<Record>),
+    Kill(ProcessId, Reply<Record>),
+    Delete(ProcessId, Reply<Record>),
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// Events the actor sends itself (through tasks, timers and the store).
+pub(crate) enum Internal {
+    Durable(u64, Result<(), StoreError>),
+    Finished(Finished),
+    Timer(ProcessId, u64, TimerKind),
+}
+
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum TimerKind {
+    Timeout,
+    Escalate,
+}
+
+/// Handle for the API. Cheap to clone.
+#[derive(Clone)]
+pub struct Supervisor {
+    tx: mpsc::Sender<Command>,
+    shutting_down: Arc<AtomicBool>,
+}
+
+impl Supervisor {
+    /// Recovers unsettled records from the store and starts the actor.
+    pub fn start(store: Store, settings: Settings) -> Result<Supervisor, StoreError> {
+        let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+        let (int_tx, int_rx) = mpsc::unbounded_channel();
+        let mut actor = Actor {
+            next_id: store.next_id()?,
+            store,
+            settings,
+            int_tx,
+            entries: HashMap::new(),
+            queue: VecDeque::new(),
+            active: 0,
+            next_gen: 1,
+            next_token: 1,
+            pending: HashMap::new(),
+            shutting_down: false,
+            shutdown_waiters: Vec::new(),
+        };
+        actor.recover()?;
+        tokio::spawn(actor.run(rx, int_rx));
+        Ok(Supervisor {
+            tx,
+            shutting_down: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    async fn call<T>(&self, cmd: impl FnOnce(Reply<T>) -> Command) -> Result<T, SupervisorError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(cmd(tx))
+            .await
+            .map_err(|_| SupervisorError::Gone)?;
+        rx.await.map_err(|_| SupervisorError::Gone)?
+    }
+
+    /// Whether a graceful stop has begun (new runs are refused).
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Acquire)
+    }
+
+    fn refuse_if_stopping(&self) -> Result<(), SupervisorError> {
+        if self.is_shutting_down() {
+            Err(SupervisorError::ShuttingDown)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Creates a process; returns once the record is durable.
+    pub async fn create(&self, req: CreateRequest) -> Result<ProcessId, SupervisorError> {
+        self.refuse_if_stopping()?;
+        self.call(|r| Command::Create(req, r)).await
+    }
+
+    pub async fn run(&self, id: ProcessId, force: bool) -> Result<Record, SupervisorError> {
+        self.refuse_if_stopping()?;
+        self.call(|r| Command::Run(id, force, r)).await
+    }
+
+    pub async fn kill(&self, id: ProcessId) -> Result<Record, SupervisorError> {
+        self.call(|r| Command::Kill(id, r)).await
+    }
+
+    pub async fn delete(&self, id: ProcessId) -> Result<Record, SupervisorError> {
+        self.call(|r| Command::Delete(id, r)).await
+    }
+
+    /// Refuses new runs from now on, terminates every running group (SIGTERM,
+    /// then SIGKILL after at most `kill_grace_ms`) and returns once all have
+    /// settled and every transition is durable. Queued runs stay queued.
+    pub async fn shutdown(&self) {
+        self.shutting_down.store(true, Ordering::Release);
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Command::Shutdown(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+enum RunKind {
+    Child(Arc<Leader>),
+    Orphan(ProcIdentity),
+}
+
+/// A live run of a record: the processes we are responsible for.
+struct Run {
+    gen: u64,
+    kind: RunKind,
+    /// Whether it counts against `max_running` (orphans found at start-up
+    /// do not: they are only being put down).
+    holds_slot: bool,
+    timeout: Option<AbortHandle>,
+    escalation: Option<AbortHandle>,
+}
+
+impl Run {
+    /// Sends `sig` to every process of the run. Only called while the run is
+    /// unsettled, i.e. while the leader is unreaped.
+    fn signal(&self, sig: Signal) -> std::io::Result<()> {
+        match &self.kind {
+            RunKind::Child(leader) => leader.signal_group(sig),
+            RunKind::Orphan(identity) => {
+                if !proc::signal_orphan_group(identity, sig) {
+                    proc::signal_orphans(identity, sig);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn cancel_timers(&mut self) {
+        for t in [self.timeout.take(), self.escalation.take()]
+            .into_iter()
+            .flatten()
+        {
+            t.abort();
+        }
+    }
+}
+
+struct Entry {
+    /// The latest decided record (durable once `pending` is 0).
+    rec: Record,
+    run: Option<Run>,
+    /// Writes of this record still in flight.
+    pending: u32,
+    deleted: bool,
+}
+
+/// What to do once a write is durable.
+enum After {
+    Nothing,
+    Created {
+        reply: Reply<ProcessId>,
+        id: ProcessId,
+        enqueue: bool,
+    },
+    Reply {
+        reply: Reply<Record>,
+        rec: Record,
+        enqueue: bool,
+        remove_dir: bool,
+    },
+    /// Send SIGTERM to the run (generation `gen`) if asked, then answer.
+    Terminate {
+        reply: Option<Reply<Record>>,
+        gen: u64,
+        rec: Record,
+        send_term: bool,
+    },
+}
+
+struct Pending {
+    id: ProcessId,
+    after: After,
+}
+
+struct Actor {
+    store: Store,
+    settings: Settings,
+    int_tx: mpsc::UnboundedSender<Internal>,
+    next_id: u64,
+    entries: HashMap<ProcessId, Entry>,
+    queue: VecDeque<ProcessId>,
+    /// Runs holding a slot.
+    active: usize,
+    next_gen: u64,
+    next_token: u64,
+    pending: HashMap<u64, Pending>,
+    shutting_down: bool,
+    shutdown_waiters: Vec<oneshot::Sender<()>>,
+}
+
+impl Actor {
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut internal: mpsc::UnboundedReceiver<Internal>,
+    ) {
+        loop {
+            tokio::select! {
+                biased;
+                Some(ev) = internal.recv() => self.on_internal(ev),
+                cmd = commands.recv() => match cmd {
+                    Some(cmd) => self.on_command(cmd),
+                    None => break,
+                },
+            }
+            self.try_start();
+            self.check_shutdown();
+        }
+    }
+
+    fn run_dir(&self, id: ProcessId) -> PathBuf {
+        self.settings.run_dir.join(id.to_string())
+    }
+
+    /// Finds the record: in memory if active, else in the store.
+    fn entry(&mut self, id: ProcessId) -> Result<&mut Entry, SupervisorError> {
+        if !self.entries.contains_key(&id) {
+            let rec = self
+                .store
+                .get(id)
+                .map_err(SupervisorError::Storage)?
+                .ok_or(SupervisorError::NotFound)?;
+            self.entries.insert(
+                id,
+                Entry {
+                    rec,
+                    run: None,
+                    pending: 0,
+                    deleted: false,
+                },
+            );
+        }
+        let e = self.entries.get_mut(&id).expect("just inserted");
+        if e.deleted {
+            return Err(SupervisorError::NotFound);
+        }
+        Ok(e)
+    }
+
+    /// Decides `event` for `id` and records the new record in memory.
+    fn apply(
+        &mut self,
+        id: ProcessId,
+        event: Event,
+    ) -> Result<(Record, Vec<Effect>), SupervisorError> {
+        let entry = self.entry(id)?;
+        let result = decide(&entry.rec, event);
+        match result {
+            Ok((next, effects)) => {
+                if effects.contains(&Effect::DeleteAll) {
+                    entry.deleted = true;
+                } else {
+                    entry.rec = next.clone();
+                }
+                Ok((next, effects))
+            }
+            Err(reject) => {
+                self.gc(id);
+                Err(reject.into())
+            }
+        }
+    }
+
+    /// Submits the write for a decided transition. `after` runs once it is
+    /// durable.
+    fn persist(&mut self, id: ProcessId, rec: &Record, effects: &[Effect], after: After) {
+        let mut batch = Batch::durable();
+        for fx in effects {
+            match fx {
+                Effect::ClearOutputs => batch.clear_outputs(id),
+                Effect::Finish { output: Some(json) } => batch.put_output(id, json.clone()),
+                _ => {}
+            }
+        }
+        if effects.contains(&Effect::DeleteAll) {
+            batch.delete_process(id);
+        } else {
+            batch.put_record(rec);
+        }
+        self.submit(id, batch, after);
+    }
+
+    fn submit(&mut self, id: ProcessId, batch: Batch, after: After) {
+        let token = self.next_token;
+        self.next_token += 1;
+        if let Some(e) = self.entries.get_mut(&id) {
+            e.pending += 1;
+        }
+        self.pending.insert(token, Pending { id, after });
+        let tx = self.int_tx.clone();
+        self.store.submit_then(batch, move |r| {
+            let _ = tx.send(Internal::Durable(token, r));
+        });
+    }
+
+    /// Forgets an in-memory entry once it is idle (or deleted), durable and
+    /// has no run.
+    fn gc(&mut self, id: ProcessId) {
+        if let Some(e) = self.entries.get(&id) {
+            if e.pending == 0 && e.run.is_none() && (e.deleted || e.rec.state == State::Idle) {
+                self.entries.remove(&id);
+            }
+        }
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Create(req, reply) => self.create(req, reply),
+            Command::Run(id, force, reply) => {
+                if self.shutting_down {
+                    let _ = reply.send(Err(SupervisorError::ShuttingDown));
+                    return;
+                }
+                match self.apply(id, Event::Run { force }) {
+                    Ok((rec, fx)) => {
+                        let after = After::Reply {
+                            reply,
+                            rec: rec.clone(),
+                            enqueue: true,
+                            remove_dir: false,
+                        };
+                        self.persist(id, &rec, &fx, after);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+            Command::Kill(id, reply) => self.kill(id, reply),
+            Command::Delete(id, reply) => match self.apply(id, Event::Delete) {
+                Ok((rec, fx)) => {
+                    let after = After::Reply {
+                        reply,
+                        rec: rec.clone(),
+                        enqueue: false,
+                        remove_dir: true,
+                    };
+                    self.persist(id, &rec, &fx, after);
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+            Command::Shutdown(done) => self.begin_shutdown(done),
+        }
+    }
+
+    fn create(&mut self, req: CreateRequest, reply: Reply<ProcessId>) {
+        if self.shutting_down {
+            let _ = reply.send(Err(SupervisorError::ShuttingDown));
+            return;
+        }
+        let id = ProcessId(self.next_id);
+        self.next_id += 1;
+        let mut rec = Record::new(id, req.r#ref, now_ms());
+        rec.timeout_ms = match req.timeout {
+            Timeout::Default => self.settings.default_timeout_ms,
+            Timeout::Unlimited => None,
+            Timeout::Ms(ms) => Some(ms),
+        };
+        rec.kill_grace_ms = req.kill_grace_ms.unwrap_or(self.settings.kill_grace_ms);
+        rec.state = if req.autorun {
+            State::Queued
+        } else {
+            State::Idle
+        };
+        let mut batch = Batch::durable();
+        batch.put_record(&rec);
+        batch.put_code(id, req.code.as_bytes());
+        batch.put_next_id(self.next_id);
+        self.entries.insert(
+            id,
+            Entry {
+                rec,
+                run: None,
+                pending: 0,
+                deleted: false,
+            },
+        );
+        let after = After::Created {
+            reply,
+            id,
+            enqueue: req.autorun,
+        };
+        self.submit(id, batch, after);
+    }
+
+    fn kill(&mut self, id: ProcessId, reply: Reply<Record>) {
+        match self.apply(id, Event::Kill { now: now_ms() }) {
+            Ok((rec, fx)) => {
+                if fx.contains(&Effect::Dequeue) {
+                    self.queue.retain(|q| *q != id);
+                    let after = After::Reply {
+                        reply,
+                        rec: rec.clone(),
+                        enqueue: false,
+                        remove_dir: false,
+                    };
+                    self.persist(id, &rec, &fx, after);
+                } else {
+                    self.terminate(id, rec, fx, Some(reply));
+                }
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+
+    /// Persists a transition that terminates a run (or moves its SIGKILL
+    /// deadline): arms the deadline now, and sends SIGTERM once the
+    /// transition is durable.
+    fn terminate(
+        &mut self,
+        id: ProcessId,
+        rec: Record,
+        fx: Vec<Effect>,
+        reply: Option<Reply<Record>>,
+    ) {
+        let Some(gen) = self
+            .entries
+            .get(&id)
+            .and_then(|e| e.run.as_ref())
+            .map(|r| r.gen)
+        else {
+            // Cannot happen: only records with a run terminate. Answer anyway.
+            if let Some(reply) = reply {
+                let _ = reply.send(Ok(rec));
+            }
+            return;
+        };
+        let mut send_term = false;
+        for f in &fx {
+            match f {
+                Effect::Terminate { deadline } => {
+                    send_term = true;
+                    self.arm_escalation(id, gen, *deadline);
+                }
+                Effect::Hasten { deadline } => self.arm_escalation(id, gen, *deadline),
+                _ => {}
+            }
+        }
+        let after = if send_term || reply.is_some() {
+            After::Terminate {
+                reply,
+                gen,
+                rec: rec.clone(),
+                send_term,
+            }
+        } else {
+            After::Nothing
+        };
+        self.persist(id, &rec, &fx, after);
+    }
+
+    fn arm_escalation(&mut self, id: ProcessId, gen: u64, deadline: u64) {
+        let delay = Duration::from_millis(deadline.saturating_sub(now_ms()));
+        let handle = self.timer(id, gen, TimerKind::Escalate, delay);
+        if let Some(run) = self.entries.get_mut(&id).and_then(|e| e.run.as_mut()) {
+            if let Some(old) = run.escalation.replace(handle) {
+                old.abort();
+            }
+        }
+    }
+
+    fn timer(&self, id: ProcessId, gen: u64, kind: TimerKind, delay: Duration) -> AbortHandle {
+        let tx = self.int_tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = tx.send(Internal::Timer(id, gen, kind));
+        })
+        .abort_handle()
+    }
+
+    fn begin_shutdown(&mut self, done: oneshot::Sender<()>) {
+        self.shutting_down = true;
+        self.shutdown_waiters.push(done);
+        let live: Vec<ProcessId> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.run.is_some())
+            .map(|(id, _)| *id)
+            .collect();
+        let grace = self.settings.kill_grace_ms;
+        for id in live {
+            let event = Event::Shutdown {
+                now: now_ms(),
+                grace,
+            };
+            // Refused: already terminating with an earlier deadline.
+            if let Ok((rec, fx)) = self.apply(id, event) {
+                self.terminate(id, rec, fx, None);
+            }
+        }
+    }
+
+    fn check_shutdown(&mut self) {
+        if self.shutting_down
+            && !self.shutdown_waiters.is_empty()
+            && self.pending.is_empty()
+            && self.entries.values().all(|e| e.run.is_none())
+        {
+            for w in self.shutdown_waiters.drain(..) {
+                let _ = w.send(());
+            }
+        }
+    }
+
+    fn on_internal(&mut self, ev: Internal) {
+        match ev {
+            Internal::Durable(token, result) => self.on_durable(token, result),
+            Internal::Finished(f) => self.on_finished(f),
+            Internal::Timer(id, gen, kind) => self.on_timer(id, gen, kind),
+        }
+    }
+
+    fn on_durable(&mut self, token: u64, result: Result<(), StoreError>) {
+        let Some(Pending { id, after }) = self.pending.remove(&token) else {
+            return;
+        };
+        if let Some(e) = self.entries.get_mut(&id) {
+            e.pending = e.pending.saturating_sub(1);
+        }
+        if let Err(err) = result {
+            self.on_write_failed(id, after, err);
+            self.gc(id);
+            return;
+        }
+        match after {
+            After::Nothing => {}
+            After::Created { reply, id, enqueue } => {
+                self.enqueue_if_queued(id, enqueue);
+                let _ = reply.send(Ok(id));
+            }
+            After::Reply {
+                reply,
+                rec,
+                enqueue,
+                remove_dir,
+            } => {
+                self.enqueue_if_queued(id, enqueue);
+                if remove_dir {
+                    let dir = self.run_dir(id);
+                    tokio::task::spawn_blocking(move || remove_dir_if_present(&dir));
+                }
+                let _ = reply.send(Ok(rec));
+            }
+            After::Terminate {
+                reply,
+                gen,
+                rec,
+                send_term,
+            } => {
+                let run = self
+                    .entries
+                    .get(&id)
+                    .and_then(|e| e.run.as_ref())
+                    .filter(|r| send_term && r.gen == gen);
+                // A run that already settled needs no signal; one that is
+                // still there gets SIGTERM now that "terminating" is durable.
+                let sent = run.map(|r| r.signal(Signal::SIGTERM)).unwrap_or(Ok(()));
+                if let Err(e) = &sent {
+                    tracing::warn!(%id, error = %e, "SIGTERM to the process group failed");
+                }
+                if let Some(reply) = reply {
+                    let _ = reply.send(match sent {
+                        Ok(()) => Ok(rec),
+                        Err(_) => Err(SupervisorError::SignalFailed),
+                    });
+                }
+            }
+        }
+        self.gc(id);
+    }
+
+    /// The store refused a write: the client hears so, and the in-memory
+    /// record goes back to what the store holds so the two never diverge.
+    fn on_write_failed(&mut self, id: ProcessId, after: After, err: StoreError) {
+        tracing::error!(%id, error = %err, "persisting a transition failed");
+        let stored = self.store.get(id).ok().flatten();
+        if let Some(e) = self.entries.get_mut(&id) {
+            match stored {
+                Some(rec) => {
+                    e.rec = rec;
+                    e.deleted = false;
+                }
+                None if e.run.is_none() => e.deleted = true,
+                None => {}
+            }
+        }
+        let msg = || SupervisorError::Storage(StoreError::Write(err.to_string()));
+        match after {
+            After::Nothing => {}
+            After::Created { reply, .. } => {
+                let _ = reply.send(Err(msg()));
+            }
+            After::Reply { reply, .. } => {
+                let _ = reply.send(Err(msg()));
+            }
+            After::Terminate { reply, .. } => {
+                if let Some(reply) = reply {
+                    let _ = reply.send(Err(msg()));
+                }
+            }
+        }
+    }
+
+    fn enqueue_if_queued(&mut self, id: ProcessId, enqueue: bool) {
+        if enqueue
+            && self
+                .entries
+                .get(&id)
+                .is_some_and(|e| e.rec.state == State::Queued && !e.deleted)
+        {
+            self.queue.push_back(id);
+        }
+    }
+
+    fn try_start(&mut self) {
+        while !self.shutting_down && self.active < self.settings.max_running {
+            let Some(id) = self.queue.pop_front() else {
+                return;
+            };
+            if self
+                .entries
+                .get(&id)
+                .is_some_and(|e| e.rec.state == State::Queued)
+            {
+                self.start(id);
+            }
+        }
+    }
+
+    fn start(&mut self, id: ProcessId) {
+        let dir = self.run_dir(id);
+        let output_path = dir.join("output");
+        let staged = self.stage(id, &dir, &output_path);
+        let spawned = staged.and_then(|(code_path, direct)| {
+            let mut env = self.settings.env.clone();
+            env.push(("CYRNEL_PROCESS_ID".into(), id.to_string()));
+            env.push(("CYRNEL_OUTPUT".into(), output_path.display().to_string()));
+            proc::spawn(&SpawnSpec {
+                code_path: &code_path,
+                direct,
+                shell: &self.settings.shell,
+                env: &env,
+                cwd: &dir,
+            })
+        });
+        let now = now_ms();
+        match spawned {
+            Ok(sp) => {
+                let gen = self.next_gen;
+                self.next_gen += 1;
+                let Ok((rec, fx)) = self.apply(
+                    id,
+                    Event::Started {
+                        identity: sp.identity.clone(),
+                        now,
+                    },
+                ) else {
+                    return;
+                };
+                let leader = Arc::new(sp.leader);
+                let mut run = Run {
+                    gen,
+                    kind: RunKind::Child(leader.clone()),
+                    holds_slot: true,
+                    timeout: None,
+                    escalation: None,
+                };
+                for f in &fx {
+                    if let Effect::ArmTimeout { after_ms } = f {
+                        run.timeout = Some(self.timer(
+                            id,
+                            gen,
+                            TimerKind::Timeout,
+                            Duration::from_millis(*after_ms),
+                        ));
+                    }
+                }
+                self.active += 1;
+                self.entries.get_mut(&id).expect("started entry").run = Some(run);
+                tracing::info!(%id, pid = leader.pid(), "started");
+                let ctx = self.run_context(id, gen, output_path);
+                tokio::spawn(run::watch_child(ctx, leader, sp.stdout, sp.stderr));
+                self.persist(id, &rec, &fx, After::Nothing);
+            }
+            Err(e) => {
+                tracing::warn!(%id, error = %e, "failed to start");
+                if let Ok((rec, fx)) = self.apply(
+                    id,
+                    Event::StartFailed {
+                        error: e.to_string(),
+                        now,
+                    },
+                ) {
+                    self.persist(id, &rec, &fx, After::Nothing);
+                }
+            }
+        }
+    }
+
+    fn run_context(&self, id: ProcessId, gen: u64, output_path: PathBuf) -> RunContext {
+        RunContext {
+            id,
+            gen,
+            store: self.store.clone(),
+            max_output_bytes: self.settings.max_output_bytes,
+            output_path,
+            tx: self.int_tx.clone(),
+        }
+    }
+
+    /// Writes the code to `<dir>/code` (0700) and an empty output file.
+    /// Returns the code path and whether it runs directly (`#!`).
+    fn stage(
+        &self,
+        id: ProcessId,
+        dir: &Path,
+        output_path: &Path,
+    ) -> std::io::Result<(PathBuf, bool)> {
+        let code = self
+            .store
+            .code(id)
+            .map_err(std::io::Error::other)?
+            .ok_or_else(|| std::io::Error::other("the stored code is missing"))?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+        let code_path = dir.join("code");
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o700)
+            .open(&code_path)?;
+        f.write_all(&code)?;
+        drop(f);
+        fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(output_path)?;
+        Ok((code_path, code.starts_with(b"#!")))
+    }
+
+    fn on_finished(&mut self, f: Finished) {
+        let id = f.id;
+        let current = self
+            .entries
+            .get(&id)
+            .and_then(|e| e.run.as_ref())
+            .map(|r| r.gen);
+        if current != Some(f.gen) {
+            return;
+        }
+        let event = Event::Settled {
+            status: f.status,
+            output: f.output,
+            streams: f.streams,
+            now: now_ms(),
+        };
+        let Ok((rec, fx)) = self.apply(id, event) else {
+            return;
+        };
+        let mut run = self
+            .entries
+            .get_mut(&id)
+            .and_then(|e| e.run.take())
+            .expect("run present");
+        run.cancel_timers();
+        if let RunKind::Child(leader) = &run.kind {
+            // The group is empty: the leader's pid may be released now.
+            if let Err(e) = leader.reap() {
+                tracing::warn!(%id, error = %e, "reaping the leader failed");
+            }
+        }
+        if run.holds_slot {
+            self.active -= 1;
+        }
+        tracing::info!(%id, exit_state = ?rec.exit_state, "settled");
+        self.persist(id, &rec, &fx, After::Nothing);
+    }
+
+    fn on_timer(&mut self, id: ProcessId, gen: u64, kind: TimerKind) {
+        let Some(entry) = self.entries.get(&id) else {
+            return;
+        };
+        let Some(run) = entry.run.as_ref().filter(|r| r.gen == gen) else {
+            return;
+        };
+        match kind {
+            TimerKind::Escalate => {
+                if entry.rec.state == State::Terminating {
+                    tracing::info!(%id, "grace period over: SIGKILL to the group");
+                    if let Err(e) = run.signal(Signal::SIGKILL) {
+                        tracing::warn!(%id, error = %e, "SIGKILL to the process group failed");
+                    }
+                }
+            }
+            TimerKind::Timeout => {
+                if let Ok((rec, fx)) = self.apply(id, Event::TimedOut { now: now_ms() }) {
+                    tracing::info!(%id, "timed out");
+                    self.terminate(id, rec, fx, None);
+                }
+            }
+        }
+    }
+
+    /// Start-up: queued records go back in the queue (oldest first); records
+    /// found running or terminating are checked in /proc and their groups
+    /// put down.
+    fn recover(&mut self) -> Result<(), StoreError> {
+        for rec in self.store.unsettled()? {
+            let id = rec.id;
+            let state = rec.state;
+            let identity = rec.identity.clone();
+            self.entries.insert(
+                id,
+                Entry {
+                    rec,
+                    run: None,
+                    pending: 0,
+                    deleted: false,
+                },
+            );
+            if state == State::Queued {
+                self.queue.push_back(id);
+                continue;
+            }
+            let alive = identity
+                .as_ref()
+                .is_some_and(|i| !proc::orphan_members(i).is_empty());
+            tracing::info!(%id, alive, "recovering a run from before the restart");
+            let Ok((rec, fx)) = self.apply(
+                id,
+                Event::Recovered {
+                    alive,
+                    now: now_ms(),
+                },
+            ) else {
+                continue;
+            };
+            match identity.filter(|_| alive) {
+                Some(identity) => {
+                    let gen = self.next_gen;
+                    self.next_gen += 1;
+                    self.entries.get_mut(&id).expect("entry").run = Some(Run {
+                        gen,
+                        kind: RunKind::Orphan(identity.clone()),
+                        holds_slot: false,
+                        timeout: None,
+                        escalation: None,
+                    });
+                    let ctx = self.run_context(id, gen, self.run_dir(id).join("output"));
+                    tokio::spawn(run::watch_orphan(ctx, identity));
+                    self.terminate(id, rec, fx, None);
+                }
+                None => self.persist(id, &rec, &fx, After::Nothing),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn remove_dir_if_present(dir: &Path) {
+    if let Err(e) = fs::remove_dir_all(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(dir = %dir.display(), error = %e, "removing a run directory failed");
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! One task per run: captures stdout/stderr into the store as they arrive
+//! (capped per stream, the excess counted and dropped), waits for the leader
+//! to exit without reaping it, waits for the rest of the group to go, drains
+//! the pipes, reads the structured output, and reports one `Finished` to the
+//! actor. It never signals or reaps: the actor owns those decisions.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::net::unix::pipe;
+use tokio::sync::{mpsc, watch};
+
+use super::machine::{OutputOutcome, StreamStats};
+use super::Internal;
+use crate::model::{ProcIdentity, ProcessId, Stream};
+use crate::output::read_output_file;
+use crate::proc::{self, ExitStatus, Leader};
+use crate::store::{Batch, Store};
+
+const READ_BUF: usize = 64 * 1024;
+
+/// Backoff bounds for polling /proc while members outlive their leader.
+/// Most runs never poll: the first check after the leader's exit finds the
+/// group empty.
+const POLL_FIRST: Duration = Duration::from_millis(1);
+const POLL_MAX: Duration = Duration::from_millis(100);
+
+pub struct Finished {
+    pub id: ProcessId,
+    pub gen: u64,
+    pub status: Option<ExitStatus>,
+    pub output: OutputOutcome,
+    pub streams: StreamStats,
+}
+
+pub struct RunContext {
+    pub id: ProcessId,
+    pub gen: u64,
+    pub store: Store,
+    pub max_output_bytes: u64,
+    pub output_path: PathBuf,
+    pub tx: mpsc::UnboundedSender<Internal>,
+}
+
+/// Supervises a run we spawned.
+pub async fn watch_child(
+    ctx: RunContext,
+    leader: Arc<Leader>,
+    stdout: pipe::Receiver,
+    stderr: pipe::Receiver,
+) {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let out = tokio::spawn(capture(
+        ctx.store.clone(),
+        ctx.id,
+        Stream::Stdout,
+        stdout,
+        ctx.max_output_bytes,
+        stop_rx.clone(),
+    ));
+    let err = tokio::spawn(capture(
+        ctx.store.clone(),
+        ctx.id,
+        Stream::Stderr,
+        stderr,
+        ctx.max_output_bytes,
+        stop_rx,
+    ));
+    let status = match leader.exited().await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::error!(id = %ctx.id, error = %e, "waiting for the leader failed");
+            None
+        }
+    };
+    wait_until(|| !leader.group_has_others()).await;
+    // Every writer in the group is gone: what they wrote is in the pipes.
+    let _ = stop_tx.send(true);
+    let (o, e) = (out.await.unwrap_or_default(), err.await.unwrap_or_default());
+    finish(ctx, status, o, e).await;
+}
+
+/// Supervises a run found alive after a restart: no pipes, no child of
+/// ours; the group is watched in /proc until it is empty.
+pub async fn watch_orphan(ctx: RunContext, identity: ProcIdentity) {
+    wait_until(|| proc::orphan_members(&identity).is_empty()).await;
+    finish(ctx, None, (0, 0), (0, 0)).await;
+}
+
+async fn finish(ctx: RunContext, status: Option<ExitStatus>, out: (u64, u64), err: (u64, u64)) {
+    let path = ctx.output_path.clone();
+    let max = ctx.max_output_bytes;
+    let output = tokio::task::spawn_blocking(move || read_output_file(&path, max))
+        .await
+        .unwrap_or(OutputOutcome::None);
+    let _ = ctx.tx.send(Internal::Finished(Finished {
+        id: ctx.id,
+        gen: ctx.gen,
+        status,
+        output,
+        streams: StreamStats {
+            stdout_len: out.0,
+            stdout_dropped: out.1,
+            stderr_len: err.0,
+            stderr_dropped: err.1,
+        },
+    }));
+}
+
+/// Polls `done` with exponential backoff until it holds.
+async fn wait_until(mut done: impl FnMut() -> bool) {
+    let mut delay = POLL_FIRST;
+    while !done() {
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(POLL_MAX);
+    }
+}
+
+/// Copies one pipe into the store until EOF, or until told to stop, after
+/// which it drains what is already buffered. Returns (kept, dropped) bytes.
+async fn capture(
+    store: Store,
+    id: ProcessId,
+    stream: Stream,
+    mut pipe: pipe::Receiver,
+    cap: u64,
+    mut stop: watch::Receiver<bool>,
+) -> (u64, u64) {
+    let mut buf = vec![0u8; READ_BUF];
+    let mut kept = 0u64;
+    let mut dropped = 0u64;
+    let mut stopping = false;
+    loop {
+        let n = if stopping {
+            match pipe.try_read(&mut buf) {
+                Ok(n) => n,
+                Err(_) => break, // WouldBlock: drained; anything else: done
+            }
+        } else {
+            tokio::select! {
+                r = pipe.read(&mut buf) => match r {
+                    Ok(n) => n,
+                    Err(_) => break,
+                },
+                _ = stop.changed() => {
+                    stopping = true;
+                    continue;
+                }
+            }
+        };
+        if n == 0 {
+            break;
+        }
+        let room = cap.saturating_sub(kept).min(n as u64) as usize;
+        if room > 0 {
+            let mut b = Batch::buffered();
+            b.put_chunk(id, stream, kept, buf[..room].to_vec());
+            if let Err(e) = store.write(b).await {
+                tracing::error!(%id, error = %e, "storing output failed");
+            }
+            kept += room as u64;
+        }
+        dropped += (n - room) as u64;
+    }
+    (kept, dropped)
+}
