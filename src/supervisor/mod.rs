@@ -303,6 +303,8 @@ impl Actor {
         mut commands: mpsc::Receiver<Command>,
         mut internal: mpsc::UnboundedReceiver<Internal>,
     ) {
+        // Recovered queued records start without waiting for a first event.
+        self.try_start();
         loop {
             tokio::select! {
                 biased;
