@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod app;
+pub mod client;
 pub mod config;
 pub mod model;
 pub mod output;

@@ -1,7 +1,9 @@
 //! Wire types: the JSON clients see, and the validation of what they send.
 //! The only serde types of the API; `cyrnelctl` will share them.
 
-use serde::Serialize;
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::model::{signal_name, Record};
@@ -10,32 +12,59 @@ use crate::supervisor::{CreateRequest, Timeout};
 /// Longest `code`, in characters.
 pub const MAX_CODE_CHARS: usize = 102_400;
 
-/// A Process record as the API shows it.
-#[derive(Serialize)]
+/// A Process record as the API shows it. The server serialises it from a
+/// borrowed record; `cyrnelctl` deserialises it into owned strings.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct ProcessJson<'a> {
     pub id: u64,
-    #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
-    pub r#ref: Option<&'a str>,
-    pub state: &'static str,
-    pub exit_state: Option<&'static str>,
-    pub error: Option<&'a str>,
+    #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+    pub r#ref: Option<Cow<'a, str>>,
+    pub state: Cow<'a, str>,
+    pub exit_state: Option<Cow<'a, str>>,
+    pub error: Option<Cow<'a, str>>,
     pub created_at: String,
     pub completed_at: Option<String>,
+    #[serde(default)]
     pub started_at: Option<String>,
+    #[serde(default)]
     pub pid: Option<i32>,
+    #[serde(default)]
     pub exit_code: Option<i32>,
+    #[serde(default)]
     pub signal: Option<String>,
+}
+
+/// `{"processes": [...]}`, plus `nextCursor` when paging.
+#[derive(Serialize, Deserialize, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct ProcessList<'a> {
+    #[serde(borrow)]
+    pub processes: Vec<ProcessJson<'a>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+/// `{"id": N}` from create.
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Created {
+    pub id: u64,
+}
+
+/// Every error body but rate limiting's.
+#[derive(Serialize, Deserialize, Debug)]
+pub struct ErrorBody {
+    pub error: String,
 }
 
 impl<'a> From<&'a Record> for ProcessJson<'a> {
     fn from(r: &'a Record) -> Self {
         ProcessJson {
             id: r.id.0,
-            r#ref: r.r#ref.as_deref(),
-            state: r.state.as_str(),
-            exit_state: r.exit_state.map(|e| e.as_str()),
-            error: r.error.as_deref(),
+            r#ref: r.r#ref.as_deref().map(Cow::Borrowed),
+            state: Cow::Borrowed(r.state.as_str()),
+            exit_state: r.exit_state.map(|e| Cow::Borrowed(e.as_str())),
+            error: r.error.as_deref().map(Cow::Borrowed),
             created_at: iso8601(r.created_at),
             completed_at: r.completed_at.map(iso8601),
             started_at: r.started_at.map(iso8601),

@@ -1,0 +1,2 @@
+//! `cyrnelctl`: placeholder until the CLI lands.
+fn main() {}

@@ -1,0 +1,1 @@
+//! HTTP client for `cyrnelctl`: placeholder until the CLI lands.
