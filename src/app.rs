@@ -17,6 +17,7 @@ use tokio::sync::oneshot;
 
 use crate::api::{self, ApiState};
 use crate::config::Config;
+use crate::events::Hub;
 use crate::store::{Store, StoreError};
 use crate::supervisor::{Settings, Supervisor};
 
@@ -64,6 +65,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             addr: config.listen,
             source,
         })?;
+    let hub = Arc::new(Hub::new(config.event_buffer));
     let supervisor = Supervisor::start(
         store.clone(),
         Settings {
@@ -74,13 +76,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             env: config.env.clone(),
             max_output_bytes: config.max_output_bytes,
             run_dir,
+            event_retention: config.event_retention,
         },
+        hub.clone(),
     )?;
     let state = Arc::new(ApiState {
         store,
         supervisor: supervisor.clone(),
         api_key: config.api_key.clone(),
         max_body_bytes: config.max_body_bytes,
+        hub: hub.clone(),
+        heartbeat: std::time::Duration::from_millis(config.event_heartbeat_ms),
     });
     let addr = listener.local_addr().unwrap_or(config.listen);
     tracing::info!(%addr, data_dir = %data_dir.display(), auth = config.api_key.is_some(), "cyrneld listening");
@@ -91,6 +97,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     shutdown.await;
     tracing::info!("shutting down: terminating running processes");
     supervisor.shutdown().await;
+    // Every final transition has been published: end the live streams so
+    // the server's graceful stop does not wait on them.
+    hub.close();
     let _ = stop_server.send(());
     let _ = server.await;
     tracing::info!("stopped");

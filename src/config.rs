@@ -24,6 +24,9 @@ pub const KEYS: &[&str] = &[
     "max_body_bytes",
     "env",
     "log_level",
+    "event_retention",
+    "event_buffer",
+    "event_heartbeat_ms",
 ];
 
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -42,6 +45,11 @@ pub struct Config {
     pub max_body_bytes: u64,
     pub env: Vec<(String, String)>,
     pub log_level: String,
+    /// Events kept for resuming clients.
+    pub event_retention: u64,
+    /// Events a stream client may fall behind before its stream is closed.
+    pub event_buffer: usize,
+    pub event_heartbeat_ms: u64,
 }
 
 impl fmt::Debug for Config {
@@ -59,6 +67,9 @@ impl fmt::Debug for Config {
             .field("max_body_bytes", &self.max_body_bytes)
             .field("env", &self.env.iter().map(|(k, _)| k).collect::<Vec<_>>())
             .field("log_level", &self.log_level)
+            .field("event_retention", &self.event_retention)
+            .field("event_buffer", &self.event_buffer)
+            .field("event_heartbeat_ms", &self.event_heartbeat_ms)
             .finish()
     }
 }
@@ -245,6 +256,14 @@ fn build(raw: &BTreeMap<&'static str, Raw>) -> Result<Config, ConfigError> {
         return Err(err("shell", format!("{shell} does not exist")));
     }
     let env = env_table(raw.get("env"))?;
+    let event_retention = integer("event_retention", raw.get("event_retention"), 100_000, 1)?;
+    let event_buffer = integer("event_buffer", raw.get("event_buffer"), 1024, 1)?;
+    let event_heartbeat_ms = integer(
+        "event_heartbeat_ms",
+        raw.get("event_heartbeat_ms"),
+        15_000,
+        10,
+    )?;
     let log_level = string("log_level", raw.get("log_level"))?.unwrap_or_else(|| "info".into());
     if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
         return Err(err(
@@ -264,6 +283,10 @@ fn build(raw: &BTreeMap<&'static str, Raw>) -> Result<Config, ConfigError> {
         max_body_bytes,
         env,
         log_level,
+        event_retention,
+        event_buffer: usize::try_from(event_buffer)
+            .map_err(|_| err("event_buffer", "too large"))?,
+        event_heartbeat_ms,
     })
 }
 

@@ -6,6 +6,7 @@ pub mod api;
 pub mod app;
 pub mod client;
 pub mod config;
+pub mod events;
 pub mod model;
 pub mod output;
 pub mod proc;

@@ -184,6 +184,34 @@ impl Record {
     }
 }
 
+/// What a state-transition event reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// The record entered this state (also at creation).
+    Entered(State),
+    /// The record was deleted; the event carries it as it was.
+    Deleted,
+}
+
+impl ChangeKind {
+    /// The SSE `event:` name.
+    pub fn name(self) -> &'static str {
+        match self {
+            ChangeKind::Entered(s) => s.as_str(),
+            ChangeKind::Deleted => "deleted",
+        }
+    }
+}
+
+/// One persisted state transition, numbered by a global, strictly
+/// increasing sequence written in the same synced batch as the transition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    pub seq: u64,
+    pub kind: ChangeKind,
+    pub record: Record,
+}
+
 /// Which captured stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stream {

@@ -24,7 +24,8 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
-use crate::model::{ExitState, ProcessId, Record, State, Stream};
+use crate::events::Hub;
+use crate::model::{Change, ExitState, ProcessId, Record, State, Stream};
 use crate::store::Store;
 use crate::supervisor::machine::Reject;
 use crate::supervisor::{Supervisor, SupervisorError};
@@ -45,6 +46,9 @@ pub struct ApiState {
     pub supervisor: Supervisor,
     pub api_key: Option<String>,
     pub max_body_bytes: u64,
+    pub hub: Arc<Hub>,
+    /// Interval of `: keep-alive` comments on event streams.
+    pub heartbeat: Duration,
 }
 
 /// Serves until `shutdown` resolves, then lets in-flight requests finish
@@ -160,7 +164,9 @@ fn store_error(e: impl std::fmt::Display) -> Response<Body> {
 /// Routes of the API, by path shape.
 enum Route<'a> {
     Health,
+    Events,
     Processes,
+    ProcessEvents(&'a str),
     Process(&'a str),
     Code(&'a str),
     Output(&'a str),
@@ -184,6 +190,8 @@ fn route(path: &str) -> Option<Route<'_>> {
         parts.next(),
     ) {
         (Some("health"), None, ..) => Route::Health,
+        (Some("events"), None, ..) => Route::Events,
+        (Some("processes"), Some(id), Some("events"), None, _) => Route::ProcessEvents(id),
         (Some("processes"), None, ..) => Route::Processes,
         (Some("processes"), Some(id), None, ..) => Route::Process(id),
         (Some("processes"), Some(id), Some("code"), None, _) => Route::Code(id),
@@ -202,6 +210,8 @@ impl Route<'_> {
     fn allowed(&self) -> &'static [&'static str] {
         match self {
             Route::Health
+            | Route::Events
+            | Route::ProcessEvents(_)
             | Route::Code(_)
             | Route::Output(_)
             | Route::Stdout(_)
@@ -214,8 +224,9 @@ impl Route<'_> {
 
     fn id(&self) -> Option<&str> {
         match self {
-            Route::Health | Route::Processes => None,
-            Route::Process(id)
+            Route::Health | Route::Events | Route::Processes => None,
+            Route::ProcessEvents(id)
+            | Route::Process(id)
             | Route::Code(id)
             | Route::Output(id)
             | Route::Stdout(id)
@@ -297,8 +308,10 @@ async fn dispatch(state: &ApiState, req: Request<Incoming>) -> Response<Body> {
         }
         (Route::Code(_), Some(id)) => code(state, id),
         (Route::Output(_), Some(id)) => output(state, id),
-        (Route::Stdout(_), Some(id)) => stream(state, id, Stream::Stdout),
-        (Route::Stderr(_), Some(id)) => stream(state, id, Stream::Stderr),
+        (Route::Stdout(_), Some(id)) => stream(state, id, Stream::Stdout, req.uri().query()),
+        (Route::Stderr(_), Some(id)) => stream(state, id, Stream::Stderr, req.uri().query()),
+        (Route::Events, _) => events(state, &req, None),
+        (Route::ProcessEvents(_), Some(id)) => events(state, &req, Some(id)),
         (Route::Run(_), Some(id)) => run(state, id, req).await,
         (Route::Kill(_), Some(id)) => kill(state, id, req).await,
         _ => error(StatusCode::NOT_FOUND, "Not found."),
@@ -426,7 +439,24 @@ fn output(state: &ApiState, id: ProcessId) -> Response<Body> {
     })
 }
 
-fn stream(state: &ApiState, id: ProcessId, which: Stream) -> Response<Body> {
+fn stream(state: &ApiState, id: ProcessId, which: Stream, query: Option<&str>) -> Response<Body> {
+    let mut follow = false;
+    for (k, v) in query_pairs(query.unwrap_or("")) {
+        if k == "follow" {
+            follow = match v.as_str() {
+                "true" | "1" => true,
+                "false" | "0" => false,
+                _ => {
+                    return bad_request(Invalid(
+                        "Invalid value for 'follow': must be true or false.",
+                    ))
+                }
+            };
+        }
+    }
+    if follow {
+        return with_record(state, id, |_| follow_stream(state, id, which));
+    }
     with_record(state, id, |r| {
         if r.state != State::Idle {
             return error(StatusCode::CONFLICT, NOT_YET);
@@ -475,14 +505,7 @@ fn parse_list_query(query: &str) -> Result<ListQuery, Invalid> {
         limit: None,
         cursor: None,
     };
-    let mut seen = std::collections::HashSet::new();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let (k, v) = (percent_decode(k), percent_decode(v));
-        // The first occurrence of a parameter wins.
-        if !seen.insert(k.clone()) {
-            continue;
-        }
+    for (k, v) in query_pairs(query) {
         match k.as_str() {
             "state" => {
                 q.state = Some(State::parse(&v).ok_or(Invalid(
@@ -522,6 +545,20 @@ fn parse_list_query(query: &str) -> Result<ListQuery, Invalid> {
         }
     }
     Ok(q)
+}
+
+/// Decoded query parameters; the first occurrence of a name wins.
+fn query_pairs(query: &str) -> Vec<(String, String)> {
+    let mut seen = std::collections::HashSet::new();
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .filter(|(k, _)| seen.insert(k.clone()))
+        .collect()
 }
 
 fn percent_decode(s: &str) -> String {
@@ -651,6 +688,193 @@ fn stream_list(store: Store, q: ListQuery) -> Response<Body> {
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r
+}
+
+/// A response body fed by a task through a small bounded channel: the
+/// producer waits for the client, so memory per stream stays bounded.
+fn channel_body(content_type: &'static str) -> (mpsc::Sender<Bytes>, Response<Body>) {
+    let (tx, mut rx) = mpsc::channel::<Bytes>(4);
+    let frames = futures_util::stream::poll_fn(move |cx| {
+        rx.poll_recv(cx)
+            .map(|item| item.map(|b| Ok::<_, Infallible>(Frame::data(b))))
+    });
+    let mut r = Response::new(BodyExt::boxed_unsync(StreamBody::new(frames)));
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r.headers_mut()
+        .insert("cache-control", HeaderValue::from_static("no-cache"));
+    (tx, r)
+}
+
+/// Bytes read from the store per step of a follow stream.
+const FOLLOW_CHUNK: usize = 64 * 1024;
+
+/// `?follow=true`: what is stored, then new bytes as they arrive, until the
+/// run settles. Offsets make the seam exact: each step reads from the byte
+/// after the last one sent. The record is read before the bytes, so once
+/// it says idle the bytes read after it are complete (a run's bytes are
+/// written before its idle transition).
+fn follow_stream(state: &ApiState, id: ProcessId, which: Stream) -> Response<Body> {
+    let (tx, resp) = channel_body("text/plain; charset=utf-8");
+    let store = state.store.clone();
+    let hub = state.hub.clone();
+    tokio::spawn(async move {
+        let mut changes = hub.watch_output(id);
+        let mut pos = 0u64;
+        // The run being followed, once it has started.
+        let mut followed: Option<u64> = None;
+        loop {
+            let Ok(Some(rec)) = store.get(id) else { return };
+            match (followed, rec.started_at) {
+                // A newer run replaced the one we followed: it has ended.
+                (Some(a), Some(b)) if a != b => return,
+                (None, Some(b)) => followed = Some(b),
+                _ => {}
+            }
+            let settled = rec.state == State::Idle;
+            loop {
+                let (s, p) = (store.clone(), pos);
+                let chunk =
+                    tokio::task::spawn_blocking(move || s.stream_from(id, which, p, FOLLOW_CHUNK))
+                        .await;
+                let Ok(Ok(chunk)) = chunk else { return };
+                if chunk.is_empty() {
+                    break;
+                }
+                pos += chunk.len() as u64;
+                if tx.send(Bytes::from(chunk)).await.is_err() {
+                    return; // the client went away
+                }
+            }
+            if settled {
+                return;
+            }
+            tokio::select! {
+                _ = changes.changed() => {}
+                _ = hub.closed() => return,
+                _ = tx.closed() => return,
+            }
+        }
+    });
+    resp
+}
+
+/// Events replayed from the store per step.
+const REPLAY_PAGE: usize = 256;
+
+fn sse_frame(c: &Change) -> Bytes {
+    let mut out = format!("id: {}\nevent: {}\ndata: ", c.seq, c.kind.name()).into_bytes();
+    out.extend_from_slice(&record_json(&c.record));
+    out.extend_from_slice(b"\n\n");
+    Bytes::from(out)
+}
+
+/// `GET /events` and `GET /processes/{id}/events`: Server-Sent Events.
+///
+/// The live subscription is taken before history is read, and every event
+/// at or below the last id sent is skipped, so the seam between replay and
+/// live has neither gap nor duplicate. A client that falls `event_buffer`
+/// events behind is disconnected and resumes with `Last-Event-ID`.
+fn events(state: &ApiState, req: &Request<Incoming>, only: Option<ProcessId>) -> Response<Body> {
+    let mut since: Option<u64> = None;
+    if let Some(v) = req.headers().get("last-event-id") {
+        match v.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok()) {
+            Some(n) => since = Some(n),
+            None => {
+                return bad_request(Invalid(
+                    "Invalid value for 'Last-Event-ID': must be a non-negative integer.",
+                ))
+            }
+        }
+    }
+    for (k, v) in query_pairs(req.uri().query().unwrap_or("")) {
+        if k == "since" {
+            match v.parse::<u64>() {
+                // The header, when present, wins over the parameter.
+                Ok(n) if v.bytes().all(|b| b.is_ascii_digit()) => since = since.or(Some(n)),
+                _ => {
+                    return bad_request(Invalid(
+                        "Invalid value for 'since': must be a non-negative integer.",
+                    ))
+                }
+            }
+        }
+    }
+    if let Some(id) = only {
+        match state.store.get(id) {
+            Ok(Some(_)) => {}
+            Ok(None) => return error_response(SupervisorError::NotFound),
+            Err(e) => return store_error(e),
+        }
+    }
+    let (tx, resp) = channel_body("text/event-stream");
+    let store = state.store.clone();
+    let hub = state.hub.clone();
+    let heartbeat = state.heartbeat;
+    let mut live = hub.subscribe();
+    tokio::spawn(async move {
+        let wanted = |c: &Change| only.is_none_or(|id| c.record.id == id);
+        let Ok(last_seq) = store.last_seq() else {
+            return;
+        };
+        let mut last = last_seq;
+        if let Some(since) = since {
+            let Ok(first) = store.first_seq() else { return };
+            // Events after `since` that are gone: trimmed, or never written
+            // by this data dir (an id from the future).
+            let lost = since > last_seq || first.map_or(since < last_seq, |f| since + 1 < f);
+            if lost {
+                let reset = format!(
+                    "id: {last_seq}\nevent: reset\ndata: {{\"error\":\"Events after {since} are no longer retained; re-read /processes.\",\"lastEventId\":{last_seq}}}\n\n"
+                );
+                if tx.send(Bytes::from(reset)).await.is_err() {
+                    return;
+                }
+            } else {
+                last = since;
+                loop {
+                    let (s, after) = (store.clone(), last);
+                    let page =
+                        tokio::task::spawn_blocking(move || s.changes_after(after, REPLAY_PAGE))
+                            .await;
+                    let Ok(Ok(page)) = page else { return };
+                    if page.is_empty() {
+                        break;
+                    }
+                    for c in page {
+                        last = c.seq;
+                        if wanted(&c) && tx.send(sse_frame(&c)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+        loop {
+            let frame = tokio::select! {
+                got = live.recv() => match got {
+                    Ok(c) if c.seq > last => {
+                        last = c.seq;
+                        if !wanted(&c) {
+                            continue;
+                        }
+                        sse_frame(&c)
+                    }
+                    Ok(_) => continue,
+                    // Too far behind (or the hub is gone): end the stream;
+                    // the client resumes from its last id.
+                    Err(_) => return,
+                },
+                _ = tick.tick() => Bytes::from_static(b": keep-alive\n\n"),
+                _ = hub.closed() => return,
+            };
+            if tx.send(frame).await.is_err() {
+                return;
+            }
+        }
+    });
+    resp
 }
 
 #[cfg(test)]

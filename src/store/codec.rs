@@ -7,7 +7,7 @@
 //! one: the golden-bytes tests below pin today's bytes so that never breaks
 //! silently. Knows nothing of RocksDB or HTTP.
 
-use crate::model::{ExitState, ProcIdentity, ProcessId, Record, State, TermCause};
+use crate::model::{ChangeKind, ExitState, ProcIdentity, ProcessId, Record, State, TermCause};
 
 pub const RECORD_V1: u8 = 1;
 
@@ -122,6 +122,37 @@ fn cause_tag(c: TermCause) -> u8 {
     }
 }
 
+/// An event value: one kind byte (a state tag, or 5 for deleted), then the
+/// record as [`encode_record`] writes it.
+pub fn encode_change(kind: ChangeKind, r: &Record) -> Vec<u8> {
+    let tag = match kind {
+        ChangeKind::Entered(s) => state_tag(s),
+        ChangeKind::Deleted => 5,
+    };
+    let mut out = vec![tag];
+    out.extend_from_slice(&encode_record(r));
+    out
+}
+
+pub fn decode_change(bytes: &[u8]) -> Result<(ChangeKind, Record), DecodeError> {
+    let (&tag, rest) = bytes.split_first().ok_or(DecodeError::Truncated)?;
+    let kind = match tag {
+        5 => ChangeKind::Deleted,
+        t => ChangeKind::Entered(state_from_tag(t)?),
+    };
+    Ok((kind, decode_record(rest)?))
+}
+
+fn state_from_tag(t: u8) -> Result<State, DecodeError> {
+    match t {
+        1 => Ok(State::Queued),
+        2 => Ok(State::Running),
+        3 => Ok(State::Terminating),
+        4 => Ok(State::Idle),
+        t => Err(DecodeError::BadTag("state", t)),
+    }
+}
+
 pub fn encode_record(r: &Record) -> Vec<u8> {
     let mut w = Writer(Vec::with_capacity(128));
     w.u8(RECORD_V1);
@@ -160,13 +191,7 @@ pub fn decode_record(bytes: &[u8]) -> Result<Record, DecodeError> {
     }
     let id = ProcessId(r.u64()?);
     let r#ref = r.opt(|r| r.str())?;
-    let state = match r.u8()? {
-        1 => State::Queued,
-        2 => State::Running,
-        3 => State::Terminating,
-        4 => State::Idle,
-        t => return Err(DecodeError::BadTag("state", t)),
-    };
+    let state = state_from_tag(r.u8()?)?;
     let exit_state = r.opt(|r| match r.u8()? {
         1 => Ok(ExitState::Success),
         2 => Ok(ExitState::Failed),
@@ -320,6 +345,18 @@ mod tests {
     fn minimal_record_round_trips() {
         let r = Record::new(ProcessId(1), None, 0);
         assert_eq!(decode_record(&encode_record(&r)).unwrap(), r);
+    }
+
+    #[test]
+    fn changes_round_trip_and_pin_their_tag() {
+        let r = Record::new(ProcessId(3), None, 5);
+        for kind in [ChangeKind::Entered(State::Running), ChangeKind::Deleted] {
+            let bytes = encode_change(kind, &r);
+            assert_eq!(decode_change(&bytes).unwrap(), (kind, r.clone()));
+        }
+        assert_eq!(encode_change(ChangeKind::Deleted, &r)[0], 5);
+        assert_eq!(encode_change(ChangeKind::Entered(State::Idle), &r)[0], 4);
+        assert_eq!(decode_change(&[9, 1]), Err(DecodeError::BadTag("state", 9)));
     }
 
     #[test]

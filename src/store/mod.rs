@@ -10,7 +10,7 @@
 
 mod codec;
 
-pub use codec::{decode_record, encode_record, DecodeError};
+pub use codec::{decode_change, decode_record, encode_change, encode_record, DecodeError};
 
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc};
@@ -21,7 +21,7 @@ use rocksdb::{
 };
 use tokio::sync::oneshot;
 
-use crate::model::{ProcessId, Record, State, Stream};
+use crate::model::{Change, ChangeKind, ProcessId, Record, State, Stream};
 
 /// The on-disk format this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -31,10 +31,14 @@ const CF_RECORDS: &str = "records";
 const CF_CODE: &str = "code";
 const CF_OUTPUT: &str = "output";
 const CF_CHUNKS: &str = "chunks";
-const ALL_CFS: [&str; 5] = [CF_META, CF_RECORDS, CF_CODE, CF_OUTPUT, CF_CHUNKS];
+const CF_EVENTS: &str = "events";
+const ALL_CFS: [&str; 6] = [
+    CF_META, CF_RECORDS, CF_CODE, CF_OUTPUT, CF_CHUNKS, CF_EVENTS,
+];
 
 const KEY_FORMAT_VERSION: &[u8] = b"format_version";
 const KEY_NEXT_ID: &[u8] = b"next_id";
+const KEY_LAST_SEQ: &[u8] = b"last_seq";
 
 /// Most batches merged into one RocksDB write.
 const MAX_GROUP: usize = 1024;
@@ -113,6 +117,31 @@ impl Batch {
             CF_META,
             KEY_NEXT_ID.to_vec(),
             next.to_be_bytes().to_vec(),
+        ));
+    }
+
+    /// Records a state-transition event with its sequence number; the
+    /// batch also moves the persisted last sequence.
+    pub fn put_change(&mut self, seq: u64, kind: ChangeKind, r: &Record) {
+        self.ops.push(Op::Put(
+            CF_EVENTS,
+            seq.to_be_bytes().to_vec(),
+            encode_change(kind, r),
+        ));
+        self.ops.push(Op::Put(
+            CF_META,
+            KEY_LAST_SEQ.to_vec(),
+            seq.to_be_bytes().to_vec(),
+        ));
+    }
+
+    /// Drops every event numbered below `seq`: one range tombstone, so
+    /// trimming costs writers nothing that grows with the history.
+    pub fn trim_changes_below(&mut self, seq: u64) {
+        self.ops.push(Op::DeleteRange(
+            CF_EVENTS,
+            0u64.to_be_bytes().to_vec(),
+            seq.to_be_bytes().to_vec(),
         ));
     }
 
@@ -299,6 +328,58 @@ impl Store {
         })
     }
 
+    /// The sequence number of the last persisted event (0 before any).
+    pub fn last_seq(&self) -> Result<u64, StoreError> {
+        let v = self
+            .db()
+            .get_cf(self.cf(CF_META), KEY_LAST_SEQ)
+            .map_err(StoreError::Read)?;
+        Ok(match v {
+            Some(b) if b.len() == 8 => u64::from_be_bytes(b[..].try_into().unwrap()),
+            _ => 0,
+        })
+    }
+
+    /// The oldest retained event's sequence number, if any is retained.
+    pub fn first_seq(&self) -> Result<Option<u64>, StoreError> {
+        match self
+            .db()
+            .iterator_cf(self.cf(CF_EVENTS), IteratorMode::Start)
+            .next()
+        {
+            None => Ok(None),
+            Some(item) => {
+                let (k, _) = item.map_err(StoreError::Read)?;
+                Ok(<[u8; 8]>::try_from(&k[..]).ok().map(u64::from_be_bytes))
+            }
+        }
+    }
+
+    /// Up to `max` retained events numbered above `after`, in order.
+    pub fn changes_after(&self, after: u64, max: usize) -> Result<Vec<Change>, StoreError> {
+        let start = after.saturating_add(1).to_be_bytes();
+        let mut out = Vec::new();
+        for item in self
+            .db()
+            .iterator_cf(
+                self.cf(CF_EVENTS),
+                IteratorMode::From(&start, Direction::Forward),
+            )
+            .take(max)
+        {
+            let (k, v) = item.map_err(StoreError::Read)?;
+            let seq = <[u8; 8]>::try_from(&k[..])
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
+            let (kind, record) = decode_change(&v).map_err(|source| StoreError::Corrupt {
+                key: format!("event {seq}"),
+                source,
+            })?;
+            out.push(Change { seq, kind, record });
+        }
+        Ok(out)
+    }
+
     pub fn get(&self, id: ProcessId) -> Result<Option<Record>, StoreError> {
         let v = self
             .db()
@@ -337,6 +418,32 @@ impl Store {
         for item in iter {
             let (k, v) = item.map_err(StoreError::Read)?;
             if !k.starts_with(prefix) {
+                break;
+            }
+            out.extend_from_slice(&v);
+        }
+        Ok(out)
+    }
+
+    /// Captured bytes of one stream from `offset` on: whole chunks, at
+    /// least one when any exists, about `max` bytes at most.
+    pub fn stream_from(
+        &self,
+        id: ProcessId,
+        stream: Stream,
+        offset: u64,
+        max: usize,
+    ) -> Result<Vec<u8>, StoreError> {
+        let start = chunk_key(id, stream, offset);
+        let prefix = &start[..9];
+        let mut out = Vec::new();
+        let iter = self.db().iterator_cf(
+            self.cf(CF_CHUNKS),
+            IteratorMode::From(&start, Direction::Forward),
+        );
+        for item in iter {
+            let (k, v) = item.map_err(StoreError::Read)?;
+            if !k.starts_with(prefix) || (!out.is_empty() && out.len() + v.len() > max) {
                 break;
             }
             out.extend_from_slice(&v);
@@ -520,6 +627,61 @@ mod tests {
         s.write(b).await.unwrap();
         assert!(s.get(ProcessId(3)).unwrap().is_none());
         assert!(s.code(ProcessId(3)).unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn changes_are_numbered_replayed_and_trimmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!((s.last_seq().unwrap(), s.first_seq().unwrap()), (0, None));
+        let r = Record::new(ProcessId(1), None, 0);
+        let mut b = Batch::durable();
+        for seq in 1..=5 {
+            b.put_change(seq, ChangeKind::Entered(State::Queued), &r);
+        }
+        s.write(b).await.unwrap();
+        assert_eq!(s.last_seq().unwrap(), 5);
+        let seqs = |v: Vec<Change>| v.into_iter().map(|c| c.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(s.changes_after(2, 10).unwrap()), vec![3, 4, 5]);
+        assert_eq!(seqs(s.changes_after(0, 2).unwrap()), vec![1, 2]);
+        let mut b = Batch::durable();
+        b.trim_changes_below(4);
+        s.write(b).await.unwrap();
+        assert_eq!(s.first_seq().unwrap(), Some(4));
+        assert_eq!(seqs(s.changes_after(0, 10).unwrap()), vec![4, 5]);
+        assert_eq!(s.last_seq().unwrap(), 5);
+    }
+
+    #[tokio::test]
+    async fn stream_from_returns_whole_chunks_from_an_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let mut b = Batch::buffered();
+        b.put_chunk(ProcessId(1), Stream::Stdout, 0, b"aaa".to_vec());
+        b.put_chunk(ProcessId(1), Stream::Stdout, 3, b"bb".to_vec());
+        b.put_chunk(ProcessId(1), Stream::Stdout, 5, b"c".to_vec());
+        b.put_chunk(ProcessId(2), Stream::Stdout, 0, b"other".to_vec());
+        s.write(b).await.unwrap();
+        assert_eq!(
+            s.stream_from(ProcessId(1), Stream::Stdout, 0, 4).unwrap(),
+            b"aaa"
+        );
+        assert_eq!(
+            s.stream_from(ProcessId(1), Stream::Stdout, 3, 100).unwrap(),
+            b"bbc"
+        );
+        assert_eq!(
+            s.stream_from(ProcessId(1), Stream::Stdout, 0, 1).unwrap(),
+            b"aaa"
+        );
+        assert!(s
+            .stream_from(ProcessId(1), Stream::Stdout, 6, 100)
+            .unwrap()
+            .is_empty());
+        assert!(s
+            .stream_from(ProcessId(1), Stream::Stderr, 0, 100)
+            .unwrap()
+            .is_empty());
     }
 
     #[test]

@@ -29,7 +29,8 @@ use nix::sys::signal::Signal;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 
-use crate::model::{ProcIdentity, ProcessId, Record, State};
+use crate::events::Hub;
+use crate::model::{Change, ChangeKind, ProcIdentity, ProcessId, Record, State};
 use crate::proc::{self, Leader, SpawnSpec};
 use crate::store::{Batch, Store, StoreError};
 use machine::{decide, Effect, Event, Reject};
@@ -51,6 +52,8 @@ pub struct Settings {
     pub max_output_bytes: u64,
     /// Where code is staged: `<run_dir>/<id>/`.
     pub run_dir: PathBuf,
+    /// Events kept in the store for resuming clients (at least this many).
+    pub event_retention: u64,
 }
 
 /// `options.timeout` as the client gave it.
@@ -118,11 +121,17 @@ pub struct Supervisor {
 
 impl Supervisor {
     /// Recovers unsettled records from the store and starts the actor.
-    pub fn start(store: Store, settings: Settings) -> Result<Supervisor, StoreError> {
+    pub fn start(
+        store: Store,
+        settings: Settings,
+        hub: Arc<Hub>,
+    ) -> Result<Supervisor, StoreError> {
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         let (int_tx, int_rx) = mpsc::unbounded_channel();
         let mut actor = Actor {
             next_id: store.next_id()?,
+            next_seq: store.last_seq()? + 1,
+            hub,
             store,
             settings,
             int_tx,
@@ -247,6 +256,9 @@ impl Run {
 struct Entry {
     /// The latest decided record (durable once `pending` is 0).
     rec: Record,
+    /// The state the last event reported, so a write that changes no state
+    /// (a moved deadline) emits no event.
+    announced: State,
     run: Option<Run>,
     /// Writes of this record still in flight.
     pending: u32,
@@ -279,13 +291,18 @@ enum After {
 struct Pending {
     id: ProcessId,
     after: After,
+    /// Published once the write is durable.
+    change: Option<Change>,
 }
 
 struct Actor {
     store: Store,
     settings: Settings,
     int_tx: mpsc::UnboundedSender<Internal>,
+    hub: Arc<Hub>,
     next_id: u64,
+    /// Sequence number of the next event.
+    next_seq: u64,
     entries: HashMap<ProcessId, Entry>,
     queue: VecDeque<ProcessId>,
     /// Runs holding a slot.
@@ -334,6 +351,7 @@ impl Actor {
             self.entries.insert(
                 id,
                 Entry {
+                    announced: rec.state,
                     rec,
                     run: None,
                     pending: 0,
@@ -383,21 +401,52 @@ impl Actor {
                 _ => {}
             }
         }
-        if effects.contains(&Effect::DeleteAll) {
+        let kind = if effects.contains(&Effect::DeleteAll) {
             batch.delete_process(id);
+            Some(ChangeKind::Deleted)
         } else {
             batch.put_record(rec);
-        }
-        self.submit(id, batch, after);
+            self.entries
+                .get_mut(&id)
+                .filter(|e| e.announced != rec.state)
+                .map(|e| {
+                    e.announced = rec.state;
+                    ChangeKind::Entered(rec.state)
+                })
+        };
+        self.submit(id, batch, after, kind.map(|k| (k, rec)));
     }
 
-    fn submit(&mut self, id: ProcessId, batch: Batch, after: After) {
+    /// Queues a write; numbers its event, if any, in the same batch.
+    fn submit(
+        &mut self,
+        id: ProcessId,
+        mut batch: Batch,
+        after: After,
+        change: Option<(ChangeKind, &Record)>,
+    ) {
+        let change = change.map(|(kind, rec)| {
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            batch.put_change(seq, kind, rec);
+            let retention = self.settings.event_retention.max(1);
+            // One range tombstone now and then, not one per event.
+            let every = (retention / 8).clamp(1, 1024);
+            if seq.is_multiple_of(every) && seq > retention {
+                batch.trim_changes_below(seq - retention + 1);
+            }
+            Change {
+                seq,
+                kind,
+                record: rec.clone(),
+            }
+        });
         let token = self.next_token;
         self.next_token += 1;
         if let Some(e) = self.entries.get_mut(&id) {
             e.pending += 1;
         }
-        self.pending.insert(token, Pending { id, after });
+        self.pending.insert(token, Pending { id, after, change });
         let tx = self.int_tx.clone();
         self.store.submit_then(batch, move |r| {
             let _ = tx.send(Internal::Durable(token, r));
@@ -479,21 +528,27 @@ impl Actor {
         batch.put_record(&rec);
         batch.put_code(id, req.code.as_bytes());
         batch.put_next_id(self.next_id);
-        self.entries.insert(
-            id,
-            Entry {
-                rec,
-                run: None,
-                pending: 0,
-                deleted: false,
-            },
-        );
         let after = After::Created {
             reply,
             id,
             enqueue: req.autorun,
         };
-        self.submit(id, batch, after);
+        self.submit(
+            id,
+            batch,
+            after,
+            Some((ChangeKind::Entered(rec.state), &rec)),
+        );
+        self.entries.insert(
+            id,
+            Entry {
+                announced: rec.state,
+                rec,
+                run: None,
+                pending: 1,
+                deleted: false,
+            },
+        );
     }
 
     fn kill(&mut self, id: ProcessId, reply: Reply<Record>) {
@@ -626,7 +681,7 @@ impl Actor {
     }
 
     fn on_durable(&mut self, token: u64, result: Result<(), StoreError>) {
-        let Some(Pending { id, after }) = self.pending.remove(&token) else {
+        let Some(Pending { id, after, change }) = self.pending.remove(&token) else {
             return;
         };
         if let Some(e) = self.entries.get_mut(&id) {
@@ -636,6 +691,9 @@ impl Actor {
             self.on_write_failed(id, after, err);
             self.gc(id);
             return;
+        }
+        if let Some(change) = change {
+            self.hub.publish(change);
         }
         match after {
             After::Nothing => {}
@@ -692,6 +750,7 @@ impl Actor {
         if let Some(e) = self.entries.get_mut(&id) {
             match stored {
                 Some(rec) => {
+                    e.announced = rec.state;
                     e.rec = rec;
                     e.deleted = false;
                 }
@@ -820,6 +879,7 @@ impl Actor {
             max_output_bytes: self.settings.max_output_bytes,
             output_path,
             tx: self.int_tx.clone(),
+            hub: self.hub.clone(),
         }
     }
 
@@ -932,6 +992,7 @@ impl Actor {
             self.entries.insert(
                 id,
                 Entry {
+                    announced: rec.state,
                     rec,
                     run: None,
                     pending: 0,

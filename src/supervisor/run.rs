@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::machine::{OutputOutcome, StreamStats};
 use super::Internal;
+use crate::events::Hub;
 use crate::model::{ProcIdentity, ProcessId, Stream};
 use crate::output::read_output_file;
 use crate::proc::{self, ExitStatus, Leader};
@@ -42,6 +43,7 @@ pub struct RunContext {
     pub max_output_bytes: u64,
     pub output_path: PathBuf,
     pub tx: mpsc::UnboundedSender<Internal>,
+    pub hub: Arc<Hub>,
 }
 
 /// Supervises a run we spawned.
@@ -53,21 +55,11 @@ pub async fn watch_child(
 ) {
     let (stop_tx, stop_rx) = watch::channel(false);
     let out = tokio::spawn(capture(
-        ctx.store.clone(),
-        ctx.id,
-        Stream::Stdout,
+        Sink::new(&ctx, Stream::Stdout),
         stdout,
-        ctx.max_output_bytes,
         stop_rx.clone(),
     ));
-    let err = tokio::spawn(capture(
-        ctx.store.clone(),
-        ctx.id,
-        Stream::Stderr,
-        stderr,
-        ctx.max_output_bytes,
-        stop_rx,
-    ));
+    let err = tokio::spawn(capture(Sink::new(&ctx, Stream::Stderr), stderr, stop_rx));
     let status = match leader.exited().await {
         Ok(s) => Some(s),
         Err(e) => {
@@ -118,16 +110,41 @@ async fn wait_until(mut done: impl FnMut() -> bool) {
     }
 }
 
+/// Where one captured stream goes.
+struct Sink {
+    store: Store,
+    hub: Arc<Hub>,
+    id: ProcessId,
+    stream: Stream,
+    cap: u64,
+}
+
+impl Sink {
+    fn new(ctx: &RunContext, stream: Stream) -> Sink {
+        Sink {
+            store: ctx.store.clone(),
+            hub: ctx.hub.clone(),
+            id: ctx.id,
+            stream,
+            cap: ctx.max_output_bytes,
+        }
+    }
+}
+
 /// Copies one pipe into the store until EOF, or until told to stop, after
 /// which it drains what is already buffered. Returns (kept, dropped) bytes.
 async fn capture(
-    store: Store,
-    id: ProcessId,
-    stream: Stream,
+    sink: Sink,
     mut pipe: pipe::Receiver,
-    cap: u64,
     mut stop: watch::Receiver<bool>,
 ) -> (u64, u64) {
+    let Sink {
+        store,
+        hub,
+        id,
+        stream,
+        cap,
+    } = sink;
     let mut buf = vec![0u8; READ_BUF];
     let mut kept = 0u64;
     let mut dropped = 0u64;
@@ -161,6 +178,7 @@ async fn capture(
                 tracing::error!(%id, error = %e, "storing output failed");
             }
             kept += room as u64;
+            hub.output_changed(id);
         }
         dropped += (n - room) as u64;
     }
