@@ -1054,8 +1054,9 @@ pub struct FollowStream {
 }
 
 impl FollowStream {
+    /// Opens a streamed GET and waits (with the deadline) for its head.
     #[track_caller]
-    fn open(port: u16, path: &str, headers: &[(&str, &str)]) -> FollowStream {
+    pub fn open(port: u16, path: &str, headers: &[(&str, &str)]) -> FollowStream {
         let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
         stream
             .set_read_timeout(Some(POLL))
@@ -1082,26 +1083,28 @@ impl FollowStream {
         s
     }
 
-    /// Reads whatever is available now; returns false at EOF.
+    /// Reads whatever is available now (up to 1 MiB); returns false at
+    /// EOF.
     fn read_some(&mut self) -> bool {
-        let mut buf = [0u8; 16384];
-        match self.stream.read(&mut buf) {
-            Ok(0) => false,
-            Ok(n) => {
-                self.raw.extend_from_slice(&buf[..n]);
+        let mut buf = [0u8; 65536];
+        for _ in 0..16 {
+            match self.stream.read(&mut buf) {
+                Ok(0) => return false,
+                Ok(n) => self.raw.extend_from_slice(&buf[..n]),
+                Err(e) => return self.read_error(e),
+            }
+        }
+        true
+    }
+
+    /// A read that found nothing yet (timeout) keeps the stream open; any
+    /// other error fails the test.
+    fn read_error(&self, e: io::Error) -> bool {
+        match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted => {
                 true
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) =>
-            {
-                true
-            }
-            Err(e) => panic!("reading streamed response: {e}"),
+            _ => panic!("reading streamed response: {e}"),
         }
     }
 
@@ -1132,6 +1135,26 @@ impl FollowStream {
             } else if done || !open {
                 panic!(
                     "stream ended without {needle:?}; body: {:?}",
+                    String::from_utf8_lossy(&body)
+                )
+            } else {
+                Err(String::from_utf8_lossy(&body).to_string())
+            }
+        })
+    }
+
+    /// Reads until `f` finds what it wants in the body decoded so far
+    /// (panics if the stream ends first).
+    #[track_caller]
+    pub fn read_until<T>(&mut self, what: &str, mut f: impl FnMut(&[u8]) -> Option<T>) -> T {
+        poll(what, || {
+            let open = self.read_some();
+            let (body, done) = self.body();
+            if let Some(t) = f(&body) {
+                Ok(t)
+            } else if done || !open {
+                panic!(
+                    "stream ended before {what}; body: {:?}",
                     String::from_utf8_lossy(&body)
                 )
             } else {
