@@ -645,6 +645,8 @@ fn completions_and_man_page_are_generated() {
     let out = finish(ctl_cmd(&url, &["man"]), None).ok();
     assert!(out.stdout.contains(".TH cyrnelctl"), "{out:?}");
     assert!(out.stdout.contains("CYRNEL_API_KEY"), "{out:?}");
+    assert!(out.stdout.contains(".SH ENVIRONMENT"), "{out:?}");
+    assert!(out.stdout.contains(".SH \"EXIT STATUS\""), "{out:?}");
 
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().to_str().unwrap();
@@ -654,4 +656,6 @@ fn completions_and_man_page_are_generated() {
             fs::read_to_string(dir.path().join(page)).unwrap_or_else(|e| panic!("{page}: {e}"));
         assert!(text.contains(".TH"), "{page}: {text}");
     }
+    let main_page = fs::read_to_string(dir.path().join("cyrnelctl.1")).unwrap();
+    assert!(main_page.contains(".SH ENVIRONMENT"), "{main_page}");
 }

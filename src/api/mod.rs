@@ -723,6 +723,7 @@ fn follow_stream(state: &ApiState, id: ProcessId, which: Stream) -> Response<Bod
         let mut pos = 0u64;
         // The run being followed, once it has started.
         let mut followed: Option<u64> = None;
+        let mut closing = false;
         loop {
             let Ok(Some(rec)) = store.get(id) else { return };
             match (followed, rec.started_at) {
@@ -746,12 +747,13 @@ fn follow_stream(state: &ApiState, id: ProcessId, which: Stream) -> Response<Bod
                     return; // the client went away
                 }
             }
-            if settled {
+            if settled || closing {
                 return;
             }
             tokio::select! {
                 _ = changes.changed() => {}
-                _ = hub.closed() => return,
+                // One more pass sends what arrived before the close.
+                _ = hub.closed() => closing = true,
                 _ = tx.closed() => return,
             }
         }
@@ -853,6 +855,9 @@ fn events(state: &ApiState, req: &Request<Incoming>, only: Option<ProcessId>) ->
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
         loop {
             let frame = tokio::select! {
+                // Events already published go out before a close is
+                // honoured: a shutdown's final transitions are delivered.
+                biased;
                 got = live.recv() => match got {
                     Ok(c) if c.seq > last => {
                         last = c.seq;
