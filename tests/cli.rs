@@ -109,33 +109,50 @@ fn ctl(d: &Daemon, args: &[&str]) -> Out {
     finish(ctl_cmd(&url(d), args), None)
 }
 
-/// A `cyrnelctl` that keeps running; its stdout is collected line by line.
+/// A `cyrnelctl` that keeps running; its stdout is collected line by line
+/// (and its stderr, for failure messages).
 struct Live {
     child: Guard,
     lines: Arc<Mutex<Vec<String>>>,
+    stderr: Arc<Mutex<Vec<String>>>,
+}
+
+/// Collects the lines of `from` on a thread of its own.
+fn collect_lines(from: impl std::io::Read + Send + 'static) -> Arc<Mutex<Vec<String>>> {
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(from).lines() {
+            let Ok(line) = line else { break };
+            sink.lock().unwrap().push(line);
+        }
+    });
+    lines
 }
 
 impl Live {
     fn spawn(mut cmd: Command) -> Live {
-        cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn cyrnelctl");
-        let stdout = child.stdout.take().expect("stdout");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                sink.lock().unwrap().push(line);
-            }
-        });
+        let lines = collect_lines(child.stdout.take().expect("stdout"));
+        let stderr = collect_lines(child.stderr.take().expect("stderr"));
         Live {
             child: Guard(child),
             lines,
+            stderr,
         }
     }
 
     fn lines(&self) -> Vec<String> {
         self.lines.lock().unwrap().clone()
+    }
+
+    fn seen(&self) -> String {
+        format!(
+            "stdout {:?}, stderr {:?}",
+            self.lines(),
+            self.stderr.lock().unwrap()
+        )
     }
 
     /// Waits until some line satisfies `pred`; returns it.
@@ -146,12 +163,9 @@ impl Live {
                 return Ok(line);
             }
             if let Some(status) = self.child.0.try_wait().expect("try_wait") {
-                panic!(
-                    "cyrnelctl exited ({status}) before {what}; lines: {:?}",
-                    self.lines()
-                );
+                panic!("cyrnelctl exited ({status}) before {what}; {}", self.seen());
             }
-            Err(format!("{:?}", self.lines()))
+            Err(self.seen())
         })
     }
 
@@ -160,7 +174,7 @@ impl Live {
     fn wait_exit(&mut self) -> Option<i32> {
         poll("cyrnelctl to exit", || match self.child.0.try_wait() {
             Ok(Some(status)) => Ok(status.code()),
-            _ => Err(format!("still running; lines: {:?}", self.lines())),
+            _ => Err(format!("still running; {}", self.seen())),
         })
     }
 }
@@ -278,7 +292,7 @@ fn ctrl_c_during_run_cancels_the_process_and_reports_its_end() {
     assert_eq!(ids.len(), 1, "{ids:?}");
     let pgid = d.wait_running_pid(ids[0]);
     send_signal("INT", live.child.0.id() as i32);
-    assert_eq!(live.wait_exit(), Some(143));
+    assert_eq!(live.wait_exit(), Some(143), "{}", live.seen());
     let rec = d.record(ids[0]);
     assert_eq!(
         (rec["state"].as_str(), rec["exitState"].as_str()),
@@ -502,7 +516,7 @@ fn wait_blocks_until_the_process_is_idle() {
     wait_for_file(&started);
     let mut live = Live::spawn(ctl_cmd(&url(&d), &["wait", &id.to_string()]));
     fs::write(&go, "").unwrap();
-    assert_eq!(live.wait_exit(), Some(0), "lines: {:?}", live.lines());
+    assert_eq!(live.wait_exit(), Some(0), "{}", live.seen());
     // `wait` returned, so the daemon must already show the settled run.
     let rec = d.record(id);
     assert_eq!(rec["state"].as_str(), Some("idle"), "{rec}");
