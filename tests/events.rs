@@ -327,3 +327,118 @@ fn a_slow_client_is_cut_off_without_slowing_the_daemon_and_resumes_without_loss(
     seen.extend(rest.iter().map(|e| e.data["id"].as_i64().unwrap()));
     assert_eq!(seen, ids, "nothing lost, nothing twice");
 }
+
+/// A tiny deterministic generator, so "random" disconnect points are the
+/// same on every run.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
+
+#[test]
+fn a_client_disconnecting_at_random_points_gets_the_exact_sequence() {
+    let mut d = Daemon::options().env("CYRNEL_MAX_RUNNING", "3").start();
+    let mut rng = Lcg(42);
+    let mut received: Vec<Ev> = Vec::new();
+    let mut last = 0u64;
+    // Waits for at least one event after `last`, keeps at most 1..=4 of
+    // those that arrived, then hangs up. Callers make sure one exists.
+    let resume = |d: &Daemon, received: &mut Vec<Ev>, last: &mut u64, rng: &mut Lcg| {
+        let want = 1 + rng.next(4) as usize;
+        let from = last.to_string();
+        let mut s = open(d, "/events", &[("Last-Event-ID", from.as_str())]);
+        let evs = read_events(&mut s, "a next event", |e| !e.is_empty());
+        for e in evs.into_iter().take(want) {
+            *last = e.id;
+            received.push(e);
+        }
+    };
+    let mut ids = Vec::new();
+    for round in 0..2 {
+        for i in 0..8 {
+            let code = if i % 3 == 0 {
+                "sleep 300"
+            } else {
+                "echo $CYRNEL_PROCESS_ID"
+            };
+            ids.push(d.create_code(code));
+            resume(&d, &mut received, &mut last, &mut rng);
+        }
+        for &id in &ids {
+            if d.record(id)["state"].as_str() == Some("running") {
+                d.kill(id);
+            }
+        }
+        for &id in &ids {
+            d.wait_idle(id);
+        }
+        if round == 0 {
+            d.restart_same_dir();
+        }
+    }
+    for &id in &ids {
+        let rec = d.wait_idle(id);
+        if rec["exitState"].is_null() {
+            panic!("{id} did not settle: {rec}");
+        }
+    }
+    // Everything is idle now, so the newest id is fixed; a resume from
+    // beyond it answers with a reset carrying that id.
+    let mut probe = open(&d, "/events?since=18446744073709551615", &[]);
+    let newest = read_events(&mut probe, "the reset", |e| !e.is_empty())[0].id;
+    // Catch up on whatever is left, still in small bites.
+    while last < newest {
+        resume(&d, &mut received, &mut last, &mut rng);
+    }
+    let mut s = open(&d, "/events?since=0", &[]);
+    let full = read_events(&mut s, "full history", |e| {
+        e.last().is_some_and(|l| l.id == newest)
+    });
+    assert_eq!(
+        received, full,
+        "resumed reads must equal the full ordered history"
+    );
+    assert_increasing(&received);
+    for &id in &ids {
+        let last_ev = received
+            .iter()
+            .rev()
+            .find(|e| e.data["id"].as_i64() == Some(id))
+            .unwrap();
+        assert_eq!(last_ev.event, "idle");
+        assert_eq!(
+            last_ev.data,
+            d.record(id),
+            "the last event of {id} is its record"
+        );
+    }
+}
+
+#[test]
+fn a_client_that_stops_reading_does_not_delay_kills_elsewhere() {
+    let d = Daemon::options().env("CYRNEL_EVENT_BUFFER", "2").start();
+    let _stuck = open(&d, "/events?since=0", &[]);
+    let big_ref = "r".repeat(256 * 1024);
+    for _ in 0..40 {
+        d.create(&format!(
+            r#"{{"code":"true","autorun":false,"ref":"{big_ref}"}}"#
+        ));
+    }
+    let id = d.create_code("sleep 300");
+    let pid = d.wait_running_pid(id);
+    let r = d.kill(id);
+    assert_eq!(r.status, 200, "{r}");
+    assert_outcome_canceled(&d.wait_idle(id));
+    assert_group_gone(pid);
+}
+
+fn assert_outcome_canceled(rec: &Json) {
+    assert_eq!(rec["exitState"].as_str(), Some("canceled"), "{rec}");
+}

@@ -789,3 +789,33 @@ fn graceful_stop_rejects_new_work_while_draining() {
         "the refused create left no record"
     );
 }
+
+#[test]
+fn followed_bytes_equal_the_stored_bytes_for_bursty_output() {
+    let d = Daemon::start();
+    // Five bursts of ~130 KiB each, with pauses, on both streams.
+    let code = "for i in 1 2 3 4 5; do head -c 100000 /dev/urandom | base64; \
+                head -c 1000 /dev/urandom | base64 >&2; sleep 0.05; done";
+    let id = d.create_code(code);
+    let mut out = d.follow_until(&format!("/processes/{id}/stdout?follow=true"), "");
+    let mut err = d.follow_until(&format!("/processes/{id}/stderr?follow=true"), "");
+    let followed_out = out.read_to_end();
+    let followed_err = err.read_to_end();
+    let rec = d.wait_idle(id);
+    assert_eq!(rec["exitState"].as_str(), Some("success"), "{rec}");
+    let stored_out = d.sub(id, "stdout").body;
+    let stored_err = d.sub(id, "stderr").body;
+    assert!(stored_out.len() > 500_000, "{} bytes", stored_out.len());
+    assert!(
+        followed_out == stored_out,
+        "stdout: followed {} bytes, stored {}",
+        followed_out.len(),
+        stored_out.len()
+    );
+    assert!(
+        followed_err == stored_err,
+        "stderr: followed {} bytes, stored {}",
+        followed_err.len(),
+        stored_err.len()
+    );
+}
