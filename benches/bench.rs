@@ -1,0 +1,2 @@
+//! Benchmark harness: placeholder until the benchmark work lands.
+fn main() {}
