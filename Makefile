@@ -17,7 +17,7 @@ CARGO_ENV = CCACHE_DIR=$(CACHE_DIR)/ccache CCACHE_BASEDIR=$(CURDIR) \
 
 APT_PACKAGES = libclang-dev ccache
 
-.PHONY: all run test build deps lint fmt check clean
+.PHONY: all run test build deps lint fmt check clean bench
 
 all: build
 
@@ -55,6 +55,10 @@ lint: deps
 ## test: lint, then every unit and integration test against the real daemon
 test: lint
 	$(CARGO_ENV) $(CARGO) test --release
+
+## bench: the benchmark harness (release cyrneld against baselines measured in the same run)
+bench: deps
+	$(CARGO_ENV) $(CARGO) bench --bench bench
 
 fmt:
 	$(CARGO) fmt --all
