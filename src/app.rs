@@ -18,6 +18,7 @@ use tokio::sync::oneshot;
 use crate::api::{self, ApiState};
 use crate::config::Config;
 use crate::events::Hub;
+use crate::proc::{self, cgroup::CgroupRoot};
 use crate::store::{Store, StoreError};
 use crate::supervisor::{Settings, Supervisor};
 
@@ -65,6 +66,26 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             addr: config.listen,
             source,
         })?;
+    let cgroups = if config.cgroups {
+        match CgroupRoot::detect(&data_dir) {
+            Ok(root) => {
+                tracing::info!(root = %root.dir().display(), "cgroup v2: each run gets its own cgroup");
+                Some(root)
+            }
+            Err(why) => {
+                tracing::warn!(%why, "cgroup v2 is not usable: tracking runs by process group");
+                None
+            }
+        }
+    } else {
+        tracing::info!("cgroups = \"off\": tracking runs by process group");
+        None
+    };
+    // Orphaned descendants come to us, not to init, so they can be found,
+    // killed and reaped.
+    if let Err(e) = proc::become_subreaper() {
+        tracing::warn!(error = %e, "cannot become a child subreaper");
+    }
     let hub = Arc::new(Hub::new(config.event_buffer));
     let supervisor = Supervisor::start(
         store.clone(),
@@ -77,6 +98,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             max_output_bytes: config.max_output_bytes,
             run_dir,
             event_retention: config.event_retention,
+            cgroups: cgroups.clone(),
         },
         hub.clone(),
     )?;
@@ -97,6 +119,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     shutdown.await;
     tracing::info!("shutting down: terminating running processes");
     supervisor.shutdown().await;
+    if let Some(root) = &cgroups {
+        root.remove_if_empty();
+    }
     // Every final transition has been published: end the live streams so
     // the server's graceful stop does not wait on them.
     hub.close();

@@ -243,7 +243,11 @@ impl Client {
     pub async fn list(&self, filter: &ListFilter) -> Result<Vec<Process>, ClientError> {
         let body = self.list_raw(filter).await?;
         let list: ProcessList<'_> = decode(&body)?;
-        Ok(list.processes.into_iter().map(owned).collect())
+        Ok(list
+            .processes
+            .into_iter()
+            .map(ProcessJson::into_owned)
+            .collect())
     }
 
     /// `GET /processes/{id}` as the daemon sent it.
@@ -469,23 +473,6 @@ fn decode<'a, T: serde::Deserialize<'a>>(body: &'a [u8]) -> Result<T, ClientErro
         let text = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
         ClientError::Protocol(format!("{e}: {text:?}"))
     })
-}
-
-/// Detaches a record from the buffer it was decoded from.
-pub fn owned(p: ProcessJson<'_>) -> Process {
-    ProcessJson {
-        id: p.id,
-        r#ref: p.r#ref.map(|c| c.into_owned().into()),
-        state: p.state.into_owned().into(),
-        exit_state: p.exit_state.map(|c| c.into_owned().into()),
-        error: p.error.map(|c| c.into_owned().into()),
-        created_at: p.created_at,
-        completed_at: p.completed_at,
-        started_at: p.started_at,
-        pid: p.pid,
-        exit_code: p.exit_code,
-        signal: p.signal,
-    }
 }
 
 /// `host:port`, `host`, `[v6]:port` or `[v6]`; port 80 when absent.
@@ -881,7 +868,7 @@ mod tests {
     fn records_outlive_their_buffer() {
         let text = r#"{"id":1,"ref":"a\"b","state":"idle","exitState":"success","error":null,"createdAt":"x","completedAt":null}"#.to_string();
         let p: ProcessJson<'_> = serde_json::from_str(&text).unwrap();
-        let p = owned(p);
+        let p = ProcessJson::into_owned(p);
         drop(text);
         assert_eq!(p.r#ref.as_deref(), Some("a\"b"));
     }

@@ -27,6 +27,7 @@ pub const KEYS: &[&str] = &[
     "event_retention",
     "event_buffer",
     "event_heartbeat_ms",
+    "cgroups",
 ];
 
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -50,6 +51,9 @@ pub struct Config {
     /// Events a stream client may fall behind before its stream is closed.
     pub event_buffer: usize,
     pub event_heartbeat_ms: u64,
+    /// Track each run in its own cgroup v2 when the host allows it
+    /// (`cgroups = "auto"`); `"off"` uses process groups only.
+    pub cgroups: bool,
 }
 
 impl fmt::Debug for Config {
@@ -70,6 +74,7 @@ impl fmt::Debug for Config {
             .field("event_retention", &self.event_retention)
             .field("event_buffer", &self.event_buffer)
             .field("event_heartbeat_ms", &self.event_heartbeat_ms)
+            .field("cgroups", &self.cgroups)
             .finish()
     }
 }
@@ -264,6 +269,16 @@ fn build(raw: &BTreeMap<&'static str, Raw>) -> Result<Config, ConfigError> {
         15_000,
         10,
     )?;
+    let cgroups = match string("cgroups", raw.get("cgroups"))?.as_deref() {
+        None | Some("auto") => true,
+        Some("off") => false,
+        Some(other) => {
+            return Err(err(
+                "cgroups",
+                format!("must be \"auto\" or \"off\" (got {other:?})"),
+            ))
+        }
+    };
     let log_level = string("log_level", raw.get("log_level"))?.unwrap_or_else(|| "info".into());
     if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
         return Err(err(
@@ -287,6 +302,7 @@ fn build(raw: &BTreeMap<&'static str, Raw>) -> Result<Config, ConfigError> {
         event_buffer: usize::try_from(event_buffer)
             .map_err(|_| err("event_buffer", "too large"))?,
         event_heartbeat_ms,
+        cgroups,
     })
 }
 
@@ -357,6 +373,7 @@ mod tests {
             (&[("CYRNEL_ENV", "[1]")], "env"),
             (&[("CYRNEL_API_KEY", " ")], "api_key"),
             (&[("CYRNEL_LOG_LEVEL", "=[")], "log_level"),
+            (&[("CYRNEL_CGROUPS", "maybe")], "cgroups"),
         ];
         for (vars, needle) in cases {
             let e = load_with(&Flags::default(), vars).unwrap_err();

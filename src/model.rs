@@ -146,6 +146,11 @@ pub struct Record {
     pub stderr_dropped: u64,
     /// Whether the last run produced structured output.
     pub has_output: bool,
+    /// Processes our signals reached while terminating the last run, and
+    /// how many of them were outside its process group. `None` unless the
+    /// run was terminated.
+    pub killed: Option<u32>,
+    pub escaped: Option<u32>,
 }
 
 impl Record {
@@ -171,6 +176,8 @@ impl Record {
             stdout_dropped: 0,
             stderr_dropped: 0,
             has_output: false,
+            killed: None,
+            escaped: None,
         }
     }
 

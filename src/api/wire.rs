@@ -33,6 +33,33 @@ pub struct ProcessJson<'a> {
     pub exit_code: Option<i32>,
     #[serde(default)]
     pub signal: Option<String>,
+    /// Processes our signals reached while terminating the run (extension).
+    #[serde(default)]
+    pub killed: Option<u32>,
+    /// How many of them were outside the run's process group (extension).
+    #[serde(default)]
+    pub escaped: Option<u32>,
+}
+
+impl ProcessJson<'_> {
+    /// Detaches a record from the buffer it was decoded from.
+    pub fn into_owned(self) -> ProcessJson<'static> {
+        ProcessJson {
+            id: self.id,
+            r#ref: self.r#ref.map(|c| Cow::Owned(c.into_owned())),
+            state: Cow::Owned(self.state.into_owned()),
+            exit_state: self.exit_state.map(|c| Cow::Owned(c.into_owned())),
+            error: self.error.map(|c| Cow::Owned(c.into_owned())),
+            created_at: self.created_at,
+            completed_at: self.completed_at,
+            started_at: self.started_at,
+            pid: self.pid,
+            exit_code: self.exit_code,
+            signal: self.signal,
+            killed: self.killed,
+            escaped: self.escaped,
+        }
+    }
 }
 
 /// `{"processes": [...]}`, plus `nextCursor` when paging.
@@ -71,6 +98,8 @@ impl<'a> From<&'a Record> for ProcessJson<'a> {
             pid: r.pid(),
             exit_code: r.exit_code,
             signal: r.signal.map(signal_name),
+            killed: r.killed,
+            escaped: r.escaped,
         }
     }
 }

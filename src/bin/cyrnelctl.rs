@@ -864,6 +864,8 @@ mod tests {
             pid: None,
             exit_code: None,
             signal: None,
+            killed: None,
+            escaped: None,
         }
     }
 

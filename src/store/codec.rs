@@ -1,6 +1,8 @@
 //! The on-disk value codec for process records.
 //!
-//! Format version 1: one leading version byte, then fixed-order fields.
+//! One leading version byte, then fixed-order fields. Version 2 appends
+//! `killed` and `escaped` to version 1; version-1 values still decode (with
+//! both absent).
 //! Integers are big-endian; an optional value is a presence byte (0/1)
 //! followed by the value; a string is a u32 length and UTF-8 bytes. A new
 //! field means a new version byte and a decoder that still reads every older
@@ -10,6 +12,7 @@
 use crate::model::{ChangeKind, ExitState, ProcIdentity, ProcessId, Record, State, TermCause};
 
 pub const RECORD_V1: u8 = 1;
+pub const RECORD_V2: u8 = 2;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -35,6 +38,9 @@ impl Writer {
         self.0.extend_from_slice(&v.to_be_bytes());
     }
     fn i32(&mut self, v: i32) {
+        self.0.extend_from_slice(&v.to_be_bytes());
+    }
+    fn u32(&mut self, v: u32) {
         self.0.extend_from_slice(&v.to_be_bytes());
     }
     fn str(&mut self, s: &str) {
@@ -71,6 +77,9 @@ impl<'a> Reader<'a> {
     }
     fn i32(&mut self) -> Result<i32, DecodeError> {
         Ok(i32::from_be_bytes(self.take(4)?.try_into().unwrap()))
+    }
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        Ok(u32::from_be_bytes(self.take(4)?.try_into().unwrap()))
     }
     fn str(&mut self) -> Result<String, DecodeError> {
         let len = u32::from_be_bytes(self.take(4)?.try_into().unwrap()) as usize;
@@ -155,7 +164,7 @@ fn state_from_tag(t: u8) -> Result<State, DecodeError> {
 
 pub fn encode_record(r: &Record) -> Vec<u8> {
     let mut w = Writer(Vec::with_capacity(128));
-    w.u8(RECORD_V1);
+    w.u8(RECORD_V2);
     w.u64(r.id.0);
     w.opt(&r.r#ref, |w, s| w.str(s));
     w.u8(state_tag(r.state));
@@ -180,13 +189,15 @@ pub fn encode_record(r: &Record) -> Vec<u8> {
     w.u64(r.stdout_dropped);
     w.u64(r.stderr_dropped);
     w.u8(r.has_output as u8);
+    w.opt(&r.killed, |w, v| w.u32(*v));
+    w.opt(&r.escaped, |w, v| w.u32(*v));
     w.0
 }
 
 pub fn decode_record(bytes: &[u8]) -> Result<Record, DecodeError> {
     let mut r = Reader(bytes);
     let version = r.u8()?;
-    if version != RECORD_V1 {
+    if version != RECORD_V1 && version != RECORD_V2 {
         return Err(DecodeError::UnknownVersion(version));
     }
     let id = ProcessId(r.u64()?);
@@ -222,7 +233,7 @@ pub fn decode_record(bytes: &[u8]) -> Result<Record, DecodeError> {
         t => Err(DecodeError::BadTag("termination cause", t)),
     })?;
     let kill_deadline = r.opt(|r| r.u64())?;
-    let rec = Record {
+    let mut rec = Record {
         id,
         r#ref,
         state,
@@ -243,7 +254,13 @@ pub fn decode_record(bytes: &[u8]) -> Result<Record, DecodeError> {
         stdout_dropped: r.u64()?,
         stderr_dropped: r.u64()?,
         has_output: r.bool()?,
+        killed: None,
+        escaped: None,
     };
+    if version >= RECORD_V2 {
+        rec.killed = r.opt(|r| r.u32())?;
+        rec.escaped = r.opt(|r| r.u32())?;
+    }
     if !r.0.is_empty() {
         return Err(DecodeError::Trailing(r.0.len()));
     }
@@ -279,8 +296,8 @@ mod tests {
         r
     }
 
-    /// Version-1 bytes as written by the first release. If this test fails,
-    /// the on-disk format changed: add a new version instead.
+    /// Version-1 bytes as written by the first release. They must decode
+    /// forever; a format change adds a version instead.
     const GOLDEN_V1: &str = concat!(
         "01",               // version
         "0000000000000007", // id
@@ -331,13 +348,34 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn golden_bytes_v1_encode() {
-        assert_eq!(hex(&encode_record(&sample())), GOLDEN_V1);
+    /// Version-2 bytes: version 1's fields, then killed and escaped.
+    fn golden_v2() -> String {
+        format!(
+            "02{}{}",
+            &GOLDEN_V1[2..],
+            concat!("01", "00000003", "01", "00000001")
+        )
     }
 
     #[test]
-    fn golden_bytes_v1_decode() {
+    fn golden_bytes_v2_encode() {
+        let mut r = sample();
+        r.killed = Some(3);
+        r.escaped = Some(1);
+        assert_eq!(hex(&encode_record(&r)), golden_v2());
+    }
+
+    #[test]
+    fn golden_bytes_v2_decode() {
+        let mut r = sample();
+        r.killed = Some(3);
+        r.escaped = Some(1);
+        assert_eq!(decode_record(&unhex(&golden_v2())).unwrap(), r);
+    }
+
+    /// Data written by the first release still reads.
+    #[test]
+    fn golden_bytes_v1_still_decode() {
         assert_eq!(decode_record(&unhex(GOLDEN_V1)).unwrap(), sample());
     }
 
@@ -367,8 +405,8 @@ mod tests {
             Err(DecodeError::Truncated)
         );
         let mut future = good.clone();
-        future[0] = 2;
-        assert_eq!(decode_record(&future), Err(DecodeError::UnknownVersion(2)));
+        future[0] = 3;
+        assert_eq!(decode_record(&future), Err(DecodeError::UnknownVersion(3)));
         let mut trailing = good;
         trailing.push(0);
         assert_eq!(decode_record(&trailing), Err(DecodeError::Trailing(1)));

@@ -33,6 +33,9 @@ pub enum Event {
         status: Option<ExitStatus>,
         output: OutputOutcome,
         streams: StreamStats,
+        /// Processes our signals reached, and those outside the group.
+        killed: Option<u32>,
+        escaped: Option<u32>,
         now: u64,
     },
 }
@@ -119,6 +122,8 @@ fn reset_run(next: &mut Record) {
     next.stdout_dropped = 0;
     next.stderr_dropped = 0;
     next.has_output = false;
+    next.killed = None;
+    next.escaped = None;
 }
 
 pub fn decide(rec: &Record, event: Event) -> Decision {
@@ -229,9 +234,16 @@ pub fn decide(rec: &Record, event: Event) -> Decision {
                 status,
                 output,
                 streams,
+                killed,
+                escaped,
                 now,
             },
-        ) => Ok(settle(rec, status, output, streams, now)),
+        ) => {
+            let (mut next, fx) = settle(rec, status, output, streams, now);
+            next.killed = killed;
+            next.escaped = escaped;
+            Ok((next, fx))
+        }
 
         _ => Err(Reject::Stale),
     }
@@ -339,6 +351,8 @@ mod tests {
                 status,
                 output,
                 streams: StreamStats::default(),
+                killed: None,
+                escaped: None,
                 now: 900,
             },
         )
@@ -643,6 +657,8 @@ mod tests {
                     status: None,
                     output: OutputOutcome::None,
                     streams: StreamStats::default(),
+                    killed: None,
+                    escaped: None,
                     now: 0
                 }
             )

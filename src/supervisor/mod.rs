@@ -16,7 +16,7 @@
 pub mod machine;
 mod run;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -31,7 +31,8 @@ use tokio::task::AbortHandle;
 
 use crate::events::Hub;
 use crate::model::{Change, ChangeKind, ProcIdentity, ProcessId, Record, State};
-use crate::proc::{self, Leader, SpawnSpec};
+use crate::proc::cgroup::{CgroupRoot, RunCgroup};
+use crate::proc::{self, Leader, Scope, SpawnSpec, Tracked};
 use crate::store::{Batch, Store, StoreError};
 use machine::{decide, Effect, Event, Reject};
 use run::{Finished, RunContext};
@@ -54,6 +55,8 @@ pub struct Settings {
     pub run_dir: PathBuf,
     /// Events kept in the store for resuming clients (at least this many).
     pub event_retention: u64,
+    /// Where runs get their own cgroups; `None`: process groups only.
+    pub cgroups: Option<CgroupRoot>,
 }
 
 /// `options.timeout` as the client gave it.
@@ -213,8 +216,17 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 enum RunKind {
-    Child(Arc<Leader>),
-    Orphan(ProcIdentity),
+    /// A child we spawned: its unreaped leader and how its processes are
+    /// tracked.
+    Child {
+        leader: Arc<Leader>,
+        tracked: Tracked,
+    },
+    /// Found alive after a restart: no child of ours any more.
+    Orphan {
+        identity: Option<ProcIdentity>,
+        cgroup: Option<RunCgroup>,
+    },
 }
 
 /// A live run of a record: the processes we are responsible for.
@@ -226,21 +238,51 @@ struct Run {
     holds_slot: bool,
     timeout: Option<AbortHandle>,
     escalation: Option<AbortHandle>,
+    /// Every process a signal of ours reached, and those of them outside
+    /// the leader's process group: reported as `killed` and `escaped`.
+    signalled: HashSet<i32>,
+    escaped: HashSet<i32>,
 }
 
 impl Run {
+    fn new(gen: u64, kind: RunKind, holds_slot: bool) -> Run {
+        Run {
+            gen,
+            kind,
+            holds_slot,
+            timeout: None,
+            escalation: None,
+            signalled: HashSet::new(),
+            escaped: HashSet::new(),
+        }
+    }
+
     /// Sends `sig` to every process of the run. Only called while the run is
     /// unsettled, i.e. while the leader is unreaped.
-    fn signal(&self, sig: Signal) -> std::io::Result<()> {
+    fn signal(&mut self, sig: Signal) -> std::io::Result<()> {
         match &self.kind {
-            RunKind::Child(leader) => leader.signal_group(sig),
-            RunKind::Orphan(identity) => {
-                if !proc::signal_orphan_group(identity, sig) {
-                    proc::signal_orphans(identity, sig);
-                }
-                Ok(())
+            RunKind::Child { tracked, .. } => {
+                let reached = tracked.signal(sig)?;
+                self.signalled.extend(reached.pids);
+                self.escaped.extend(reached.escaped);
+            }
+            RunKind::Orphan { identity, cgroup } => {
+                let reached = proc::signal_orphan_run(identity.as_ref(), cgroup.as_ref(), sig);
+                self.signalled.extend(reached);
             }
         }
+        Ok(())
+    }
+
+    /// `(killed, escaped)` for the record: `None` when we signalled nothing.
+    fn counts(&self) -> (Option<u32>, Option<u32>) {
+        if self.signalled.is_empty() && self.escaped.is_empty() {
+            return (None, None);
+        }
+        (
+            Some(self.signalled.len() as u32),
+            Some(self.escaped.len() as u32),
+        )
     }
 
     fn cancel_timers(&mut self) {
@@ -722,8 +764,8 @@ impl Actor {
             } => {
                 let run = self
                     .entries
-                    .get(&id)
-                    .and_then(|e| e.run.as_ref())
+                    .get_mut(&id)
+                    .and_then(|e| e.run.as_mut())
                     .filter(|r| send_term && r.gen == gen);
                 // A run that already settled needs no signal; one that is
                 // still there gets SIGTERM now that "terminating" is durable.
@@ -805,6 +847,20 @@ impl Actor {
         let dir = self.run_dir(id);
         let output_path = dir.join("output");
         let staged = self.stage(id, &dir, &output_path);
+        // Its own cgroup when the host offers them; a cgroup that cannot be
+        // created degrades this run to process-group tracking.
+        let cgroup = self.settings.cgroups.as_ref().map(|root| root.run(id.0));
+        let joiner = cgroup.as_ref().and_then(|cg| match cg.prepare() {
+            Ok(j) => Some(j),
+            Err(e) => {
+                tracing::warn!(%id, cgroup = %cg.path().display(), error = %e, "no cgroup for this run; tracking its process group");
+                None
+            }
+        });
+        let scope = match (&cgroup, &joiner) {
+            (Some(cg), Some(_)) => Scope::Cgroup(cg.clone()),
+            _ => Scope::Group,
+        };
         let spawned = staged.and_then(|(code_path, direct)| {
             let mut env = self.settings.env.clone();
             env.push(("CYRNEL_PROCESS_ID".into(), id.to_string()));
@@ -815,8 +871,10 @@ impl Actor {
                 shell: &self.settings.shell,
                 env: &env,
                 cwd: &dir,
+                cgroup: joiner.as_ref(),
             })
         });
+        drop(joiner);
         let now = now_ms();
         match spawned {
             Ok(sp) => {
@@ -832,13 +890,19 @@ impl Actor {
                     return;
                 };
                 let leader = Arc::new(sp.leader);
-                let mut run = Run {
-                    gen,
-                    kind: RunKind::Child(leader.clone()),
-                    holds_slot: true,
-                    timeout: None,
-                    escalation: None,
+                let tracked = Tracked {
+                    pgid: leader.pid(),
+                    tag: id.to_string(),
+                    scope,
                 };
+                let mut run = Run::new(
+                    gen,
+                    RunKind::Child {
+                        leader: leader.clone(),
+                        tracked: tracked.clone(),
+                    },
+                    true,
+                );
                 for f in &fx {
                     if let Effect::ArmTimeout { after_ms } = f {
                         run.timeout = Some(self.timer(
@@ -853,11 +917,14 @@ impl Actor {
                 self.entries.get_mut(&id).expect("started entry").run = Some(run);
                 tracing::info!(%id, pid = leader.pid(), "started");
                 let ctx = self.run_context(id, gen, output_path);
-                tokio::spawn(run::watch_child(ctx, leader, sp.stdout, sp.stderr));
+                tokio::spawn(run::watch_child(ctx, leader, tracked, sp.stdout, sp.stderr));
                 self.persist(id, &rec, &fx, After::Nothing);
             }
             Err(e) => {
                 tracing::warn!(%id, error = %e, "failed to start");
+                if let Scope::Cgroup(cg) = &scope {
+                    cg.remove();
+                }
                 if let Ok((rec, fx)) = self.apply(
                     id,
                     Event::StartFailed {
@@ -928,10 +995,18 @@ impl Actor {
         if current != Some(f.gen) {
             return;
         }
+        let (killed, escaped) = self
+            .entries
+            .get(&id)
+            .and_then(|e| e.run.as_ref())
+            .map(Run::counts)
+            .unwrap_or((None, None));
         let event = Event::Settled {
             status: f.status,
             output: f.output,
             streams: f.streams,
+            killed,
+            escaped,
             now: now_ms(),
         };
         let Ok((rec, fx)) = self.apply(id, event) else {
@@ -943,12 +1018,23 @@ impl Actor {
             .and_then(|e| e.run.take())
             .expect("run present");
         run.cancel_timers();
-        if let RunKind::Child(leader) = &run.kind {
-            // The group is empty: the leader's pid may be released now.
-            if let Err(e) = leader.reap() {
-                tracing::warn!(%id, error = %e, "reaping the leader failed");
+        match &run.kind {
+            RunKind::Child { leader, tracked } => {
+                // The run is empty: the leader's pid may be released now.
+                if let Err(e) = leader.reap() {
+                    tracing::warn!(%id, error = %e, "reaping the leader failed");
+                }
+                tracked.cleanup();
+            }
+            RunKind::Orphan { cgroup, .. } => {
+                if let Some(cg) = cgroup {
+                    cg.remove();
+                }
             }
         }
+        // Descendants that escaped and were reparented to us are zombies
+        // now: reap them, but never a leader still held.
+        proc::reap_strays(&self.held_leaders());
         if run.holds_slot {
             self.active -= 1;
         }
@@ -956,16 +1042,28 @@ impl Actor {
         self.persist(id, &rec, &fx, After::Nothing);
     }
 
+    /// Pids of the leaders the actor still holds unreaped.
+    fn held_leaders(&self) -> HashSet<i32> {
+        self.entries
+            .values()
+            .filter_map(|e| match e.run.as_ref().map(|r| &r.kind) {
+                Some(RunKind::Child { leader, .. }) => Some(leader.pid()),
+                _ => None,
+            })
+            .collect()
+    }
+
     fn on_timer(&mut self, id: ProcessId, gen: u64, kind: TimerKind) {
-        let Some(entry) = self.entries.get(&id) else {
+        let Some(entry) = self.entries.get_mut(&id) else {
             return;
         };
-        let Some(run) = entry.run.as_ref().filter(|r| r.gen == gen) else {
+        let terminating = entry.rec.state == State::Terminating;
+        let Some(run) = entry.run.as_mut().filter(|r| r.gen == gen) else {
             return;
         };
         match kind {
             TimerKind::Escalate => {
-                if entry.rec.state == State::Terminating {
+                if terminating {
                     tracing::info!(%id, "grace period over: SIGKILL to the group");
                     if let Err(e) = run.signal(Signal::SIGKILL) {
                         tracing::warn!(%id, error = %e, "SIGKILL to the process group failed");
@@ -1003,9 +1101,8 @@ impl Actor {
                 self.queue.push_back(id);
                 continue;
             }
-            let alive = identity
-                .as_ref()
-                .is_some_and(|i| !proc::orphan_members(i).is_empty());
+            let cgroup = self.settings.cgroups.as_ref().map(|r| r.run(id.0));
+            let alive = proc::orphan_alive(identity.as_ref(), cgroup.as_ref());
             tracing::info!(%id, alive, "recovering a run from before the restart");
             let Ok((rec, fx)) = self.apply(
                 id,
@@ -1016,25 +1113,61 @@ impl Actor {
             ) else {
                 continue;
             };
-            match identity.filter(|_| alive) {
-                Some(identity) => {
-                    let gen = self.next_gen;
-                    self.next_gen += 1;
-                    self.entries.get_mut(&id).expect("entry").run = Some(Run {
-                        gen,
-                        kind: RunKind::Orphan(identity.clone()),
-                        holds_slot: false,
-                        timeout: None,
-                        escalation: None,
-                    });
-                    let ctx = self.run_context(id, gen, self.run_dir(id).join("output"));
-                    tokio::spawn(run::watch_orphan(ctx, identity));
-                    self.terminate(id, rec, fx, None);
+            if alive {
+                let gen = self.next_gen;
+                self.next_gen += 1;
+                let kind = RunKind::Orphan {
+                    identity: identity.clone(),
+                    cgroup: cgroup.clone(),
+                };
+                self.entries.get_mut(&id).expect("entry").run = Some(Run::new(gen, kind, false));
+                let ctx = self.run_context(id, gen, self.run_dir(id).join("output"));
+                tokio::spawn(run::watch_orphan(ctx, identity, cgroup));
+                self.terminate(id, rec, fx, None);
+            } else {
+                if let Some(cg) = &cgroup {
+                    cg.remove();
                 }
-                None => self.persist(id, &rec, &fx, After::Nothing),
+                self.persist(id, &rec, &fx, After::Nothing);
             }
         }
+        self.remove_stale_cgroups();
         Ok(())
+    }
+
+    /// Removes run cgroups left by a crash whose records are settled (a
+    /// crash between persisting `idle` and removing the cgroup). Anything
+    /// still inside one is killed first.
+    fn remove_stale_cgroups(&self) {
+        let Some(root) = &self.settings.cgroups else {
+            return;
+        };
+        let Ok(dir) = fs::read_dir(root.dir()) else {
+            return;
+        };
+        for entry in dir.flatten() {
+            let name = entry.file_name();
+            let Some(id) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("run-"))
+                .and_then(|n| n.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            if self
+                .entries
+                .get(&ProcessId(id))
+                .is_some_and(|e| e.run.is_some())
+            {
+                continue;
+            }
+            let cg = root.run(id);
+            if cg.populated() {
+                tracing::warn!(cgroup = %cg.path().display(), "killing processes left in a settled run's cgroup");
+                let _ = cg.kill();
+            }
+            cg.remove();
+        }
     }
 }
 

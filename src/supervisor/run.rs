@@ -17,7 +17,8 @@ use super::Internal;
 use crate::events::Hub;
 use crate::model::{ProcIdentity, ProcessId, Stream};
 use crate::output::read_output_file;
-use crate::proc::{self, ExitStatus, Leader};
+use crate::proc::cgroup::RunCgroup;
+use crate::proc::{self, ExitStatus, Leader, Tracked};
 use crate::store::{Batch, Store};
 
 const READ_BUF: usize = 64 * 1024;
@@ -50,6 +51,7 @@ pub struct RunContext {
 pub async fn watch_child(
     ctx: RunContext,
     leader: Arc<Leader>,
+    tracked: Tracked,
     stdout: pipe::Receiver,
     stderr: pipe::Receiver,
 ) {
@@ -67,7 +69,7 @@ pub async fn watch_child(
             None
         }
     };
-    wait_until(|| !leader.group_has_others()).await;
+    wait_until(|| tracked.only_leader_left()).await;
     // Every writer in the group is gone: what they wrote is in the pipes.
     let _ = stop_tx.send(true);
     let (o, e) = (out.await.unwrap_or_default(), err.await.unwrap_or_default());
@@ -75,9 +77,13 @@ pub async fn watch_child(
 }
 
 /// Supervises a run found alive after a restart: no pipes, no child of
-/// ours; the group is watched in /proc until it is empty.
-pub async fn watch_orphan(ctx: RunContext, identity: ProcIdentity) {
-    wait_until(|| proc::orphan_members(&identity).is_empty()).await;
+/// ours; its cgroup (or its group in /proc) is watched until it is empty.
+pub async fn watch_orphan(
+    ctx: RunContext,
+    identity: Option<ProcIdentity>,
+    cgroup: Option<RunCgroup>,
+) {
+    wait_until(|| !proc::orphan_alive(identity.as_ref(), cgroup.as_ref())).await;
     finish(ctx, None, (0, 0), (0, 0)).await;
 }
 

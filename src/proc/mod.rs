@@ -9,7 +9,16 @@
 //! may still signal it. Exits are observed through a pidfd with `WNOWAIT`;
 //! the reap happens once, explicitly, in [`Leader::reap`]. Nothing here calls
 //! `waitpid(-1)`. It knows nothing of HTTP, JSON or RocksDB.
+//!
+//! A run is tracked by a [`Scope`]: its own cgroup v2 when the host offers
+//! one (every descendant, also escaped ones), else its process group plus
+//! the daemon's child-subreaper status, which reparents orphaned
+//! descendants to the daemon, where they are found by the
+//! `CYRNEL_PROCESS_ID` tag in their environment.
 
+pub mod cgroup;
+
+use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::fs;
 use std::io;
@@ -25,6 +34,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::net::unix::pipe;
 
 use crate::model::ProcIdentity;
+use cgroup::{Joiner, RunCgroup};
 
 /// `PIDFD_SIGNAL_PROCESS_GROUP` from linux/pidfd.h (Linux 6.9+).
 const PIDFD_SIGNAL_PROCESS_GROUP: libc::c_uint = 1 << 2;
@@ -46,6 +56,8 @@ pub struct SpawnSpec<'a> {
     pub shell: &'a str,
     pub env: &'a [(String, String)],
     pub cwd: &'a Path,
+    /// Moves the child into its cgroup between fork and exec.
+    pub cgroup: Option<&'a Joiner>,
 }
 
 /// A started run: the unreaped leader and its two output pipes.
@@ -78,6 +90,13 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
+    if let Some(joiner) = spawn_cgroup_fd(spec) {
+        // SAFETY: the hook only calls write(2) on an fd that outlives the
+        // spawn; it allocates nothing and takes no lock.
+        unsafe {
+            cmd.pre_exec(move || Joiner::join_raw(joiner));
+        }
+    }
     let mut child = cmd.spawn()?;
     let pid = child.id() as i32;
     let stdout = OwnedFd::from(child.stdout.take().expect("piped stdout"));
@@ -103,6 +122,10 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
         stderr: pipe::Receiver::from_owned_fd(stderr)?,
         identity,
     })
+}
+
+fn spawn_cgroup_fd(spec: &SpawnSpec<'_>) -> Option<i32> {
+    spec.cgroup.map(|j| j.raw_fd())
 }
 
 fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
@@ -175,19 +198,6 @@ impl Leader {
         }
     }
 
-    /// Signals every process of the run's group. Safe against pid reuse
-    /// because the leader is unreaped, so its pid (the group id) is still
-    /// taken.
-    pub fn signal_group(&self, sig: Signal) -> io::Result<()> {
-        killpg(Pid::from_raw(self.pid), sig).map_err(io::Error::from)
-    }
-
-    /// Whether any live process other than the (possibly zombie) leader is
-    /// still in the group.
-    pub fn group_has_others(&self) -> bool {
-        group_members(self.pid).into_iter().any(|p| p != self.pid)
-    }
-
     /// Reaps the leader. Call only once the group is empty and will not be
     /// signalled again.
     pub fn reap(&self) -> io::Result<Option<ExitStatus>> {
@@ -199,6 +209,7 @@ impl Leader {
 #[derive(Clone, Copy, Debug)]
 pub struct Stat {
     pub state: u8,
+    pub ppid: i32,
     pub pgrp: i32,
     pub start_time: u64,
 }
@@ -215,15 +226,206 @@ fn parse_stat(s: &[u8]) -> Option<Stat> {
     let rest = std::str::from_utf8(&s[close + 1..]).ok()?;
     let mut f = rest.split_ascii_whitespace();
     let state = f.next()?.as_bytes()[0];
-    let _ppid = f.next()?;
+    let ppid = f.next()?.parse().ok()?;
     let pgrp = f.next()?.parse().ok()?;
     // starttime is field 22; we are at field 6 now.
     let start_time = f.nth(16)?.parse().ok()?;
     Some(Stat {
         state,
+        ppid,
         pgrp,
         start_time,
     })
+}
+
+fn live(s: &Stat) -> bool {
+    s.state != b'Z' && s.state != b'X'
+}
+
+fn all_pids() -> Vec<i32> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .collect()
+}
+
+/// Makes the daemon the reaper of orphaned descendants (PR_SET_CHILD_SUBREAPER):
+/// a process that escapes its run's group is reparented here instead of to
+/// init, so it can still be found and killed.
+pub fn become_subreaper() -> io::Result<()> {
+    // SAFETY: prctl with integer arguments.
+    let r = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Whether `pid`'s environment carries `CYRNEL_PROCESS_ID=<tag>`.
+fn has_tag(pid: i32, tag: &str) -> bool {
+    let Ok(env) = fs::read(format!("/proc/{pid}/environ")) else {
+        return false;
+    };
+    let want = format!("CYRNEL_PROCESS_ID={tag}");
+    env.split(|b| *b == 0).any(|kv| kv == want.as_bytes())
+}
+
+/// Live children of this daemon (reparented orphans included) tagged with
+/// run `tag`, excluding `leader`.
+fn tagged_strays(tag: &str, leader: i32) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    all_pids()
+        .into_iter()
+        .filter(|&pid| pid != leader)
+        .filter(|&pid| stat(pid).is_some_and(|s| s.ppid == me && live(&s)))
+        .filter(|&pid| has_tag(pid, tag))
+        .collect()
+}
+
+/// Reaps zombie children of the daemon that are not run leaders it still
+/// holds (`keep`): orphans reparented here by the subreaper. Each is reaped
+/// by its own pid; nothing calls `waitpid(-1)`.
+pub fn reap_strays(keep: &HashSet<i32>) -> usize {
+    let me = std::process::id() as i32;
+    let mut n = 0;
+    for pid in all_pids() {
+        if keep.contains(&pid) {
+            continue;
+        }
+        if stat(pid).is_some_and(|s| s.ppid == me && s.state == b'Z') {
+            let mut status = 0;
+            // SAFETY: waitpid on a specific child pid.
+            if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == pid {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+/// Signals `pid` only if, after pinning it with a pidfd, `still_ours` holds.
+fn signal_pinned(pid: i32, sig: Signal, still_ours: impl Fn(i32) -> bool) -> bool {
+    let Ok(fd) = pidfd_open(pid) else {
+        return false;
+    };
+    still_ours(pid) && pidfd_send_signal(&fd, sig as i32, 0).is_ok()
+}
+
+/// How a run's processes are tracked.
+#[derive(Clone, Debug)]
+pub enum Scope {
+    /// Its own cgroup: every descendant.
+    Cgroup(RunCgroup),
+    /// Its process group, plus tagged orphans reparented to the daemon.
+    Group,
+}
+
+/// Who a signal reached.
+#[derive(Debug, Default)]
+pub struct Signalled {
+    /// Every process signalled.
+    pub pids: Vec<i32>,
+    /// Those outside the leader's process group.
+    pub escaped: Vec<i32>,
+}
+
+/// A run as the kernel sees it: its leader's pid (= process group id), its
+/// tag, and its scope.
+#[derive(Clone, Debug)]
+pub struct Tracked {
+    pub pgid: i32,
+    pub tag: String,
+    pub scope: Scope,
+}
+
+impl Tracked {
+    /// Live processes of the run other than the leader.
+    pub fn others(&self) -> Vec<i32> {
+        match &self.scope {
+            Scope::Cgroup(cg) => cg
+                .members()
+                .into_iter()
+                .filter(|&p| p != self.pgid)
+                .collect(),
+            Scope::Group => {
+                let mut v: Vec<i32> = group_members(self.pgid)
+                    .into_iter()
+                    .filter(|&p| p != self.pgid)
+                    .collect();
+                v.extend(tagged_strays(&self.tag, self.pgid));
+                v.sort_unstable();
+                v.dedup();
+                v
+            }
+        }
+    }
+
+    /// Whether nothing but (at most) the zombie leader is left.
+    pub fn only_leader_left(&self) -> bool {
+        match &self.scope {
+            // A zombie is no longer a member: populated 0 once the leader
+            // has exited and every descendant is gone.
+            Scope::Cgroup(cg) => !cg.populated() || cg.members().iter().all(|&p| p == self.pgid),
+            Scope::Group => self.others().is_empty(),
+        }
+    }
+
+    /// Sends `sig` to every process of the run. The group goes through
+    /// `killpg` (the caller guarantees the leader is unreaped, so the group
+    /// id is not recycled); processes outside the group are pinned with a
+    /// pidfd and re-checked (still in the cgroup, or still tagged) first.
+    /// SIGKILL to a cgroup uses `cgroup.kill`, which also catches forks in
+    /// flight.
+    pub fn signal(&self, sig: Signal) -> io::Result<Signalled> {
+        let mut out = Signalled::default();
+        let group: HashSet<i32> = group_members(self.pgid).into_iter().collect();
+        let everyone = match &self.scope {
+            Scope::Cgroup(cg) => cg.members(),
+            Scope::Group => {
+                let mut v: Vec<i32> = group.iter().copied().collect();
+                v.extend(tagged_strays(&self.tag, self.pgid));
+                v
+            }
+        };
+        let group_result = killpg(Pid::from_raw(self.pgid), sig).map_err(io::Error::from);
+        for pid in everyone {
+            if group.contains(&pid) {
+                out.pids.push(pid);
+                continue;
+            }
+            out.escaped.push(pid);
+            let sent = match &self.scope {
+                // cgroup.kill below reaches it.
+                Scope::Cgroup(_) if sig == Signal::SIGKILL => true,
+                Scope::Cgroup(cg) => signal_pinned(pid, sig, |p| cg.contains(p)),
+                Scope::Group => signal_pinned(pid, sig, |p| has_tag(p, &self.tag)),
+            };
+            if sent {
+                out.pids.push(pid);
+            }
+        }
+        if let (Scope::Cgroup(cg), Signal::SIGKILL) = (&self.scope, sig) {
+            if let Err(e) = cg.kill() {
+                tracing::warn!(cgroup = %cg.path().display(), error = %e, "cgroup.kill failed");
+            }
+        }
+        match group_result {
+            // ESRCH: nothing left in the group (the leader is reaped only
+            // later, so this means the group id itself is gone).
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(out),
+            Err(e) if out.pids.is_empty() => Err(e),
+            _ => Ok(out),
+        }
+    }
+
+    /// Removes what the run left in the kernel (its cgroup).
+    pub fn cleanup(&self) {
+        if let Scope::Cgroup(cg) = &self.scope {
+            cg.remove();
+        }
+    }
 }
 
 /// Live (not zombie, not dead) processes whose process group is `pgid`.
@@ -232,14 +434,10 @@ pub fn group_members(pgid: i32) -> Vec<i32> {
 }
 
 fn group_members_since(pgid: i32, min_start: u64) -> Vec<i32> {
-    let Ok(dir) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+    all_pids()
+        .into_iter()
         .filter(|&pid| {
-            stat(pid).is_some_and(|s| {
-                s.pgrp == pgid && s.state != b'Z' && s.state != b'X' && s.start_time >= min_start
-            })
+            stat(pid).is_some_and(|s| s.pgrp == pgid && live(&s) && s.start_time >= min_start)
         })
         .collect()
 }
@@ -295,6 +493,49 @@ pub fn signal_orphan_group(id: &ProcIdentity, sig: Signal) -> bool {
     };
     let same = stat(id.pid).is_some_and(|s| s.start_time == id.start_time);
     same && pidfd_send_signal(&fd, sig as i32, PIDFD_SIGNAL_PROCESS_GROUP).is_ok()
+}
+
+/// After a restart: whether anything of a run from before is still alive.
+/// With a cgroup, its membership decides; otherwise the recorded identity.
+pub fn orphan_alive(identity: Option<&ProcIdentity>, cg: Option<&RunCgroup>) -> bool {
+    cg.is_some_and(|cg| cg.populated()) || identity.is_some_and(|id| !orphan_members(id).is_empty())
+}
+
+/// After a restart: signals what is left of a run from before. Never
+/// `killpg`: the leader is not our child any more and its group id may be
+/// recycled. Cgroup members are pinned with a pidfd and re-checked to be in
+/// the cgroup; SIGKILL uses `cgroup.kill`. Without a cgroup, the identity
+/// check decides (see [`signal_orphans`]). Returns the pids signalled.
+pub fn signal_orphan_run(
+    identity: Option<&ProcIdentity>,
+    cg: Option<&RunCgroup>,
+    sig: Signal,
+) -> Vec<i32> {
+    let mut out = Vec::new();
+    if let Some(cg) = cg.filter(|cg| cg.exists()) {
+        let members = cg.members();
+        if sig == Signal::SIGKILL {
+            if let Err(e) = cg.kill() {
+                tracing::warn!(cgroup = %cg.path().display(), error = %e, "cgroup.kill failed");
+            }
+            out.extend(members);
+        } else {
+            out.extend(
+                members
+                    .into_iter()
+                    .filter(|&p| signal_pinned(p, sig, |q| cg.contains(q))),
+            );
+        }
+    }
+    if let Some(id) = identity {
+        if !signal_orphan_group(id, sig) {
+            signal_orphans(id, sig);
+        }
+        out.extend(orphan_members(id));
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 #[cfg(test)]

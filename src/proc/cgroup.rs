@@ -1,0 +1,200 @@
+//! cgroup v2 tracking of runs: each run gets its own cgroup, created before
+//! the code is executed (the child moves itself in between fork and exec),
+//! so every descendant, also one that calls `setsid()` or double-forks, is
+//! found, killed with `cgroup.kill`, and waited for through
+//! `cgroup.events` (`populated 0`). Detected at start-up, never assumed.
+
+use std::ffi::CString;
+use std::fs;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+/// The directory under which runs get their cgroups (`run-<id>`).
+#[derive(Clone, Debug)]
+pub struct CgroupRoot {
+    dir: PathBuf,
+}
+
+/// Where the cgroup2 hierarchy is mounted, from /proc/self/mountinfo.
+fn cgroup2_mount() -> Option<PathBuf> {
+    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        (right.split_whitespace().next()? == "cgroup2")
+            .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
+    })
+}
+
+/// FNV-1a: a stable, dependency-free name for an instance's cgroup folder.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf29ce484222325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100000001b3)
+    })
+}
+
+/// This process's own cgroup v2 path ("0::/path" in /proc/self/cgroup).
+fn own_cgroup() -> Option<String> {
+    let s = fs::read_to_string("/proc/self/cgroup").ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(|p| p.trim().to_string())
+}
+
+impl CgroupRoot {
+    /// Finds a cgroup v2 subtree this daemon may manage: below its own
+    /// cgroup (a delegated subtree under systemd's `Delegate=yes`, or the
+    /// root when running as root), in a folder named after `instance` (the
+    /// data dir), so that two daemons never share run cgroups and a
+    /// restarted daemon finds its own. Probes by creating and removing a
+    /// child and checking `cgroup.kill` exists. `Err` says why not.
+    pub fn detect(instance: &Path) -> Result<CgroupRoot, String> {
+        let mount = cgroup2_mount().ok_or("no cgroup2 hierarchy is mounted")?;
+        let own = own_cgroup().ok_or("this process has no cgroup v2 path")?;
+        let base = mount.join(own.trim_start_matches('/'));
+        let dir = base.join(format!(
+            "cyrnel-{:016x}",
+            fnv1a(instance.as_os_str().as_bytes())
+        ));
+        match fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(format!("cannot create {}: {e}", dir.display())),
+        }
+        if !dir.join("cgroup.kill").exists() {
+            return Err(format!(
+                "{} has no cgroup.kill (kernel older than 5.14)",
+                dir.display()
+            ));
+        }
+        let probe = dir.join(format!("probe-{}", std::process::id()));
+        fs::create_dir(&probe).map_err(|e| format!("cannot create {}: {e}", probe.display()))?;
+        let writable = fs::OpenOptions::new()
+            .write(true)
+            .open(probe.join("cgroup.procs"))
+            .map(|_| ());
+        let _ = fs::remove_dir(&probe);
+        writable.map_err(|e| format!("cannot move processes into {}: {e}", dir.display()))?;
+        Ok(CgroupRoot { dir })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Removes the instance's folder once no run cgroup is left in it
+    /// (graceful stop).
+    pub fn remove_if_empty(&self) {
+        let _ = fs::remove_dir(&self.dir);
+    }
+
+    /// The cgroup of run `id` (whether or not it exists).
+    pub fn run(&self, id: u64) -> RunCgroup {
+        RunCgroup {
+            dir: self.dir.join(format!("run-{id}")),
+        }
+    }
+}
+
+/// One run's cgroup.
+#[derive(Clone, Debug)]
+pub struct RunCgroup {
+    dir: PathBuf,
+}
+
+/// Opened before spawning: the child writes "0" to this fd between fork
+/// and exec, moving itself in before it can run any code.
+pub struct Joiner {
+    fd: OwnedFd,
+}
+
+impl Joiner {
+    pub(crate) fn raw_fd(&self) -> i32 {
+        self.fd.as_raw_fd()
+    }
+
+    /// The pre-exec step, run in the child: moves it into the cgroup.
+    /// Async-signal-safe: a single `write` on an inherited fd.
+    pub(crate) fn join_raw(fd: i32) -> io::Result<()> {
+        // SAFETY: writing a static byte to an fd the parent keeps open.
+        let n = unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) };
+        if n == 1 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+}
+
+impl RunCgroup {
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Creates the cgroup (an empty leftover from a crash is reused) and
+    /// opens its `cgroup.procs` for the child to join.
+    pub fn prepare(&self) -> io::Result<Joiner> {
+        match fs::create_dir(&self.dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        let path = CString::new(self.dir.join("cgroup.procs").as_os_str().as_bytes())
+            .map_err(io::Error::other)?;
+        // SAFETY: plain open(2) of a NUL-terminated path.
+        let fd = unsafe { libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor we own.
+        Ok(Joiner {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    pub fn exists(&self) -> bool {
+        self.dir.is_dir()
+    }
+
+    /// Live members (zombies are not listed).
+    pub fn members(&self) -> Vec<i32> {
+        fs::read_to_string(self.dir.join("cgroup.procs"))
+            .map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect())
+            .unwrap_or_default()
+    }
+
+    /// `populated 1` in cgroup.events: some live process is inside.
+    pub fn populated(&self) -> bool {
+        match fs::read_to_string(self.dir.join("cgroup.events")) {
+            Ok(s) => s.lines().any(|l| l.trim() == "populated 1"),
+            Err(_) => false,
+        }
+    }
+
+    /// SIGKILL to every process in the cgroup, atomically with respect to
+    /// forks (the kernel's `cgroup.kill`).
+    pub fn kill(&self) -> io::Result<()> {
+        fs::write(self.dir.join("cgroup.kill"), "1")
+    }
+
+    /// Whether `pid` is (still) in this cgroup, from /proc/<pid>/cgroup.
+    pub fn contains(&self, pid: i32) -> bool {
+        let Ok(s) = fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+            return false;
+        };
+        let Some(path) = s.lines().find_map(|l| l.strip_prefix("0::")) else {
+            return false;
+        };
+        self.dir.ends_with(path.trim().trim_start_matches('/'))
+    }
+
+    /// Removes the (empty) cgroup.
+    pub fn remove(&self) {
+        if let Err(e) = fs::remove_dir(&self.dir) {
+            if e.kind() != io::ErrorKind::NotFound {
+                tracing::warn!(cgroup = %self.dir.display(), error = %e, "removing a run cgroup failed");
+            }
+        }
+    }
+}
