@@ -1,2 +1,2291 @@
-//! Benchmark harness: placeholder until the benchmark work lands.
-fn main() {}
+//! Benchmark harness for `cyrneld` (`make bench`, i.e. `cargo bench --bench bench`).
+//!
+//! It starts the release daemon on temporary data directories with rate
+//! limits off, drives it over keep-alive HTTP/1.1 connections (hyper's client
+//! connection API) and the `/events` stream, measures baselines in the same
+//! run (a tight spawn loop, a minimal hyper server, raw `fdatasync`), and
+//! prints one Markdown table on stdout plus `target/bench/results.json`.
+//! Every step reports progress on stderr.
+//!
+//! It knows only what an operator knows: the binary, its flags, `CYRNEL_*`
+//! settings, the HTTP contract and `/proc`. Latencies are taken from the
+//! client's side: the send time of a request and the receive time of the
+//! event that shows its effect on an open `/events` stream.
+//!
+//! Knobs (environment variables, all optional):
+//! `BENCH_ONLY` (comma list of `spawn,latency,read,durable,memory,scale`),
+//! `BENCH_SPAWN_RUNS` (2000), `BENCH_SPAWN_CLIENTS` (16),
+//! `BENCH_LATENCY_SAMPLES` (500), `BENCH_KILL_GRACE_MS` (50),
+//! `BENCH_READ_CONNS` (64), `BENCH_READ_SECS` (5),
+//! `BENCH_DURABLE_CLIENTS` (64), `BENCH_DURABLE_SECS` (5),
+//! `BENCH_MEMORY_PROCS` (1000), `BENCH_SCALE_RECORDS` (see `DEFAULT_SCALE_RECORDS`),
+//! `BENCH_SCALE_CLIENTS` (64), `CYRNELD_BIN` (daemon binary to use),
+//! `BENCH_RESULTS` (path of the JSON file).
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::fs;
+use std::io::Write as _;
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::header::{CONTENT_TYPE, HOST};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{oneshot, Notify};
+
+use cyrnel::api::wire::{iso8601, Created, ProcessJson};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type Res<T> = Result<T, BoxError>;
+
+/// Records filled into the store by the scale section unless
+/// `BENCH_SCALE_RECORDS` says otherwise; chosen so that `make bench` stays
+/// within its 15-minute budget on the two-core machines (see BENCHMARKS.md).
+const DEFAULT_SCALE_RECORDS: u64 = 1_000_000;
+
+static START: OnceLock<Instant> = OnceLock::new();
+
+macro_rules! progress {
+    ($($arg:tt)*) => {{
+        let t = START.get_or_init(Instant::now).elapsed().as_secs_f64();
+        eprintln!("[bench {:7.1}s] {}", t, format_args!($($arg)*));
+    }};
+}
+
+// ---------------------------------------------------------------------------
+// Knobs
+// ---------------------------------------------------------------------------
+
+fn knob<T: FromStr>(name: &str, default: T) -> T {
+    match std::env::var(name) {
+        Ok(v) if !v.trim().is_empty() => v
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a valid value")),
+        _ => default,
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Knobs {
+    only: Option<Vec<String>>,
+    spawn_runs: usize,
+    spawn_clients: usize,
+    latency_samples: usize,
+    kill_grace_ms: u64,
+    read_conns: usize,
+    read_secs: f64,
+    durable_clients: usize,
+    durable_secs: f64,
+    memory_procs: usize,
+    scale_records: u64,
+    scale_clients: usize,
+}
+
+impl Knobs {
+    fn from_env() -> Knobs {
+        let only = std::env::var("BENCH_ONLY")
+            .ok()
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| s.split(',').map(|p| p.trim().to_string()).collect());
+        Knobs {
+            only,
+            spawn_runs: knob("BENCH_SPAWN_RUNS", 2000),
+            spawn_clients: knob("BENCH_SPAWN_CLIENTS", 16),
+            latency_samples: knob("BENCH_LATENCY_SAMPLES", 500),
+            kill_grace_ms: knob("BENCH_KILL_GRACE_MS", 50),
+            read_conns: knob("BENCH_READ_CONNS", 64),
+            read_secs: knob("BENCH_READ_SECS", 5.0),
+            durable_clients: knob("BENCH_DURABLE_CLIENTS", 64),
+            durable_secs: knob("BENCH_DURABLE_SECS", 5.0),
+            memory_procs: knob("BENCH_MEMORY_PROCS", 1000),
+            scale_records: knob("BENCH_SCALE_RECORDS", DEFAULT_SCALE_RECORDS),
+            scale_clients: knob("BENCH_SCALE_CLIENTS", 64),
+        }
+    }
+
+    fn wants(&self, section: &str) -> bool {
+        self.only
+            .as_ref()
+            .is_none_or(|o| o.iter().any(|s| s == section))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Locating the daemon and the output
+// ---------------------------------------------------------------------------
+
+const MANIFEST_DIR: &str = env!("CARGO_MANIFEST_DIR");
+
+fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) if Path::new(&d).is_absolute() => PathBuf::from(d),
+        Some(d) => Path::new(MANIFEST_DIR).join(d),
+        None => Path::new(MANIFEST_DIR).join("target"),
+    }
+}
+
+/// The release `cyrneld`: `CYRNELD_BIN` if set; else the one cargo built for
+/// this bench (the bench profile inherits release and shares its directory);
+/// else `<target>/release/cyrneld`, built with cargo first when missing.
+fn daemon_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("CYRNELD_BIN") {
+        let p = PathBuf::from(p);
+        assert!(p.is_file(), "CYRNELD_BIN={} does not exist", p.display());
+        return p;
+    }
+    let candidates = [
+        PathBuf::from(env!("CARGO_BIN_EXE_cyrneld")),
+        target_dir().join("release").join("cyrneld"),
+    ];
+    if let Some(p) = candidates.iter().find(|p| p.is_file()) {
+        return p.clone();
+    }
+    progress!("cyrneld not found; running `cargo build --release --bin cyrneld`");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "--release", "--bin", "cyrneld"])
+        .current_dir(MANIFEST_DIR)
+        .status()
+        .expect("run cargo");
+    assert!(
+        status.success(),
+        "cargo build --release --bin cyrneld failed"
+    );
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .expect("cyrneld still missing after cargo build")
+}
+
+fn results_path() -> PathBuf {
+    match std::env::var_os("BENCH_RESULTS") {
+        Some(p) => PathBuf::from(p),
+        None => Path::new(MANIFEST_DIR).join("target/bench/results.json"),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The daemon under test
+// ---------------------------------------------------------------------------
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// Settings every daemon of this harness gets: rate limits off (the names a
+/// later version will use; unknown variables are ignored today).
+const COMMON_ENV: &[(&str, &str)] = &[
+    ("CYRNEL_RATE_LIMIT_CREATE_PER_MIN", "0"),
+    ("CYRNEL_RATE_LIMIT_RUN_PER_MIN", "0"),
+    ("CYRNEL_RATE_LIMIT_KILL_PER_MIN", "0"),
+    ("CYRNEL_RATE_LIMIT_GLOBAL_PER_MIN", "0"),
+];
+
+struct Daemon {
+    name: String,
+    bin: PathBuf,
+    env: Vec<(String, String)>,
+    data_dir: PathBuf,
+    log_dir: PathBuf,
+    port: u16,
+    child: Option<Child>,
+    spawned_at: Instant,
+    starts: u32,
+}
+
+impl Daemon {
+    /// Starts a daemon on a fresh data dir under `root` and waits for
+    /// `/health`.
+    async fn start(bin: &Path, root: &Path, name: &str, env: &[(&str, &str)]) -> Daemon {
+        let data_dir = root.join(format!("{name}-data"));
+        fs::create_dir_all(&data_dir).expect("create data dir");
+        let mut all: Vec<(String, String)> = COMMON_ENV
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        for (k, v) in env {
+            all.retain(|(ek, _)| ek != k);
+            all.push((k.to_string(), v.to_string()));
+        }
+        let mut d = Daemon {
+            name: name.to_string(),
+            bin: bin.to_path_buf(),
+            env: all,
+            data_dir,
+            log_dir: root.to_path_buf(),
+            port: 0,
+            child: None,
+            spawned_at: Instant::now(),
+            starts: 0,
+        };
+        d.spawn();
+        let ready = d.wait_ready(Duration::from_secs(60)).await;
+        progress!(
+            "{}: cyrneld pid {} ready on {} after {:.1} ms",
+            d.name,
+            d.pid(),
+            d.addr(),
+            ms(ready)
+        );
+        d
+    }
+
+    fn spawn(&mut self) {
+        assert!(self.child.is_none(), "daemon already running");
+        self.starts += 1;
+        self.port = free_port();
+        let log_path = self
+            .log_dir
+            .join(format!("{}-{}.log", self.name, self.starts));
+        let log = fs::File::create(&log_path).expect("create daemon log");
+        let mut cmd = Command::new(&self.bin);
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("CYRNEL_") {
+                cmd.env_remove(&k);
+            }
+        }
+        cmd.arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log);
+        self.spawned_at = Instant::now();
+        self.child = Some(cmd.spawn().expect("spawn cyrneld"));
+    }
+
+    fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("daemon running").id()
+    }
+
+    fn log_tail(&self) -> String {
+        let path = self
+            .log_dir
+            .join(format!("{}-{}.log", self.name, self.starts));
+        let text = fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// Polls `/health` (a fresh connection each time, 1 ms apart) and returns
+    /// the time since the process was spawned.
+    async fn wait_ready(&mut self, limit: Duration) -> Duration {
+        let addr = self.addr();
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "{}: cyrneld exited with {status} before it was ready; log:\n{}",
+                    self.name,
+                    self.log_tail()
+                );
+            }
+            if health_ok(addr).await {
+                return self.spawned_at.elapsed();
+            }
+            assert!(
+                self.spawned_at.elapsed() < limit,
+                "{}: cyrneld not ready after {limit:?}; log:\n{}",
+                self.name,
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// SIGTERM, then waits for the exit; returns how long the stop took.
+    async fn stop(&mut self) -> Duration {
+        let Some(mut child) = self.child.take() else {
+            return Duration::ZERO;
+        };
+        let t0 = Instant::now();
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                if !status.success() {
+                    progress!("{}: cyrneld exited with {status}", self.name);
+                }
+                return t0.elapsed();
+            }
+            if t0.elapsed() > Duration::from_secs(60) {
+                progress!("{}: cyrneld did not stop in 60 s; SIGKILL", self.name);
+                let _ = child.kill();
+                let _ = child.wait();
+                return t0.elapsed();
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    fn rss_kb(&self) -> u64 {
+        proc_status_field(self.pid(), "VmRSS").expect("VmRSS")
+    }
+
+    /// User + system CPU seconds of the daemon itself, and of its reaped
+    /// children (the supervised runs).
+    fn cpu_secs(&self) -> (f64, f64) {
+        let stat = fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        let after = stat.rsplit_once(')').map(|(_, a)| a).unwrap_or("");
+        let f: Vec<f64> = after
+            .split_whitespace()
+            .map(|x| x.parse().unwrap_or(0.0))
+            .collect();
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        if f.len() < 15 {
+            return (0.0, 0.0);
+        }
+        // Fields 14..17 of stat(5) are utime, stime, cutime, cstime; `after`
+        // starts at field 3.
+        ((f[11] + f[12]) / hz, (f[13] + f[14]) / hz)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // Graceful stop so that the daemon kills the groups it runs.
+            // SAFETY: plain kill(2) on our own child's pid.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_secs(30) {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn proc_status_field(pid: u32, field: &str) -> Option<u64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+async fn health_ok(addr: SocketAddr) -> bool {
+    let probe = async {
+        let mut s = TcpStream::connect(addr).await?;
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        Ok::<bool, std::io::Error>(buf.starts_with(b"HTTP/1.1 200"))
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), probe).await,
+        Ok(Ok(true))
+    )
+}
+
+/// Disk usage (allocated blocks) and apparent size of a directory tree.
+fn dir_usage(path: &Path) -> (u64, u64, u64) {
+    let (mut blocks, mut bytes, mut files) = (0, 0, 0);
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let Ok(md) = fs::symlink_metadata(e.path()) else {
+                continue;
+            };
+            if md.is_dir() {
+                stack.push(e.path());
+            } else {
+                blocks += md.blocks() * 512;
+                bytes += md.len();
+                files += 1;
+            }
+        }
+    }
+    (blocks, bytes, files)
+}
+
+// ---------------------------------------------------------------------------
+// HTTP client: one keep-alive HTTP/1.1 connection per client task
+// ---------------------------------------------------------------------------
+
+struct Http {
+    tx: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+}
+
+impl Http {
+    async fn connect(addr: SocketAddr) -> Res<Http> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(Http { tx })
+    }
+
+    async fn send(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Option<Bytes>,
+    ) -> Res<Response<hyper::body::Incoming>> {
+        self.tx.ready().await?;
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(HOST, "127.0.0.1");
+        if body.is_some() {
+            req = req.header(CONTENT_TYPE, "application/json");
+        }
+        let req = req.body(Full::new(body.unwrap_or_default()))?;
+        Ok(self.tx.send_request(req).await?)
+    }
+
+    async fn call(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Option<Bytes>,
+    ) -> Res<(StatusCode, Bytes)> {
+        let resp = self.send(method, path, body).await?;
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await?.to_bytes();
+        Ok((status, bytes))
+    }
+
+    async fn get(&mut self, path: &str) -> Res<(StatusCode, Bytes)> {
+        self.call(Method::GET, path, None).await
+    }
+
+    async fn expect_ok(&mut self, method: Method, path: &str, body: Option<Bytes>) -> Res<Bytes> {
+        let (status, bytes) = self.call(method.clone(), path, body).await?;
+        if status != StatusCode::OK {
+            return Err(format!(
+                "{method} {path}: {status} {}",
+                String::from_utf8_lossy(&bytes)
+            )
+            .into());
+        }
+        Ok(bytes)
+    }
+
+    /// `POST /processes`; the id from the 201.
+    async fn create(&mut self, body: Bytes) -> Res<u64> {
+        let (status, bytes) = self.call(Method::POST, "/processes", Some(body)).await?;
+        if status != StatusCode::CREATED {
+            return Err(format!(
+                "POST /processes: {status} {}",
+                String::from_utf8_lossy(&bytes)
+            )
+            .into());
+        }
+        Ok(serde_json::from_slice::<Created>(&bytes)?.id)
+    }
+
+    async fn kill(&mut self, id: u64) -> Res<()> {
+        self.expect_ok(
+            Method::POST,
+            &format!("/processes/{id}/signals/kill"),
+            Some(Bytes::from_static(b"{}")),
+        )
+        .await
+        .map(|_| ())
+    }
+}
+
+/// Opens `n` client connections.
+async fn connect_many(addr: SocketAddr, n: usize) -> Vec<Http> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(Http::connect(addr).await.expect("connect"));
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------
+// The /events stream, with the receive time of every event
+// ---------------------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+struct Seen {
+    at: Instant,
+    pid: Option<i32>,
+    exit_state: Option<String>,
+}
+
+#[derive(Default)]
+struct EvState {
+    /// First sighting of (process id, event name).
+    seen: HashMap<(u64, String), Seen>,
+    counts: HashMap<String, u64>,
+    last_seq: u64,
+    /// Streams that ended and were resumed with `Last-Event-ID`.
+    reconnects: u64,
+}
+
+struct EvShared {
+    st: Mutex<EvState>,
+    notify: Notify,
+}
+
+/// A subscriber of `GET /events` that resumes with `Last-Event-ID` when the
+/// daemon closes the stream (e.g. because it lagged), so nothing is missed.
+struct Events {
+    shared: Arc<EvShared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Events {
+    /// Returns once the stream's response headers arrived, i.e. once the
+    /// daemon has subscribed this client to live events.
+    async fn open(addr: SocketAddr) -> Events {
+        let shared = Arc::new(EvShared {
+            st: Mutex::new(EvState::default()),
+            notify: Notify::new(),
+        });
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let task = tokio::spawn(events_task(addr, shared.clone(), ready_tx));
+        tokio::time::timeout(Duration::from_secs(10), ready_rx)
+            .await
+            .expect("event stream did not open in 10 s")
+            .expect("event stream task ended");
+        Events { shared, task }
+    }
+
+    /// Waits until `f` finds what it looks for in the events so far.
+    async fn wait<T>(
+        &self,
+        what: &str,
+        limit: Duration,
+        mut f: impl FnMut(&EvState) -> Option<T>,
+    ) -> T {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let notified = self.shared.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(v) = f(&self.shared.st.lock().expect("events lock")) {
+                return v;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                panic!("timed out after {limit:?} waiting for {what}");
+            }
+        }
+    }
+
+    async fn seen(&self, id: u64, event: &str) -> Seen {
+        let key = (id, event.to_string());
+        self.wait(
+            &format!("event `{event}` of process {id}"),
+            Duration::from_secs(30),
+            |s| s.seen.get(&key).cloned(),
+        )
+        .await
+    }
+
+    fn count(&self, event: &str) -> u64 {
+        let st = self.shared.st.lock().expect("events lock");
+        st.counts.get(event).copied().unwrap_or(0)
+    }
+
+    async fn wait_count(&self, event: &str, n: u64, limit: Duration) -> Instant {
+        self.wait(&format!("{n} `{event}` events"), limit, |s| {
+            (s.counts.get(event).copied().unwrap_or(0) >= n).then(Instant::now)
+        })
+        .await
+    }
+
+    fn reconnects(&self) -> u64 {
+        self.shared.st.lock().expect("events lock").reconnects
+    }
+
+    /// Forgets per-process sightings (keeps memory flat across sections).
+    fn clear_seen(&self) {
+        self.shared.st.lock().expect("events lock").seen.clear();
+    }
+}
+
+impl Drop for Events {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn events_task(addr: SocketAddr, shared: Arc<EvShared>, ready: oneshot::Sender<()>) {
+    let mut ready = Some(ready);
+    loop {
+        let res: Res<()> = async {
+            let mut http = Http::connect(addr).await?;
+            let last = shared.st.lock().expect("events lock").last_seq;
+            http.tx.ready().await?;
+            let mut req = Request::get("/events").header(HOST, "127.0.0.1");
+            if last > 0 {
+                req = req.header("last-event-id", last.to_string());
+            }
+            let resp = http
+                .tx
+                .send_request(req.body(Full::new(Bytes::new()))?)
+                .await?;
+            if resp.status() != StatusCode::OK {
+                return Err(format!("GET /events: {}", resp.status()).into());
+            }
+            if let Some(r) = ready.take() {
+                let _ = r.send(());
+            }
+            let mut body = resp.into_body();
+            let mut buf: Vec<u8> = Vec::new();
+            while let Some(frame) = body.frame().await {
+                let at = Instant::now();
+                let Ok(data) = frame?.into_data() else {
+                    continue;
+                };
+                buf.extend_from_slice(&data);
+                let mut start = 0;
+                let mut any = false;
+                while let Some(pos) = find(&buf[start..], b"\n\n") {
+                    any |= record_event(&shared, &buf[start..start + pos], at);
+                    start += pos + 2;
+                }
+                buf.drain(..start);
+                if any {
+                    shared.notify.notify_waiters();
+                }
+            }
+            Ok(())
+        }
+        .await;
+        shared.st.lock().expect("events lock").reconnects += 1;
+        if let Err(e) = res {
+            progress!("event stream: {e}; reconnecting");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn record_event(shared: &EvShared, block: &[u8], at: Instant) -> bool {
+    let (mut seq, mut name, mut data) = (None, None, None);
+    for line in block.split(|&b| b == b'\n') {
+        if let Some(v) = line.strip_prefix(b"id: ") {
+            seq = std::str::from_utf8(v)
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok());
+        } else if let Some(v) = line.strip_prefix(b"event: ") {
+            name = Some(String::from_utf8_lossy(v).into_owned());
+        } else if let Some(v) = line.strip_prefix(b"data: ") {
+            data = Some(v);
+        }
+    }
+    let (Some(seq), Some(name)) = (seq, name) else {
+        return false; // a comment (keep-alive)
+    };
+    let mut st = shared.st.lock().expect("events lock");
+    st.last_seq = st.last_seq.max(seq);
+    *st.counts.entry(name.clone()).or_default() += 1;
+    if let Some(p) = data.and_then(|d| serde_json::from_slice::<ProcessJson>(d).ok()) {
+        st.seen.entry((p.id, name)).or_insert(Seen {
+            at,
+            pid: p.pid,
+            exit_state: p.exit_state.map(|e| e.into_owned()),
+        });
+    }
+    true
+}
+
+// ---------------------------------------------------------------------------
+// Statistics and reporting
+// ---------------------------------------------------------------------------
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Summary {
+    n: usize,
+    p50: f64,
+    p99: f64,
+    max: f64,
+    mean: f64,
+}
+
+/// Nearest-rank percentiles of millisecond samples.
+fn summarize(samples: &[f64]) -> Summary {
+    assert!(!samples.is_empty(), "no samples");
+    let mut s = samples.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let rank = |p: f64| s[((p * s.len() as f64).ceil() as usize).clamp(1, s.len()) - 1];
+    Summary {
+        n: s.len(),
+        p50: rank(0.50),
+        p99: rank(0.99),
+        max: s[s.len() - 1],
+        mean: s.iter().sum::<f64>() / s.len() as f64,
+    }
+}
+
+impl Summary {
+    fn json(&self) -> Value {
+        json!({"n": self.n, "p50_ms": r3(self.p50), "p99_ms": r3(self.p99),
+               "max_ms": r3(self.max), "mean_ms": r3(self.mean)})
+    }
+    fn cell(&self) -> String {
+        format!("{} / {} ms", fmt_ms(self.p50), fmt_ms(self.p99))
+    }
+}
+
+fn r3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+fn fmt_ms(x: f64) -> String {
+    if x.abs() >= 100.0 {
+        format!("{x:.0}")
+    } else if x.abs() >= 10.0 {
+        format!("{x:.1}")
+    } else {
+        format!("{x:.2}")
+    }
+}
+
+fn fmt_rate(x: f64) -> String {
+    if x >= 100.0 {
+        format!("{:.0}", x)
+    } else {
+        format!("{x:.1}")
+    }
+}
+
+struct Row {
+    metric: String,
+    value: String,
+    baseline: String,
+    ratio: String,
+    target: String,
+    met: Option<bool>,
+}
+
+#[derive(Default)]
+struct Report {
+    rows: Vec<Row>,
+    json: serde_json::Map<String, Value>,
+    targets: Vec<Value>,
+}
+
+impl Report {
+    fn row(&mut self, metric: &str, value: String) -> &mut Row {
+        self.rows.push(Row {
+            metric: metric.to_string(),
+            value,
+            baseline: String::new(),
+            ratio: String::new(),
+            target: String::new(),
+            met: None,
+        });
+        self.rows.last_mut().expect("row")
+    }
+
+    fn target(&mut self, name: &str, value: f64, target: &str, met: bool) {
+        self.targets
+            .push(json!({"name": name, "value": r3(value), "target": target, "met": met}));
+    }
+
+    fn table(&self) -> String {
+        let mut out = String::new();
+        out.push_str("| # | Metric | cyrneld | Baseline (same run) | Ratio | Target | Met |\n");
+        out.push_str("| --- | --- | --- | --- | --- | --- | --- |\n");
+        for (i, r) in self.rows.iter().enumerate() {
+            let met = match r.met {
+                Some(true) => "yes",
+                Some(false) => "**no**",
+                None => "",
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                i + 1,
+                r.metric,
+                r.value,
+                r.baseline,
+                r.ratio,
+                r.target,
+                met
+            );
+        }
+        out
+    }
+}
+
+impl Row {
+    fn baseline(&mut self, b: String) -> &mut Row {
+        self.baseline = b;
+        self
+    }
+    fn ratio(&mut self, r: f64) -> &mut Row {
+        self.ratio = format!("{r:.2}");
+        self
+    }
+    fn target(&mut self, t: &str, met: bool) -> &mut Row {
+        self.target = t.to_string();
+        self.met = Some(met);
+        self
+    }
+}
+
+/// A small deterministic PRNG (xorshift64*), for random ids and cursors.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n.max(1)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Section 1: spawn throughput
+// ---------------------------------------------------------------------------
+
+/// The baseline: `total` spawns of `/bin/sh -c true` from `workers` threads,
+/// each waited for. No HTTP, no database.
+fn spawn_baseline(total: usize, workers: usize) -> Duration {
+    let next = Arc::new(AtomicUsize::new(0));
+    let t0 = Instant::now();
+    let threads: Vec<_> = (0..workers)
+        .map(|_| {
+            let next = next.clone();
+            std::thread::spawn(move || {
+                while next.fetch_add(1, Ordering::Relaxed) < total {
+                    let status = Command::new("/bin/sh")
+                        .args(["-c", "true"])
+                        .stdin(Stdio::null())
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .status()
+                        .expect("spawn /bin/sh");
+                    assert!(status.success());
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("spawn thread");
+    }
+    t0.elapsed()
+}
+
+/// Creates `total` processes with `body` from `clients` concurrent
+/// connections; returns the ids in creation order.
+async fn create_many(addr: SocketAddr, clients: usize, total: usize, body: Bytes) -> Vec<u64> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for mut http in connect_many(addr, clients).await {
+        let next = next.clone();
+        let body = body.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            while next.fetch_add(1, Ordering::Relaxed) < total {
+                ids.push(http.create(body.clone()).await.expect("create"));
+            }
+            ids
+        }));
+    }
+    let mut ids = Vec::with_capacity(total);
+    for t in tasks {
+        ids.extend(t.await.expect("client task"));
+    }
+    ids.sort_unstable();
+    ids
+}
+
+async fn bench_spawn(k: &Knobs, d: &Daemon, ev: &Events, rep: &mut Report) -> u64 {
+    let (runs, clients) = (k.spawn_runs, k.spawn_clients);
+    progress!("spawn: baseline, {runs} × `/bin/sh -c true` from {clients} threads");
+    spawn_baseline(64, clients); // warm-up
+    let base = tokio::task::spawn_blocking(move || spawn_baseline(runs, clients))
+        .await
+        .expect("baseline");
+    let base_rate = runs as f64 / base.as_secs_f64();
+    progress!(
+        "spawn: baseline {base_rate:.0} spawns/s ({:.2} s)",
+        base.as_secs_f64()
+    );
+
+    let body = Bytes::from_static(br#"{"code":"true"}"#);
+    progress!("spawn: warm-up, 64 runs through the daemon");
+    let idle0 = ev.count("idle");
+    create_many(d.addr(), clients, 64, body.clone()).await;
+    ev.wait_count("idle", idle0 + 64, Duration::from_secs(60))
+        .await;
+
+    progress!(
+        "spawn: {runs} runs of `true` (autorun) from {clients} HTTP clients, until all are idle"
+    );
+    let idle0 = ev.count("idle");
+    let cpu0 = d.cpu_secs();
+    let t0 = Instant::now();
+    let ids = create_many(d.addr(), clients, runs, body).await;
+    let created = t0.elapsed();
+    let done = ev
+        .wait_count("idle", idle0 + runs as u64, Duration::from_secs(600))
+        .await;
+    let elapsed = done - t0;
+    let cpu1 = d.cpu_secs();
+    let rate = runs as f64 / elapsed.as_secs_f64();
+    let ratio = rate / base_rate;
+    let failed = {
+        let st = ev.shared.st.lock().expect("events lock");
+        ids.iter()
+            .filter(|id| {
+                st.seen
+                    .get(&(**id, "idle".to_string()))
+                    .is_none_or(|s| s.exit_state.as_deref() != Some("success"))
+            })
+            .count()
+    };
+    progress!(
+        "spawn: daemon {rate:.0} runs/s ({:.2} s; all 201s after {:.2} s; {failed} not success); ratio {ratio:.2}; daemon CPU {:.2} s, children CPU {:.2} s",
+        elapsed.as_secs_f64(),
+        created.as_secs_f64(),
+        cpu1.0 - cpu0.0,
+        cpu1.1 - cpu0.1
+    );
+    rep.row(
+        "Spawn throughput: runs of `true`, 16 clients, until idle",
+        format!("{} runs/s", fmt_rate(rate)),
+    )
+    .baseline(format!(
+        "{} spawns/s (`/bin/sh -c true`, 16 threads)",
+        fmt_rate(base_rate)
+    ))
+    .ratio(ratio)
+    .target("ratio ≥ 0.5", ratio >= 0.5);
+    rep.target("spawn throughput ratio", ratio, ">= 0.5", ratio >= 0.5);
+    rep.json.insert(
+        "spawn".into(),
+        json!({
+            "runs": runs, "clients": clients,
+            "daemon_runs_per_s": r3(rate), "daemon_elapsed_s": r3(elapsed.as_secs_f64()),
+            "all_created_after_s": r3(created.as_secs_f64()),
+            "not_success": failed,
+            "baseline_spawns_per_s": r3(base_rate), "baseline_elapsed_s": r3(base.as_secs_f64()),
+            "ratio": r3(ratio), "target_ratio": 0.5, "met": ratio >= 0.5,
+            "daemon_cpu_s": r3(cpu1.0 - cpu0.0), "children_cpu_s": r3(cpu1.1 - cpu0.1),
+        }),
+    );
+    ids[0]
+}
+
+// ---------------------------------------------------------------------------
+// Section 2: latency (and event latency)
+// ---------------------------------------------------------------------------
+
+/// Whether `pid` ignores SIGTERM (bit 15 of `SigIgn` in /proc/pid/status).
+fn ignores_term(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("SigIgn:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|mask| mask & (1 << (libc::SIGTERM - 1)) != 0)
+}
+
+/// The state letter of a process from /proc (`None`: gone).
+fn proc_state(pid: i32) -> Option<u8> {
+    let s = fs::read(format!("/proc/{pid}/stat")).ok()?;
+    let close = s.iter().rposition(|&b| b == b')')?;
+    s.get(close + 2).copied()
+}
+
+fn dead(pid: i32) -> bool {
+    matches!(proc_state(pid), None | Some(b'Z') | Some(b'X'))
+}
+
+/// When each part of a kill happened, in ms after the kill request was sent.
+struct KillParts {
+    reply: Vec<f64>,
+    leader_dead: Vec<f64>,
+    group_dead: Vec<f64>,
+    idle_event: Vec<f64>,
+}
+
+/// Diagnostic pass (not part of the headline numbers): kills runs whose
+/// group is `sh` + `sleep` while a thread watches both pids in /proc every
+/// ~50 µs, to split kill → idle into: the 200 reply (terminating is
+/// durable), the leader's death, the whole group's death, and the `idle`
+/// event. Whatever comes after the group's death is the daemon noticing and
+/// persisting it.
+async fn kill_breakdown(
+    http: &mut Http,
+    ev: &Events,
+    samples: usize,
+    body: Bytes,
+    wait_term_ignored: bool,
+) -> KillParts {
+    let mut parts = KillParts {
+        reply: Vec::new(),
+        leader_dead: Vec::new(),
+        group_dead: Vec::new(),
+        idle_event: Vec::new(),
+    };
+    for _ in 0..samples {
+        let id = http.create(body.clone()).await.expect("create");
+        let leader = ev.seen(id, "running").await.pid.expect("pid");
+        // The shell's child (`sleep`), once it is forked.
+        let t_wait = Instant::now();
+        let child = loop {
+            let kids = fs::read_to_string(format!("/proc/{leader}/task/{leader}/children"))
+                .unwrap_or_default();
+            if let Some(c) = kids
+                .split_whitespace()
+                .next()
+                .and_then(|c| c.parse::<i32>().ok())
+            {
+                if !wait_term_ignored || (ignores_term(leader) && ignores_term(c)) {
+                    break c;
+                }
+            }
+            assert!(
+                t_wait.elapsed() < Duration::from_secs(10),
+                "process {id}: no child"
+            );
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        };
+        let t1 = Instant::now();
+        let watcher = std::thread::spawn(move || {
+            let (mut leader_at, mut child_at) = (None, None);
+            while t1.elapsed() < Duration::from_secs(10) {
+                if leader_at.is_none() && dead(leader) {
+                    leader_at = Some(Instant::now());
+                }
+                if child_at.is_none() && dead(child) {
+                    child_at = Some(Instant::now());
+                }
+                if let (Some(l), Some(c)) = (leader_at, child_at) {
+                    return (l, c);
+                }
+                std::thread::sleep(Duration::from_micros(50));
+            }
+            panic!("group of {leader} still alive 10 s after the kill");
+        });
+        http.kill(id).await.expect("kill");
+        let t_reply = Instant::now();
+        let idle = ev.seen(id, "idle").await;
+        let (leader_at, child_at) = tokio::task::spawn_blocking(move || watcher.join())
+            .await
+            .expect("join")
+            .expect("watcher");
+        parts.reply.push(ms(t_reply - t1));
+        parts.leader_dead.push(ms(leader_at - t1));
+        parts.group_dead.push(ms(leader_at.max(child_at) - t1));
+        parts.idle_event.push(ms(idle.at - t1));
+    }
+    parts
+}
+
+fn parts_json(p: &KillParts) -> Value {
+    let after: Vec<f64> = p
+        .idle_event
+        .iter()
+        .zip(&p.group_dead)
+        .map(|(i, g)| i - g)
+        .collect();
+    json!({
+        "samples": p.reply.len(),
+        "kill_sent_to_200": summarize(&p.reply).json(),
+        "kill_sent_to_leader_dead": summarize(&p.leader_dead).json(),
+        "kill_sent_to_group_dead": summarize(&p.group_dead).json(),
+        "kill_sent_to_idle_event": summarize(&p.idle_event).json(),
+        "group_dead_to_idle_event": summarize(&after).json(),
+    })
+}
+
+fn parts_line(p: &KillParts) -> String {
+    let after: Vec<f64> = p
+        .idle_event
+        .iter()
+        .zip(&p.group_dead)
+        .map(|(i, g)| i - g)
+        .collect();
+    let (r, l, g, i, a) = (
+        summarize(&p.reply),
+        summarize(&p.leader_dead),
+        summarize(&p.group_dead),
+        summarize(&p.idle_event),
+        summarize(&after),
+    );
+    format!(
+        "200 reply {} / {}, leader dead {} / {}, group dead {} / {}, idle event {} / {} ms (group dead → idle event {} / {} ms)",
+        fmt_ms(r.p50),
+        fmt_ms(r.p99),
+        fmt_ms(l.p50),
+        fmt_ms(l.p99),
+        fmt_ms(g.p50),
+        fmt_ms(g.p99),
+        fmt_ms(i.p50),
+        fmt_ms(i.p99),
+        fmt_ms(a.p50),
+        fmt_ms(a.p99)
+    )
+}
+
+async fn bench_latency(k: &Knobs, d: &Daemon, ev: &Events, rep: &mut Report) {
+    let n = k.latency_samples;
+    let mut http = Http::connect(d.addr()).await.expect("connect");
+
+    progress!("latency: {n} × create `sleep 1000` → running, kill → idle (one at a time)");
+    let body = Bytes::from_static(br#"{"code":"sleep 1000","options":{"timeout":null}}"#);
+    let (mut to_running, mut to_created, mut to_idle) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..n + 10 {
+        let t0 = Instant::now();
+        let id = http.create(body.clone()).await.expect("create");
+        let t_created = Instant::now();
+        let running = ev.seen(id, "running").await;
+        let t1 = Instant::now();
+        http.kill(id).await.expect("kill");
+        let idle = ev.seen(id, "idle").await;
+        assert_eq!(idle.exit_state.as_deref(), Some("canceled"), "process {id}");
+        if i >= 10 {
+            // The first few warm up connections, caches and the allocator.
+            to_running.push(ms(running.at - t0));
+            to_created.push(ms(t_created - t0));
+            to_idle.push(ms(idle.at - t1));
+        }
+        if (i + 1) % 100 == 0 {
+            progress!("latency: {} cooperative samples", i + 1);
+        }
+    }
+    let to_running = summarize(&to_running);
+    let to_created = summarize(&to_created);
+    let to_idle = summarize(&to_idle);
+    progress!(
+        "latency: create → running p50 {:.2} ms p99 {:.2} ms; kill → idle p50 {:.2} ms p99 {:.2} ms",
+        to_running.p50,
+        to_running.p99,
+        to_idle.p50,
+        to_idle.p99
+    );
+    ev.clear_seen();
+
+    let grace = k.kill_grace_ms as f64;
+    progress!("latency: {n} × TERM-ignoring process, kill → idle minus the {grace} ms grace");
+    let body =
+        Bytes::from_static(br#"{"code":"trap '' TERM; sleep 1000","options":{"timeout":null}}"#);
+    let mut overshoot = Vec::new();
+    for i in 0..n + 5 {
+        let id = http.create(body.clone()).await.expect("create");
+        let running = ev.seen(id, "running").await;
+        let pid = running.pid.expect("running record has a pid");
+        // Kill only once the shell has installed its trap; until then a
+        // SIGTERM would end it at once.
+        let t_wait = Instant::now();
+        while !ignores_term(pid) {
+            assert!(
+                t_wait.elapsed() < Duration::from_secs(10),
+                "pid {pid} never ignored SIGTERM"
+            );
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        let t1 = Instant::now();
+        http.kill(id).await.expect("kill");
+        let idle = ev.seen(id, "idle").await;
+        assert_eq!(idle.exit_state.as_deref(), Some("canceled"), "process {id}");
+        if i >= 5 {
+            overshoot.push(ms(idle.at - t1) - grace);
+        }
+        if (i + 1) % 100 == 0 {
+            progress!("latency: {} escalation samples", i + 1);
+        }
+    }
+    let overshoot = summarize(&overshoot);
+    progress!(
+        "latency: escalation overshoot p50 {:.2} ms p99 {:.2} ms",
+        overshoot.p50,
+        overshoot.p99
+    );
+    ev.clear_seen();
+
+    progress!("events: {n} × create (autorun:false) → its event on /events");
+    let body = Bytes::from_static(br#"{"code":"true","autorun":false}"#);
+    let (mut to_event, mut to_reply, mut reply_to_event) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..n + 10 {
+        let t0 = Instant::now();
+        let id = http.create(body.clone()).await.expect("create");
+        let t1 = Instant::now();
+        let seen = ev.seen(id, "idle").await;
+        if i >= 10 {
+            to_event.push(ms(seen.at - t0));
+            to_reply.push(ms(t1 - t0));
+            reply_to_event.push(if seen.at >= t1 {
+                ms(seen.at - t1)
+            } else {
+                -ms(t1 - seen.at)
+            });
+        }
+    }
+    let to_event = summarize(&to_event);
+    let to_reply = summarize(&to_reply);
+    let reply_to_event = summarize(&reply_to_event);
+    progress!(
+        "events: create sent → event received p50 {:.2} ms p99 {:.2} ms (→ 201: p50 {:.2} p99 {:.2}; 201 → event p50 {:.2} p99 {:.2})",
+        to_event.p50,
+        to_event.p99,
+        to_reply.p50,
+        to_reply.p99,
+        reply_to_event.p50,
+        reply_to_event.p99
+    );
+    ev.clear_seen();
+
+    let diag = k.latency_samples.min(100);
+    progress!("latency: diagnostic pass, {diag} cooperative kills with /proc watched (not in the headline numbers)");
+    let coop_parts = kill_breakdown(
+        &mut http,
+        ev,
+        diag,
+        Bytes::from_static(br#"{"code":"sleep 1000","options":{"timeout":null}}"#),
+        false,
+    )
+    .await;
+    progress!(
+        "latency: cooperative kill, p50 / p99 after the request: {}",
+        parts_line(&coop_parts)
+    );
+    progress!("latency: diagnostic pass, {diag} escalated kills with /proc watched");
+    let esc_parts = kill_breakdown(
+        &mut http,
+        ev,
+        diag,
+        Bytes::from_static(br#"{"code":"trap '' TERM; sleep 1000","options":{"timeout":null}}"#),
+        true,
+    )
+    .await;
+    progress!(
+        "latency: escalated kill, p50 / p99 after the request: {}",
+        parts_line(&esc_parts)
+    );
+    ev.clear_seen();
+
+    rep.row("create → `running` (`sleep`), p50 / p99", to_running.cell())
+        .baseline(format!("its 201 reply: {}", to_created.cell()));
+    rep.row(
+        "kill → `idle` (cooperative `sleep`), p50 / p99",
+        to_idle.cell(),
+    )
+    .target("p99 ≤ 10 ms", to_idle.p99 <= 10.0);
+    rep.row(
+        &format!(
+            "kill → `idle` minus {} ms grace (TERM ignored), p50 / p99",
+            k.kill_grace_ms
+        ),
+        overshoot.cell(),
+    )
+    .target("p99 ≤ 20 ms", overshoot.p99 <= 20.0);
+    rep.row(
+        "create sent → its event on `/events`, p50 / p99",
+        to_event.cell(),
+    )
+    .baseline(format!("201 reply: {}", to_reply.cell()));
+    rep.target(
+        "kill -> idle p99 (ms)",
+        to_idle.p99,
+        "<= 10",
+        to_idle.p99 <= 10.0,
+    );
+    rep.target(
+        "escalation overshoot p99 (ms)",
+        overshoot.p99,
+        "<= 20",
+        overshoot.p99 <= 20.0,
+    );
+    rep.json.insert(
+        "latency".into(),
+        json!({
+            "create_to_running": to_running.json(),
+            "create_to_201": to_created.json(),
+            "kill_breakdown_cooperative": parts_json(&coop_parts),
+            "kill_breakdown_escalated": parts_json(&esc_parts),
+            "kill_to_idle": to_idle.json(),
+            "kill_to_idle_target_p99_ms": 10.0,
+            "kill_to_idle_met": to_idle.p99 <= 10.0,
+            "kill_grace_ms": k.kill_grace_ms,
+            "escalation_overshoot": overshoot.json(),
+            "escalation_overshoot_target_p99_ms": 20.0,
+            "escalation_overshoot_met": overshoot.p99 <= 20.0,
+        }),
+    );
+    rep.json.insert(
+        "events".into(),
+        json!({
+            "create_sent_to_event": to_event.json(),
+            "create_sent_to_201": to_reply.json(),
+            "reply_to_event": reply_to_event.json(),
+            "stream_reconnects": ev.reconnects(),
+        }),
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Section 3: API read throughput
+// ---------------------------------------------------------------------------
+
+/// `conns` keep-alive connections each sending `GET path` back to back;
+/// returns the requests completed per second in the measured window (after
+/// a one-second warm-up).
+async fn read_load(addr: SocketAddr, path: &str, conns: usize, secs: f64) -> f64 {
+    let warmup = Duration::from_secs(1);
+    let window = Duration::from_secs_f64(secs);
+    let stop = Arc::new(AtomicBool::new(false));
+    let counted = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let t0 = Instant::now();
+    let (from, to) = (t0 + warmup, t0 + warmup + window);
+    let mut tasks = Vec::new();
+    for mut http in connect_many(addr, conns).await {
+        let (stop, counted, errors) = (stop.clone(), counted.clone(), errors.clone());
+        let path = path.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut local = 0;
+            while !stop.load(Ordering::Relaxed) {
+                match http.get(&path).await {
+                    Ok((StatusCode::OK, _)) => {
+                        let now = Instant::now();
+                        if now >= from && now < to {
+                            local += 1;
+                        }
+                    }
+                    _ => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            counted.fetch_add(local, Ordering::Relaxed);
+        }));
+    }
+    tokio::time::sleep_until((to).into()).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.expect("load task");
+    }
+    let errors = errors.load(Ordering::Relaxed);
+    assert_eq!(errors, 0, "GET {path}: {errors} failed requests");
+    counted.load(Ordering::Relaxed) as f64 / secs
+}
+
+/// The baseline for read throughput: the harness re-executed as a minimal
+/// hyper server that answers every request with one constant JSON body.
+fn baseline_server_main(port: u16, body_file: &Path) {
+    let body = Bytes::from(fs::read(body_file).expect("read body file"));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .expect("bind baseline server");
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let body = body.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req| {
+                    let body = body.clone();
+                    async move {
+                        let mut r = Response::new(Full::new(body));
+                        r.headers_mut().insert(
+                            CONTENT_TYPE,
+                            hyper::header::HeaderValue::from_static("application/json"),
+                        );
+                        Ok::<_, std::convert::Infallible>(r)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+}
+
+async fn bench_read(k: &Knobs, d: &Daemon, root: &Path, id: u64, rep: &mut Report) {
+    let path = format!("/processes/{id}");
+    let mut http = Http::connect(d.addr()).await.expect("connect");
+    let body = http
+        .expect_ok(Method::GET, &path, None)
+        .await
+        .expect("GET record");
+    let body_file = root.join("baseline-body.json");
+    fs::write(&body_file, &body).expect("write body file");
+
+    progress!(
+        "read: GET {path} ({} bytes) from {} connections for {} s",
+        body.len(),
+        k.read_conns,
+        k.read_secs
+    );
+    let cpu0 = d.cpu_secs();
+    let rate = read_load(d.addr(), &path, k.read_conns, k.read_secs).await;
+    let cpu1 = d.cpu_secs();
+    progress!(
+        "read: daemon {rate:.0} req/s (daemon CPU {:.2} s)",
+        cpu1.0 - cpu0.0
+    );
+
+    let port = free_port();
+    let mut server = Command::new(std::env::current_exe().expect("current exe"))
+        .arg("--baseline-server")
+        .arg(port.to_string())
+        .arg(&body_file)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start the baseline server");
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let t0 = Instant::now();
+    while Http::connect(addr).await.is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "baseline server not up"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut probe = Http::connect(addr).await.expect("connect baseline");
+    let same = probe.get(&path).await.expect("baseline GET").1;
+    assert_eq!(same, body, "the baseline answers the same body");
+    progress!(
+        "read: baseline server (pid {}) for {} s",
+        server.id(),
+        k.read_secs
+    );
+    let base = read_load(addr, &path, k.read_conns, k.read_secs).await;
+    let _ = server.kill();
+    let _ = server.wait();
+    let ratio = rate / base;
+    progress!("read: baseline {base:.0} req/s; ratio {ratio:.2}");
+    rep.row(
+        &format!(
+            "`GET /processes/{{id}}`, {} keep-alive connections",
+            k.read_conns
+        ),
+        format!("{} req/s", fmt_rate(rate)),
+    )
+    .baseline(format!(
+        "{} req/s (minimal hyper server, same {}-byte body)",
+        fmt_rate(base),
+        body.len()
+    ))
+    .ratio(ratio)
+    .target("ratio ≥ 0.7", ratio >= 0.7);
+    rep.target("read throughput ratio", ratio, ">= 0.7", ratio >= 0.7);
+    rep.json.insert(
+        "read".into(),
+        json!({
+            "connections": k.read_conns, "seconds": k.read_secs, "body_bytes": body.len(),
+            "daemon_req_per_s": r3(rate), "baseline_req_per_s": r3(base),
+            "ratio": r3(ratio), "target_ratio": 0.7, "met": ratio >= 0.7,
+            "daemon_cpu_s": r3(cpu1.0 - cpu0.0),
+        }),
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Section 6: durable transitions
+// ---------------------------------------------------------------------------
+
+/// Serial synced appends for `secs`: a 256-byte record (about a create's WAL
+/// record) then `fdatasync`, back to back. With `prealloc` the file first
+/// gets 64 MiB with `fallocate(FALLOC_FL_KEEP_SIZE)`, as RocksDB does to its
+/// WAL; without, every append grows the file. Returns (syncs/s, p50 ms).
+fn raw_fsync_rate(dir: &Path, secs: f64, prealloc: bool) -> (f64, f64) {
+    use std::os::fd::AsRawFd;
+    let path = dir.join("bench-fsync-probe");
+    let mut f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(&path)
+        .expect("open fsync probe");
+    if prealloc {
+        // SAFETY: fallocate(2) on a descriptor we own.
+        let rc = unsafe { libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, 0, 64 << 20) };
+        assert_eq!(rc, 0, "fallocate: {}", std::io::Error::last_os_error());
+    }
+    let rec = [0x5au8; 256];
+    let t0 = Instant::now();
+    let mut lat = Vec::new();
+    while t0.elapsed().as_secs_f64() < secs {
+        let t = Instant::now();
+        f.write_all(&rec).expect("write");
+        f.sync_data().expect("fdatasync");
+        lat.push(ms(t.elapsed()));
+    }
+    let rate = lat.len() as f64 / t0.elapsed().as_secs_f64();
+    let _ = fs::remove_file(&path);
+    (rate, summarize(&lat).p50)
+}
+
+/// The preallocated (WAL-like) probe, then the growing-file one.
+async fn fsync_probes(dir: &Path, secs: f64) -> [(f64, f64); 2] {
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        [
+            raw_fsync_rate(&dir, secs, true),
+            raw_fsync_rate(&dir, secs, false),
+        ]
+    })
+    .await
+    .expect("fsync probe")
+}
+
+async fn bench_durable(k: &Knobs, d: &Daemon, rep: &mut Report) {
+    // The probe file sits next to the daemon's RocksDB: same file system.
+    let dir = d.data_dir.clone();
+    progress!(
+        "durable: raw synced appends in {} (1 s each pattern, before and after the load)",
+        dir.display()
+    );
+    let before = fsync_probes(&dir, 1.0).await;
+
+    progress!(
+        "durable: creates (autorun:false, one synced transition each) from {} clients for {} s",
+        k.durable_clients,
+        k.durable_secs
+    );
+    let warmup = Duration::from_millis(500);
+    let window = Duration::from_secs_f64(k.durable_secs);
+    let stop = Arc::new(AtomicBool::new(false));
+    let counted = Arc::new(AtomicU64::new(0));
+    let t0 = Instant::now();
+    let (from, to) = (t0 + warmup, t0 + warmup + window);
+    let body = Bytes::from_static(br#"{"code":"true","autorun":false}"#);
+    let mut tasks = Vec::new();
+    let cpu0 = d.cpu_secs();
+    for mut http in connect_many(d.addr(), k.durable_clients).await {
+        let (stop, counted, body) = (stop.clone(), counted.clone(), body.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut local = 0;
+            while !stop.load(Ordering::Relaxed) {
+                http.create(body.clone()).await.expect("create");
+                let now = Instant::now();
+                if now >= from && now < to {
+                    local += 1;
+                }
+            }
+            counted.fetch_add(local, Ordering::Relaxed);
+        }));
+    }
+    tokio::time::sleep_until(to.into()).await;
+    let cpu1 = d.cpu_secs();
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.expect("client");
+    }
+    let rate = counted.load(Ordering::Relaxed) as f64 / k.durable_secs;
+    let after = fsync_probes(&dir, 1.0).await;
+    let mean = |i: usize| {
+        (
+            (before[i].0 + after[i].0) / 2.0,
+            (before[i].1 + after[i].1) / 2.0,
+        )
+    };
+    let ((wal_rate, wal_p50), (grow_rate, grow_p50)) = (mean(0), mean(1));
+    let per_sync = rate / wal_rate;
+    progress!(
+        "durable: raw fdatasync/s, preallocated like the WAL: {:.0} before, {:.0} after; growing file: {:.0} before, {:.0} after",
+        before[0].0,
+        after[0].0,
+        before[1].0,
+        after[1].0
+    );
+    progress!(
+        "durable: {rate:.0} durable transitions/s = {per_sync:.1}× the raw WAL-like fdatasync rate (daemon CPU {:.2} s over {:.1} s)",
+        cpu1.0 - cpu0.0,
+        (warmup + window).as_secs_f64()
+    );
+    rep.row(
+        &format!(
+            "Durable transitions/s (creates from {} clients, synced WAL)",
+            k.durable_clients
+        ),
+        format!("{} /s", fmt_rate(rate)),
+    )
+    .baseline(format!(
+        "{} fdatasync/s serial, preallocated file like RocksDB's WAL (p50 {:.2} ms); {} /s growing a file",
+        fmt_rate(wal_rate),
+        wal_p50,
+        fmt_rate(grow_rate)
+    ))
+    .ratio(per_sync);
+    rep.json.insert(
+        "durable".into(),
+        json!({
+            "clients": k.durable_clients, "seconds": k.durable_secs,
+            "transitions_per_s": r3(rate),
+            "transition_kind": "create with autorun:false (one synced batch per transition)",
+            "raw_fdatasync_per_s": r3(wal_rate), "raw_fdatasync_p50_ms": r3(wal_p50),
+            "raw_fdatasync_pattern": "serial 256-byte appends + fdatasync into a file preallocated with fallocate(KEEP_SIZE), as RocksDB does to its WAL",
+            "raw_fdatasync_growing_file_per_s": r3(grow_rate),
+            "raw_fdatasync_growing_file_p50_ms": r3(grow_p50),
+            "raw_probes_before_after": [[before[0].0, before[1].0], [after[0].0, after[1].0]],
+            "transitions_per_fsync": r3(per_sync),
+            "daemon_cpu_s": r3(cpu1.0 - cpu0.0),
+        }),
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Section 5: memory
+// ---------------------------------------------------------------------------
+
+async fn bench_memory(k: &Knobs, bin: &Path, root: &Path, rep: &mut Report) {
+    let n = k.memory_procs;
+    let max_running = (n + 100).to_string();
+    let mut d = Daemon::start(
+        bin,
+        root,
+        "memory",
+        &[
+            ("CYRNEL_MAX_RUNNING", max_running.as_str()),
+            ("CYRNEL_DEFAULT_TIMEOUT_MS", "0"),
+            ("CYRNEL_EVENT_BUFFER", "8192"),
+        ],
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle_kb = d.rss_kb();
+    progress!("memory: idle RSS {idle_kb} kB");
+    let ev = Events::open(d.addr()).await;
+    let after_stream_kb = d.rss_kb();
+
+    progress!("memory: starting {n} × `sleep 1000` from 16 clients");
+    let body = Bytes::from_static(br#"{"code":"sleep 1000","options":{"timeout":null}}"#);
+    let t0 = Instant::now();
+    let ids = create_many(d.addr(), 16, n, body).await;
+    ev.wait_count("running", n as u64, Duration::from_secs(300))
+        .await;
+    let started = t0.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let busy_kb = d.rss_kb();
+    let threads = proc_status_field(d.pid(), "Threads").unwrap_or(0);
+    let fds = fs::read_dir(format!("/proc/{}/fd", d.pid()))
+        .map(|r| r.count())
+        .unwrap_or(0);
+    let per_proc = (busy_kb as f64 - idle_kb as f64) / n as f64;
+    progress!(
+        "memory: {n} running after {:.2} s: RSS {busy_kb} kB ({per_proc:.1} kB per process; {threads} threads, {fds} fds)",
+        started.as_secs_f64()
+    );
+
+    progress!("memory: killing the {n} processes");
+    let idle0 = ev.count("idle");
+    let next = Arc::new(AtomicUsize::new(0));
+    let ids = Arc::new(ids);
+    let mut tasks = Vec::new();
+    for mut http in connect_many(d.addr(), 16).await {
+        let (next, ids) = (next.clone(), ids.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(id) = ids.get(i) else { break };
+                http.kill(*id).await.expect("kill");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("kill task");
+    }
+    ev.wait_count("idle", idle0 + n as u64, Duration::from_secs(300))
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after_kb = d.rss_kb();
+    progress!("memory: all idle again: RSS {after_kb} kB");
+    drop(ev);
+    d.stop().await;
+
+    let idle_mb = idle_kb as f64 / 1024.0;
+    rep.row("Daemon RSS, idle (fresh start)", format!("{idle_mb:.1} MB"))
+        .target("≤ 20 MB", idle_mb <= 20.0);
+    rep.row(
+        &format!("Daemon RSS per running `sleep` ({n} at once)"),
+        format!("{per_proc:.1} KB"),
+    )
+    .baseline(format!(
+        "RSS {:.1} MB with {n} running",
+        busy_kb as f64 / 1024.0
+    ))
+    .target("≤ 30 KB", per_proc <= 30.0);
+    rep.target("idle RSS (MB)", idle_mb, "<= 20", idle_mb <= 20.0);
+    rep.target(
+        "RSS per running process (KB)",
+        per_proc,
+        "<= 30",
+        per_proc <= 30.0,
+    );
+    rep.json.insert(
+        "memory".into(),
+        json!({
+            "idle_rss_kb": idle_kb, "rss_with_event_stream_kb": after_stream_kb,
+            "processes": n, "rss_running_kb": busy_kb,
+            "kb_per_process": r3(per_proc), "rss_after_kill_kb": after_kb,
+            "threads_running": threads, "fds_running": fds,
+            "start_all_s": r3(started.as_secs_f64()),
+            "idle_target_mb": 20, "idle_met": idle_mb <= 20.0,
+            "per_process_target_kb": 30, "per_process_met": per_proc <= 30.0,
+        }),
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Section 4: scale
+// ---------------------------------------------------------------------------
+
+fn scale_body(i: u64) -> Bytes {
+    Bytes::from(format!(
+        r#"{{"code":"true","autorun":false,"ref":"r{}"}}"#,
+        i % 100
+    ))
+}
+
+/// Creates (autorun:false) one at a time, alternating between two daemons so
+/// that both see the same disk and CPU conditions; the latency of each 201.
+async fn create_latency_pair(a: &mut Http, b: &mut Http, n: usize) -> (Summary, Summary) {
+    let (mut la, mut lb) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for i in 0..n as u64 {
+        for (http, lat) in [(&mut *a, &mut la), (&mut *b, &mut lb)] {
+            let body = scale_body(i);
+            let t0 = Instant::now();
+            http.create(body).await.expect("create");
+            lat.push(ms(t0.elapsed()));
+        }
+    }
+    (summarize(&la), summarize(&lb))
+}
+
+/// Latencies of `GET path` for each path `paths` yields, one at a time.
+async fn get_latency(http: &mut Http, n: usize, mut path: impl FnMut() -> String) -> Summary {
+    let mut lat = Vec::with_capacity(n);
+    for _ in 0..n {
+        let p = path();
+        let t0 = Instant::now();
+        let (status, _) = http.get(&p).await.expect("GET");
+        lat.push(ms(t0.elapsed()));
+        assert_eq!(status, StatusCode::OK, "GET {p}");
+    }
+    summarize(&lat)
+}
+
+struct ReadLatencies {
+    get: Summary,
+    filtered: Summary,
+    page: Summary,
+}
+
+async fn read_latencies(http: &mut Http, max_id: u64, rng: &mut Rng) -> ReadLatencies {
+    let get = {
+        let mut r = Rng(rng.below(u64::MAX) | 1);
+        get_latency(http, 2000, move || {
+            format!("/processes/{}", 1 + r.below(max_id))
+        })
+        .await
+    };
+    let filtered = {
+        let mut r = Rng(rng.below(u64::MAX) | 1);
+        get_latency(http, 200, move || {
+            format!(
+                "/processes?state=idle&ref=r{}&limit=100&cursor={}",
+                r.below(100),
+                1 + r.below(max_id)
+            )
+        })
+        .await
+    };
+    let page = {
+        let mut r = Rng(rng.below(u64::MAX) | 1);
+        get_latency(http, 200, move || {
+            format!("/processes?limit=100&cursor={}", 1 + r.below(max_id))
+        })
+        .await
+    };
+    ReadLatencies {
+        get,
+        filtered,
+        page,
+    }
+}
+
+async fn bench_scale(k: &Knobs, bin: &Path, root: &Path, rep: &mut Report) {
+    let n = k.scale_records;
+    let mut d = Daemon::start(bin, root, "scale", &[]).await;
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+
+    progress!(
+        "scale: filling an empty store with {n} records (autorun:false, ref r0..r99) from {} clients",
+        k.scale_clients
+    );
+    let next = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+    let t0 = Instant::now();
+    let cpu0 = d.cpu_secs();
+    let mut tasks = Vec::new();
+    for mut http in connect_many(d.addr(), k.scale_clients).await {
+        let (next, done) = (next.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    break;
+                }
+                http.create(scale_body(i)).await.expect("create");
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    let reporter = {
+        let done = done.clone();
+        tokio::spawn(async move {
+            let mut last = (Instant::now(), 0u64);
+            loop {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                let now = (Instant::now(), done.load(Ordering::Relaxed));
+                let rate = (now.1 - last.1) as f64 / (now.0 - last.0).as_secs_f64();
+                let eta = (n - now.1) as f64 / rate.max(1.0);
+                progress!(
+                    "scale: {} / {n} created ({rate:.0}/s over the last 10 s, ETA {eta:.0} s)",
+                    now.1
+                );
+                last = now;
+            }
+        })
+    };
+    for t in tasks {
+        t.await.expect("fill task");
+    }
+    reporter.abort();
+    let fill_time = t0.elapsed();
+    let cpu1 = d.cpu_secs();
+    let fill_rate = n as f64 / fill_time.as_secs_f64();
+    let rss_filled_kb = d.rss_kb();
+    progress!(
+        "scale: filled {n} in {:.1} s ({fill_rate:.0} creates/s; daemon CPU {:.1} s; RSS {rss_filled_kb} kB)",
+        fill_time.as_secs_f64(),
+        cpu1.0 - cpu0.0
+    );
+    let (blocks_live, bytes_live, files_live) = dir_usage(&d.data_dir);
+
+    progress!("scale: restart (SIGTERM, wait for exit, start, poll /health every 1 ms)");
+    let stop = d.stop().await;
+    d.spawn();
+    let ready = d.wait_ready(Duration::from_secs(600)).await;
+    progress!(
+        "scale: stopped in {:.1} ms; restarted and ready in {:.1} ms",
+        ms(stop),
+        ms(ready)
+    );
+    let (blocks, bytes, files) = dir_usage(&d.data_dir);
+    let per_record = blocks as f64 / n as f64;
+    progress!(
+        "scale: data dir {:.1} MB on disk ({:.1} MB apparent, {files} files) = {per_record:.0} bytes per record; before the restart {:.1} MB on disk ({:.1} MB apparent, {files_live} files)",
+        blocks as f64 / 1e6,
+        bytes as f64 / 1e6,
+        blocks_live as f64 / 1e6,
+        bytes_live as f64 / 1e6
+    );
+
+    // The comparison store: a fresh daemon, measured alternately with the
+    // full one so that disk and CPU noise hits both alike.
+    let mut e = Daemon::start(bin, root, "scale-empty", &[]).await;
+    let mut full = Http::connect(d.addr()).await.expect("connect");
+    let mut empty = Http::connect(e.addr()).await.expect("connect");
+    progress!("scale: 500 creates one at a time, alternating between the full and an empty store");
+    create_latency_pair(&mut full, &mut empty, 50).await; // warm-up
+    let (create_full, create_empty) = create_latency_pair(&mut full, &mut empty, 500).await;
+    let create_ratio_p50 = create_full.p50 / create_empty.p50;
+    let create_ratio_p99 = create_full.p99 / create_empty.p99;
+    progress!(
+        "scale: create p50 {:.2} p99 {:.2} ms at {n}; p50 {:.2} p99 {:.2} ms empty (×{create_ratio_p50:.2} / ×{create_ratio_p99:.2})",
+        create_full.p50,
+        create_full.p99,
+        create_empty.p50,
+        create_empty.p99
+    );
+    progress!("scale: reads (GET by random id, filtered and unfiltered pages at random cursors)");
+    let reads_full = read_latencies(&mut full, n, &mut rng).await;
+    let reads_empty = read_latencies(&mut empty, 550, &mut rng).await;
+    progress!(
+        "scale: at {n}: GET p50 {:.2} p99 {:.2} ms; filtered page p50 {:.2} p99 {:.2} ms; page p50 {:.2} p99 {:.2} ms",
+        reads_full.get.p50,
+        reads_full.get.p99,
+        reads_full.filtered.p50,
+        reads_full.filtered.p99,
+        reads_full.page.p50,
+        reads_full.page.p99
+    );
+    progress!(
+        "scale: empty: GET p50 {:.2} p99 {:.2} ms; filtered page p50 {:.2} p99 {:.2} ms; page p50 {:.2} p99 {:.2} ms",
+        reads_empty.get.p50,
+        reads_empty.get.p99,
+        reads_empty.filtered.p50,
+        reads_empty.filtered.p99,
+        reads_empty.page.p50,
+        reads_empty.page.p99
+    );
+    let rss_kb = d.rss_kb();
+    drop((full, empty));
+    d.stop().await;
+    e.stop().await;
+
+    let label = if n >= 1_000_000 && n.is_multiple_of(1_000_000) {
+        format!("{}M", n / 1_000_000)
+    } else {
+        n.to_string()
+    };
+    rep.row(
+        &format!(
+            "Scale: fill {label} records via the API ({} clients)",
+            k.scale_clients
+        ),
+        format!(
+            "{} creates/s ({:.0} s)",
+            fmt_rate(fill_rate),
+            fill_time.as_secs_f64()
+        ),
+    );
+    rep.row(
+        &format!("Scale: restart → `/health` ready at {label}"),
+        format!("{:.0} ms", ms(ready)),
+    )
+    .baseline(format!("graceful stop took {:.0} ms", ms(stop)));
+    rep.row(
+        &format!("Scale: `GET /processes/{{id}}` at {label}, p50 / p99"),
+        reads_full.get.cell(),
+    )
+    .baseline(format!("empty store: {}", reads_empty.get.cell()));
+    rep.row(
+        &format!(
+            "Scale: filtered page `state=idle&ref=rK&limit=100` (1 in 100 match) at {label}, p50 / p99"
+        ),
+        reads_full.filtered.cell(),
+    )
+    .baseline(format!("empty store: {}", reads_empty.filtered.cell()));
+    rep.row(
+        &format!("Scale: unfiltered page `limit=100` at {label}, p50 / p99"),
+        reads_full.page.cell(),
+    )
+    .baseline(format!("empty store: {}", reads_empty.page.cell()));
+    rep.row(
+        &format!("Scale: create latency at {label}, p50 / p99"),
+        create_full.cell(),
+    )
+    .baseline(format!("empty store: {}", create_empty.cell()))
+    .ratio(create_ratio_p50)
+    .target("p50 ratio near 1 (≤ 1.5)", create_ratio_p50 <= 1.5);
+    rep.row(
+        "Scale: data dir size per record",
+        format!("{per_record:.0} bytes"),
+    )
+    .baseline(format!(
+        "{:.1} MB on disk for {label} after restart",
+        blocks as f64 / 1e6
+    ));
+    rep.target(
+        "create latency ratio at scale (p50)",
+        create_ratio_p50,
+        "<= 1.5",
+        create_ratio_p50 <= 1.5,
+    );
+    rep.json.insert(
+        "scale".into(),
+        json!({
+            "records": n, "fill_clients": k.scale_clients,
+            "fill_s": r3(fill_time.as_secs_f64()), "fill_creates_per_s": r3(fill_rate),
+            "fill_daemon_cpu_s": r3(cpu1.0 - cpu0.0), "rss_after_fill_kb": rss_filled_kb,
+            "stop_ms": r3(ms(stop)), "restart_to_ready_ms": r3(ms(ready)),
+            "get_by_id": reads_full.get.json(), "get_by_id_empty": reads_empty.get.json(),
+            "filtered_page": reads_full.filtered.json(), "filtered_page_empty": reads_empty.filtered.json(),
+            "filtered_page_query": "state=idle&ref=rK&limit=100&cursor=<random id> (each ref matches 1 in 100 records)",
+            "page": reads_full.page.json(), "page_empty": reads_empty.page.json(),
+            "page_query": "limit=100&cursor=<random id>",
+            "create": create_full.json(), "create_empty": create_empty.json(),
+            "create_ratio_p50": r3(create_ratio_p50), "create_ratio_p99": r3(create_ratio_p99),
+            "create_method": "500 one at a time, alternating with a fresh daemon (the empty store)",
+            "data_dir_bytes_on_disk": blocks, "data_dir_bytes_apparent": bytes, "data_dir_files": files,
+            "data_dir_bytes_on_disk_before_restart": blocks_live,
+            "data_dir_bytes_apparent_before_restart": bytes_live,
+            "bytes_per_record": r3(per_record),
+            "rss_after_restart_and_reads_kb": rss_kb,
+        }),
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Main
+// ---------------------------------------------------------------------------
+
+/// `/proc/loadavg`'s 1, 5 and 15 minute averages: how busy the machine was
+/// (other work on the two cores shows up in every number here).
+fn loadavg() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Notes the load average as a section starts.
+fn load(rep: &mut Report, section: &str) {
+    let l = loadavg();
+    progress!("{section}: load average {l}");
+    rep.json
+        .entry("loadavg_at_start")
+        .or_insert_with(|| json!({}))
+        .as_object_mut()
+        .expect("object")
+        .insert(section.to_string(), json!(l));
+}
+
+fn raise_nofile() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+fn machine() -> Value {
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let cpu = fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_default();
+    let mem_kb = fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("MemTotal:")
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    json!({"cores": cores, "kernel": kernel, "cpu": cpu, "mem_mb": mem_kb / 1024})
+}
+
+fn git(args: &[&str]) -> String {
+    Command::new("git")
+        .args(args)
+        .current_dir(MANIFEST_DIR)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--baseline-server") {
+        let port = args[i + 1].parse().expect("port");
+        baseline_server_main(port, Path::new(&args[i + 2]));
+        return;
+    }
+    START.get_or_init(Instant::now);
+    raise_nofile();
+    let knobs = Knobs::from_env();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(run(knobs));
+}
+
+async fn run(k: Knobs) {
+    let bin = daemon_binary();
+    let machine = machine();
+    let date = iso8601(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("clock")
+            .as_millis() as u64,
+    );
+    let commit = git(&["rev-parse", "--short", "HEAD"]);
+    let dirty = !git(&[
+        "status",
+        "--porcelain",
+        "--",
+        "src",
+        "Cargo.toml",
+        "Cargo.lock",
+    ])
+    .is_empty();
+    progress!(
+        "cyrneld benchmarks: {} ({}{}), machine {machine}, knobs {k:?}",
+        bin.display(),
+        commit,
+        if dirty { ", src modified" } else { "" }
+    );
+    // Kept when the harness fails (for the daemon logs), removed at the end
+    // of a complete run unless BENCH_KEEP is set.
+    let root = tempfile::Builder::new()
+        .prefix("cyrnel-bench-")
+        .tempdir()
+        .expect("temp dir")
+        .keep();
+    progress!("data dirs and daemon logs under {}", root.display());
+    let mut rep = Report::default();
+    let t_all = Instant::now();
+
+    if ["spawn", "latency", "read", "durable"]
+        .iter()
+        .any(|s| k.wants(s))
+    {
+        let grace = k.kill_grace_ms.to_string();
+        let d = Daemon::start(
+            &bin,
+            &root,
+            "main",
+            &[
+                ("CYRNEL_KILL_GRACE_MS", grace.as_str()),
+                ("CYRNEL_EVENT_BUFFER", "8192"),
+            ],
+        )
+        .await;
+        let ev = Events::open(d.addr()).await;
+        let mut some_id = None;
+        if k.wants("spawn") {
+            load(&mut rep, "spawn");
+            some_id = Some(bench_spawn(&k, &d, &ev, &mut rep).await);
+            ev.clear_seen();
+        }
+        if k.wants("latency") {
+            load(&mut rep, "latency");
+            bench_latency(&k, &d, &ev, &mut rep).await;
+        }
+        drop(ev);
+        if k.wants("read") {
+            load(&mut rep, "read");
+            let id = match some_id {
+                Some(id) => id,
+                None => {
+                    let mut http = Http::connect(d.addr()).await.expect("connect");
+                    http.create(Bytes::from_static(br#"{"code":"true"}"#))
+                        .await
+                        .expect("create")
+                }
+            };
+            bench_read(&k, &d, &root, id, &mut rep).await;
+        }
+        if k.wants("durable") {
+            load(&mut rep, "durable");
+            bench_durable(&k, &d, &mut rep).await;
+        }
+        let mut d = d;
+        d.stop().await;
+    }
+    if k.wants("memory") {
+        load(&mut rep, "memory");
+        bench_memory(&k, &bin, &root, &mut rep).await;
+    }
+    if k.wants("scale") {
+        load(&mut rep, "scale");
+        bench_scale(&k, &bin, &root, &mut rep).await;
+    }
+
+    let total = t_all.elapsed();
+    let table = rep.table();
+    let met = rep.targets.iter().filter(|t| t["met"] == true).count();
+    let mut out = rep.json;
+    out.insert("date".into(), json!(date));
+    out.insert("machine".into(), machine.clone());
+    out.insert("commit".into(), json!(commit));
+    out.insert("src_modified".into(), json!(dirty));
+    out.insert("daemon_binary".into(), json!(bin.display().to_string()));
+    out.insert(
+        "daemon_binary_from_env".into(),
+        json!(std::env::var_os("CYRNELD_BIN").is_some()),
+    );
+    out.insert("loadavg_end".into(), json!(loadavg()));
+    out.insert("duration_s".into(), json!(r3(total.as_secs_f64())));
+    out.insert("targets".into(), Value::Array(rep.targets.clone()));
+    out.insert("table_markdown".into(), json!(table));
+    let path = results_path();
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).expect("create results dir");
+    }
+    fs::write(
+        &path,
+        serde_json::to_vec_pretty(&Value::Object(out)).expect("json"),
+    )
+    .expect("write results");
+
+    if std::env::var_os("BENCH_KEEP").is_none() {
+        let _ = fs::remove_dir_all(&root);
+    }
+    println!();
+    println!(
+        "cyrneld benchmarks, {date}, {} cores, Linux {}, commit {commit}{}",
+        machine["cores"],
+        machine["kernel"].as_str().unwrap_or(""),
+        if dirty { " (src modified)" } else { "" }
+    );
+    println!();
+    print!("{table}");
+    println!();
+    println!(
+        "Targets met: {met} of {}. Total {:.0} s. Results: {}",
+        rep.targets.len(),
+        total.as_secs_f64(),
+        path.display()
+    );
+}
