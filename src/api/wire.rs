@@ -39,6 +39,10 @@ pub struct ProcessJson<'a> {
     /// How many of them were outside the run's process group (extension).
     #[serde(default)]
     pub escaped: Option<u32>,
+    /// While terminating: when SIGKILL is due (extension). Persisted with
+    /// the kill, and kept across daemon restarts.
+    #[serde(default)]
+    pub kill_deadline: Option<String>,
 }
 
 impl ProcessJson<'_> {
@@ -58,6 +62,7 @@ impl ProcessJson<'_> {
             signal: self.signal,
             killed: self.killed,
             escaped: self.escaped,
+            kill_deadline: self.kill_deadline,
         }
     }
 }
@@ -100,6 +105,7 @@ impl<'a> From<&'a Record> for ProcessJson<'a> {
             signal: r.signal.map(signal_name),
             killed: r.killed,
             escaped: r.escaped,
+            kill_deadline: r.kill_deadline.map(iso8601),
         }
     }
 }

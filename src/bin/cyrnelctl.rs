@@ -866,6 +866,7 @@ mod tests {
             signal: None,
             killed: None,
             escaped: None,
+            kill_deadline: None,
         }
     }
 

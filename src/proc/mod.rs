@@ -495,6 +495,40 @@ pub fn signal_orphan_group(id: &ProcIdentity, sig: Signal) -> bool {
     same && pidfd_send_signal(&fd, sig as i32, PIDFD_SIGNAL_PROCESS_GROUP).is_ok()
 }
 
+/// After a restart: live processes started by a daemon on this data dir
+/// (their `CYRNEL_OUTPUT` lies under `run_dir`), with the run id they carry.
+/// This finds a run spawned just before a crash whose `running` transition
+/// never became durable: its record still says queued.
+pub fn processes_of_run_dir(run_dir: &Path) -> Vec<(i32, u64)> {
+    let prefix = format!("CYRNEL_OUTPUT={}/", run_dir.display());
+    all_pids()
+        .into_iter()
+        .filter(|&pid| stat(pid).is_some_and(|s| live(&s)))
+        .filter_map(|pid| {
+            let env = fs::read(format!("/proc/{pid}/environ")).ok()?;
+            let id = env.split(|b| *b == 0).find_map(|kv| {
+                let rest = kv.strip_prefix(prefix.as_bytes())?;
+                std::str::from_utf8(rest)
+                    .ok()?
+                    .strip_suffix("/output")?
+                    .parse::<u64>()
+                    .ok()
+            })?;
+            Some((pid, id))
+        })
+        .collect()
+}
+
+/// SIGKILLs `pid` if, pinned by a pidfd, it still carries `CYRNEL_OUTPUT`
+/// of run `id` under `run_dir`.
+pub fn kill_untracked(pid: i32, run_dir: &Path, id: u64) -> bool {
+    let want = format!("CYRNEL_OUTPUT={}/{id}/output", run_dir.display());
+    signal_pinned(pid, Signal::SIGKILL, |p| {
+        fs::read(format!("/proc/{p}/environ"))
+            .is_ok_and(|env| env.split(|b| *b == 0).any(|kv| kv == want.as_bytes()))
+    })
+}
+
 /// After a restart: whether anything of a run from before is still alive.
 /// With a cgroup, its membership decides; otherwise the recorded identity.
 pub fn orphan_alive(identity: Option<&ProcIdentity>, cg: Option<&RunCgroup>) -> bool {

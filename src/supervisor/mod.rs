@@ -41,6 +41,10 @@ use run::{Finished, RunContext};
 /// the actor is this far behind.
 const COMMAND_QUEUE: usize = 1024;
 
+/// After the SIGKILL deadline, how often SIGKILL is repeated until the run
+/// settles.
+const ESCALATION_REPEAT: Duration = Duration::from_millis(50);
+
 /// Everything the supervisor needs from the configuration.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -1064,9 +1068,21 @@ impl Actor {
         match kind {
             TimerKind::Escalate => {
                 if terminating {
-                    tracing::info!(%id, "grace period over: SIGKILL to the group");
+                    tracing::info!(%id, "grace period over: SIGKILL to the run");
                     if let Err(e) = run.signal(Signal::SIGKILL) {
-                        tracing::warn!(%id, error = %e, "SIGKILL to the process group failed");
+                        tracing::warn!(%id, error = %e, "SIGKILL to the run failed");
+                    }
+                    // Until the run settles, SIGKILL again now and then:
+                    // a descendant reparented to us after this pass (its
+                    // parent was just killed) must not survive.
+                    let again = self.timer(id, gen, TimerKind::Escalate, ESCALATION_REPEAT);
+                    if let Some(old) = self
+                        .entries
+                        .get_mut(&id)
+                        .and_then(|e| e.run.as_mut())
+                        .and_then(|r| r.escalation.replace(again))
+                    {
+                        old.abort();
                     }
                 }
             }
@@ -1132,7 +1148,32 @@ impl Actor {
             }
         }
         self.remove_stale_cgroups();
+        self.kill_untracked();
         Ok(())
+    }
+
+    /// Kills processes of this data dir that no record accounts for: a run
+    /// spawned just before a crash whose `running` transition never became
+    /// durable (its record says queued, and it will run again). Runs being
+    /// put down as orphans are left to their own termination.
+    fn kill_untracked(&self) {
+        let run_dir = &self.settings.run_dir;
+        for (pid, id) in proc::processes_of_run_dir(run_dir) {
+            if self
+                .entries
+                .get(&ProcessId(id))
+                .is_some_and(|e| e.run.is_some())
+            {
+                continue;
+            }
+            if proc::kill_untracked(pid, run_dir, id) {
+                tracing::warn!(
+                    id,
+                    pid,
+                    "killed a process left from a run that never became durable"
+                );
+            }
+        }
     }
 
     /// Removes run cgroups left by a crash whose records are settled (a

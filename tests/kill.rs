@@ -1,0 +1,386 @@
+//! Kill that always works, checked in /proc: a zoo of misbehaving code
+//! (TERM-ignorers, double-fork daemonizers, fork loops, grandchildren that
+//! outlive their leader holding stdout, processes that leave their process
+//! group) put down through kill, timeout and daemon shutdown, with cgroup v2
+//! tracking and with the process-group fallback (`cgroups = "off"`); and a
+//! crash-consistency workload with `kill -9` of the daemon at deterministic
+//! "random" moments.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use common::*;
+
+/// Every live process whose environment carries the run's CYRNEL_OUTPUT
+/// path: the run and all its descendants, wherever they moved (a process
+/// may change its group or session, not its inherited environment).
+fn alive_of_run(d: &Daemon, id: i64) -> Vec<i32> {
+    let want = format!("CYRNEL_OUTPUT={}", output_path(d.data_dir(), id).display());
+    let mut out = Vec::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(env) = fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        if env.split(|b| *b == 0).any(|kv| kv == want.as_bytes())
+            && proc_stat(pid).is_some_and(|(state, _)| state != 'Z')
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+fn output_path(data_dir: &Path, id: i64) -> PathBuf {
+    fs::canonicalize(data_dir)
+        .unwrap()
+        .join("run")
+        .join(id.to_string())
+        .join("output")
+}
+
+/// Zombies whose parent is `pid`.
+fn zombies_of(pid: u32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        let rest = &stat[stat.rfind(')').unwrap() + 1..];
+        let mut f = rest.split_whitespace();
+        let state = f.next().unwrap_or("");
+        let ppid: u32 = f.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+        if state == "Z" && ppid == pid {
+            out.push(p);
+        }
+    }
+    out
+}
+
+struct Case {
+    name: &'static str,
+    /// Code; `{m}` is replaced by a marker file written once it is set up.
+    code: &'static str,
+    /// Whether processes outside the leader's group are expected.
+    escapes: bool,
+}
+
+const ZOO: &[Case] = &[
+    Case {
+        name: "TERM-ignorer",
+        code: "trap '' TERM; : > {m}; sleep 300",
+        escapes: false,
+    },
+    Case {
+        name: "double-fork daemonizer",
+        code: "setsid sh -c 'sleep 300' & sleep 0.2; : > {m}; wait",
+        escapes: true,
+    },
+    Case {
+        name: "fork loop",
+        code: "i=0; : > {m}; while [ $i -lt 300 ]; do sleep 300 & i=$((i+1)); done; wait",
+        escapes: false,
+    },
+    Case {
+        name: "grandchild holding stdout after the leader exits",
+        code: "(trap '' TERM; sleep 300; echo late) & : > {m}; exit 0",
+        escapes: false,
+    },
+    Case {
+        name: "process that leaves its group",
+        code: "python3 -c 'import os,time; os.setpgid(0,0); time.sleep(300)' & sleep 0.2; : > {m}; wait",
+        escapes: true,
+    },
+];
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum How {
+    Kill,
+    Timeout,
+    Shutdown,
+}
+
+fn zoo(cgroups: &str, how: How) {
+    let mut d = Daemon::options()
+        .env("CYRNEL_CGROUPS", cgroups)
+        .env("CYRNEL_KILL_GRACE_MS", "300")
+        .env("CYRNEL_DEFAULT_TIMEOUT_MS", "0")
+        .start();
+    let markers = tempfile::tempdir().unwrap();
+    let mut runs = Vec::new();
+    for (i, case) in ZOO.iter().enumerate() {
+        let marker = markers.path().join(format!("m{i}"));
+        let code = case.code.replace("{m}", &sq(&marker));
+        let opts = match how {
+            // Long enough for the marker, so the trap is really set.
+            How::Timeout => r#""options":{"timeout":1500}"#,
+            _ => r#""options":{"timeout":null}"#,
+        };
+        let id = d.create_with(&code, opts);
+        runs.push((case, id, marker));
+    }
+    for (case, id, marker) in &runs {
+        wait_for_file(marker);
+        assert!(
+            !alive_of_run(&d, *id).is_empty(),
+            "{}: nothing running",
+            case.name
+        );
+    }
+    let daemon_pid = d.pid();
+    match how {
+        How::Kill => {
+            for (_, id, _) in &runs {
+                let r = d.kill(*id);
+                assert_eq!(r.status, 200, "{r}");
+            }
+        }
+        How::Timeout => {}
+        How::Shutdown => {
+            d.stop_gracefully();
+            // Everything was put down before the daemon exited.
+            for (case, id, _) in &runs {
+                assert_eq!(
+                    alive_of_run(&d, *id),
+                    Vec::<i32>::new(),
+                    "{} survived the shutdown",
+                    case.name
+                );
+            }
+            d.restart_same_dir();
+        }
+    }
+    for (case, id, _) in &runs {
+        let rec = d.wait_idle(*id);
+        let expected = match how {
+            How::Timeout => "timeout",
+            _ => "canceled",
+        };
+        assert_eq!(
+            rec["exitState"].as_str(),
+            Some(expected),
+            "{}: {rec}",
+            case.name
+        );
+        // Settled means gone: nothing of the run may be alive now.
+        assert_eq!(
+            alive_of_run(&d, *id),
+            Vec::<i32>::new(),
+            "{} ({cgroups}, {how:?}) left processes: {rec}",
+            case.name
+        );
+        let killed = rec["killed"].as_i64().unwrap_or(0);
+        assert!(
+            killed >= 1,
+            "{}: killed must count the processes reached: {rec}",
+            case.name
+        );
+        if case.escapes && how == How::Kill {
+            assert!(
+                rec["escaped"].as_i64().unwrap_or(0) >= 1,
+                "{}: escaped must be counted: {rec}",
+                case.name
+            );
+        }
+    }
+    if how != How::Shutdown {
+        assert_eq!(
+            zombies_of(daemon_pid),
+            Vec::<i32>::new(),
+            "zombies under the daemon"
+        );
+    }
+    assert_eq!(
+        zombies_of(d.pid()),
+        Vec::<i32>::new(),
+        "zombies under the daemon"
+    );
+}
+
+#[test]
+fn zoo_through_kill_with_cgroups() {
+    zoo("auto", How::Kill);
+}
+
+#[test]
+fn zoo_through_timeout_with_cgroups() {
+    zoo("auto", How::Timeout);
+}
+
+#[test]
+fn zoo_through_shutdown_with_cgroups() {
+    zoo("auto", How::Shutdown);
+}
+
+#[test]
+fn zoo_through_kill_without_cgroups() {
+    zoo("off", How::Kill);
+}
+
+#[test]
+fn zoo_through_timeout_without_cgroups() {
+    zoo("off", How::Timeout);
+}
+
+#[test]
+fn zoo_through_shutdown_without_cgroups() {
+    zoo("off", How::Shutdown);
+}
+
+/// The daemonizer escapes its group but not its cgroup: even a run whose
+/// leader exits 0 stays running until the escaped process is gone.
+#[test]
+fn a_daemonized_descendant_keeps_the_run_open_under_cgroups() {
+    let d = Daemon::options()
+        .env("CYRNEL_DEFAULT_TIMEOUT_MS", "0")
+        .start();
+    let m = tempfile::tempdir().unwrap();
+    let pidfile = m.path().join("pid");
+    let code = format!(
+        "setsid sh -c 'echo $$ > {}; exec sleep 300' & exit 0",
+        sq(&pidfile)
+    );
+    let id = d.create_code(&code);
+    let escaped = poll("escaped pid", || {
+        fs::read_to_string(&pidfile)
+            .map_err(|e| e.to_string())?
+            .trim()
+            .parse::<i32>()
+            .map_err(|e| e.to_string())
+    });
+    assert!(is_alive(escaped));
+    assert_eq!(d.record(id)["state"].as_str(), Some("running"));
+    d.kill(id);
+    let rec = d.wait_idle(id);
+    assert!(
+        !is_alive(escaped),
+        "the escaped daemon must be gone once the run is idle: {rec}"
+    );
+    assert_eq!(rec["escaped"].as_i64(), Some(1), "{rec}");
+}
+
+/// A tiny deterministic generator for the crash points.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
+
+#[test]
+fn crash_consistency_under_kill_9_with_cgroups() {
+    crash_consistency("auto", 7);
+}
+
+#[test]
+fn crash_consistency_under_kill_9_without_cgroups() {
+    crash_consistency("off", 11);
+}
+
+fn crash_consistency(cgroups: &str, seed: u64) {
+    let rounds = 8;
+    let mut rng = Lcg(seed);
+    let mut d = Daemon::options()
+        .env("CYRNEL_CGROUPS", cgroups)
+        .env("CYRNEL_KILL_GRACE_MS", "400")
+        .env("CYRNEL_DEFAULT_TIMEOUT_MS", "0")
+        .start();
+    let markers = tempfile::tempdir().unwrap();
+    let mut issued: Vec<i64> = Vec::new();
+    let mut crashes = 0;
+    for round in 0..rounds {
+        // A workload: quick runs, timeouts, TERM-ignorers being killed
+        // (kills in progress at the crash), long runs left running.
+        let ops = 6 + rng.next(6);
+        let crash_after = rng.next(ops);
+        let mut deadlines: Vec<(i64, Json)> = Vec::new();
+        for op in 0..ops {
+            let id = match rng.next(4) {
+                0 => d.create_code("echo quick"),
+                1 => d.create_with("sleep 300", r#""options":{"timeout":150}"#),
+                2 => {
+                    let marker = markers.path().join(format!("t{op}-{round}"));
+                    let code = format!("trap '' TERM; : > {}; sleep 300", sq(&marker));
+                    let id = d.create_with(&code, r#""options":{"killGrace":1500}"#);
+                    // The trap is set: only SIGKILL can end it.
+                    wait_for_file(&marker);
+                    let r = d.kill(id);
+                    assert_eq!(r.status, 200, "{r}");
+                    let rec = r.json();
+                    deadlines.push((id, rec["killDeadline"].clone()));
+                    id
+                }
+                _ => {
+                    // Running for sure at the crash (a queued one would
+                    // rightly run again after the restart).
+                    let id = d.create_code("sleep 300");
+                    d.wait_running_pid(id);
+                    id
+                }
+            };
+            issued.push(id);
+            if op == crash_after {
+                break;
+            }
+        }
+        d.kill9();
+        crashes += 1;
+        d.restart_same_dir();
+        // Kills that were in progress keep their original SIGKILL deadline.
+        for (id, deadline) in &deadlines {
+            let rec = d.record(*id);
+            if rec["state"].as_str() == Some("terminating") {
+                assert_eq!(
+                    &rec["killDeadline"], deadline,
+                    "round {round}: {id} lost its deadline: {rec}"
+                );
+            }
+        }
+        // Every id that got a 201 exists; none was issued twice.
+        let unique: BTreeSet<i64> = issued.iter().copied().collect();
+        assert_eq!(
+            unique.len(),
+            issued.len(),
+            "an id was issued twice: {issued:?}"
+        );
+        let listed: BTreeSet<i64> = d.list_ids("").into_iter().collect();
+        assert_eq!(listed, unique, "round {round}: records lost or invented");
+        // Recovery finishes: everything settles (long runs from before the
+        // crash are put down), and nothing of a settled record is alive.
+        for &id in &issued {
+            let rec = d.wait_idle(id);
+            assert_eq!(
+                alive_of_run(&d, id),
+                Vec::<i32>::new(),
+                "round {round}: {id} still has processes: {rec}"
+            );
+            if let Some((_, deadline)) = deadlines.iter().find(|(k, _)| *k == id) {
+                // A TERM-ignorer can only have died by the SIGKILL at (or
+                // after) its deadline.
+                if let (Some(done), Some(due)) = (rec["completedAt"].as_str(), deadline.as_str()) {
+                    assert!(
+                        done >= due,
+                        "round {round}: {id} settled at {done}, before its deadline {due}"
+                    );
+                }
+            }
+        }
+    }
+    println!(
+        "crash consistency: {rounds} rounds, {crashes} crashes survived, {} processes",
+        issued.len()
+    );
+}
