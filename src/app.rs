@@ -59,7 +59,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     })?;
     let run_dir = data_dir.join("run");
     private_dir(&run_dir)?;
-    let store = Store::open(&data_dir.join("db"))?;
+    let store = Store::open(&data_dir.join("db"), config.storage_reserve_bytes)?;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| AppError::Bind {

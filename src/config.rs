@@ -28,6 +28,7 @@ pub const KEYS: &[&str] = &[
     "event_buffer",
     "event_heartbeat_ms",
     "cgroups",
+    "storage_reserve_bytes",
 ];
 
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -54,6 +55,9 @@ pub struct Config {
     /// Track each run in its own cgroup v2 when the host allows it
     /// (`cgroups = "auto"`); `"off"` uses process groups only.
     pub cgroups: bool,
+    /// Free bytes kept on the data dir's filesystem; below it creates and
+    /// reruns get 507 while transitions of running work still persist.
+    pub storage_reserve_bytes: u64,
 }
 
 impl fmt::Debug for Config {
@@ -75,6 +79,7 @@ impl fmt::Debug for Config {
             .field("event_buffer", &self.event_buffer)
             .field("event_heartbeat_ms", &self.event_heartbeat_ms)
             .field("cgroups", &self.cgroups)
+            .field("storage_reserve_bytes", &self.storage_reserve_bytes)
             .finish()
     }
 }
@@ -303,6 +308,12 @@ fn build(raw: &BTreeMap<&'static str, Raw>) -> Result<Config, ConfigError> {
             .map_err(|_| err("event_buffer", "too large"))?,
         event_heartbeat_ms,
         cgroups,
+        storage_reserve_bytes: integer(
+            "storage_reserve_bytes",
+            raw.get("storage_reserve_bytes"),
+            64 << 20,
+            0,
+        )?,
     })
 }
 

@@ -257,6 +257,9 @@ fn a_daemonized_descendant_keeps_the_run_open_under_cgroups() {
             .map_err(|e| e.to_string())
     });
     assert!(is_alive(escaped));
+    // The leader has exited (or will), yet the run stays open.
+    d.wait_for_state(id, "running");
+    assert!(is_alive(escaped));
     assert_eq!(d.record(id)["state"].as_str(), Some("running"));
     d.kill(id);
     let rec = d.wait_idle(id);

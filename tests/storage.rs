@@ -1,6 +1,9 @@
 //! Start-up against a data dir the daemon must not use: a database another
 //! cyrneld holds, or one it cannot read. The daemon stops with a clear
-//! message and never repairs or wipes what it found.
+//! message and never repairs or wipes what it found. And a full disk: new
+//! work is refused with 507, reads and running work go on, and the daemon
+//! recovers by itself when space returns (a size-limited tmpfs mounted by
+//! the test; CI runs as root).
 
 mod common;
 
@@ -66,4 +69,101 @@ fn a_data_dir_that_is_a_file_is_refused() {
     assert_eq!(status.code(), Some(1), "{out}");
     assert!(out.contains("cannot prepare the data dir"), "{out}");
     assert_eq!(fs::read_to_string(&file).unwrap(), "x");
+}
+
+/// A tmpfs mounted for one test, unmounted when dropped.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Tmpfs {
+        let dir = tempfile::tempdir().unwrap();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("run mount");
+        assert!(
+            st.success(),
+            "mounting a tmpfs needs root (CI runs as root): {st}"
+        );
+        Tmpfs { dir }
+    }
+
+    fn free_bytes(&self) -> u64 {
+        let path = std::ffi::CString::new(self.dir.path().to_str().unwrap()).unwrap();
+        // SAFETY: statvfs on a NUL-terminated path into a zeroed struct.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::statvfs(path.as_ptr(), &mut st) }, 0);
+        st.f_bavail as u64 * st.f_frsize as u64
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[test]
+fn a_full_disk_refuses_new_work_keeps_reads_and_recovers_by_itself() {
+    let fs_ = Tmpfs::mount("64m");
+    let data = fs_.dir.path().join("data");
+    fs::create_dir(&data).unwrap();
+    let reserve: u64 = 8 << 20;
+    let mut d = Daemon::options()
+        .data_dir(&data)
+        .env("CYRNEL_STORAGE_RESERVE_BYTES", &reserve.to_string())
+        .env("CYRNEL_DEFAULT_TIMEOUT_MS", "0")
+        .start();
+    let done = d.create_code("echo before");
+    d.wait_idle(done);
+    let running = d.create_code("sleep 300");
+    let pid = d.wait_running_pid(running);
+    let mut accepted = vec![done, running];
+
+    // Leave less free space than the reserve.
+    let filler = fs_.dir.path().join("filler");
+    let fill = fs_.free_bytes() - reserve / 2;
+    fs::write(&filler, vec![0u8; fill as usize]).unwrap();
+    assert!(fs_.free_bytes() < reserve);
+
+    // New work is refused, exactly as the contract's extension says...
+    d.post("/processes", r#"{"code":"echo no"}"#)
+        .assert_error(507, "Storage is full.");
+    d.run(done, r#"{"force":true}"#)
+        .assert_error(507, "Storage is full.");
+    // ...reads keep working...
+    assert_eq!(d.record(done)["exitState"].as_str(), Some("success"));
+    assert_eq!(d.stdout_text(done), "before\n");
+    assert_eq!(d.list_ids(""), vec![running, done]);
+    // ...and running work is still put down and recorded.
+    let r = d.kill(running);
+    assert_eq!(r.status, 200, "{r}");
+    assert_eq!(d.wait_idle(running)["exitState"].as_str(), Some("canceled"));
+    assert_group_gone(pid);
+    assert_eq!(
+        d.record(done)["exitState"].as_str(),
+        Some("success"),
+        "the refused rerun changed nothing"
+    );
+
+    // Space returns: writes succeed again without a restart.
+    fs::remove_file(&filler).unwrap();
+    let after = d.create_code("echo after");
+    d.wait_idle(after);
+    accepted.push(after);
+
+    // Nothing of the refused requests reached the disk.
+    d.restart_same_dir();
+    let mut ids = d.list_ids("");
+    ids.sort();
+    accepted.sort();
+    assert_eq!(ids, accepted);
+    assert_eq!(d.stdout_text(after), "after\n");
+    d.stop_gracefully();
 }

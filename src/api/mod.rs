@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 
 use crate::events::Hub;
 use crate::model::{Change, ExitState, ProcessId, Record, State, Stream};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use crate::supervisor::machine::Reject;
 use crate::supervisor::{Supervisor, SupervisorError};
 use wire::{parse_create, parse_run, record_json, Invalid, NOT_AN_OBJECT};
@@ -143,10 +143,12 @@ fn error_response(e: SupervisorError) -> Response<Body> {
         SupervisorError::Rejected(_) => StatusCode::CONFLICT,
         SupervisorError::ShuttingDown | SupervisorError::Gone => StatusCode::SERVICE_UNAVAILABLE,
         SupervisorError::SignalFailed => StatusCode::INTERNAL_SERVER_ERROR,
+        SupervisorError::Storage(StoreError::Full) => StatusCode::INSUFFICIENT_STORAGE,
         SupervisorError::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
     };
     let message = match &e {
         SupervisorError::Gone => "Service is shutting down.".to_string(),
+        SupervisorError::Storage(StoreError::Full) => "Storage is full.".to_string(),
         SupervisorError::Storage(inner) => format!("Storage is unavailable: {inner}"),
         other => other.to_string(),
     };

@@ -60,6 +60,8 @@ pub enum StoreError {
     Read(rocksdb::Error),
     #[error("storage write failed: {0}")]
     Write(String),
+    #[error("Storage is full.")]
+    Full,
     #[error("the store writer has stopped")]
     WriterGone,
 }
@@ -77,6 +79,8 @@ enum Op {
 pub struct Batch {
     ops: Vec<Op>,
     sync: bool,
+    /// May use the free-space reserve (see [`Store::open`]).
+    essential: bool,
 }
 
 fn id_key(id: ProcessId) -> [u8; 8] {
@@ -97,7 +101,16 @@ impl Batch {
         Batch {
             ops: Vec::new(),
             sync: true,
+            essential: false,
         }
+    }
+
+    /// Marks the batch as one that must not be refused for lack of space
+    /// while the reserve lasts: transitions that record what processes did
+    /// (started, settled, killed), as opposed to new work.
+    pub fn essential(mut self) -> Batch {
+        self.essential = true;
+        self
     }
 
     /// A batch written to the WAL without waiting for fsync: it survives a
@@ -238,7 +251,13 @@ impl Drop for Inner {
 impl Store {
     /// Opens (or creates) the database under `dir`. Never repairs or wipes:
     /// a database it cannot read is an error for the operator.
-    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+    ///
+    /// `reserve`: free bytes kept on the data dir's filesystem for
+    /// essential batches. Below it, other batches fail with
+    /// [`StoreError::Full`] before RocksDB is touched, so RocksDB itself
+    /// never runs out of space (which would leave it read-only until
+    /// restart); writes succeed again by themselves once space returns.
+    pub fn open(dir: &Path, reserve: u64) -> Result<Store, StoreError> {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
@@ -256,9 +275,13 @@ impl Store {
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel();
         let writer_db = db.clone();
+        let space = Space {
+            dir: dir.to_path_buf(),
+            reserve,
+        };
         let writer = thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer_loop(&writer_db, rx))
+            .spawn(move || writer_loop(&writer_db, &space, rx))
             .expect("spawn store writer thread");
         Ok(Store {
             inner: Arc::new(Inner {
@@ -529,7 +552,31 @@ fn check_format(db: &DB, dir: &Path) -> Result<(), StoreError> {
 /// Group commit: takes every job queued right now (up to MAX_GROUP), applies
 /// them as one RocksDB write, syncs once if any asked for it, then completes
 /// them all. Runs until every Store handle is dropped.
-fn writer_loop(db: &DB, rx: mpsc::Receiver<Job>) {
+/// The free-space policy of the writer.
+struct Space {
+    dir: PathBuf,
+    reserve: u64,
+}
+
+impl Space {
+    /// Whether free space is below the reserve (checked once per group).
+    fn low(&self) -> bool {
+        if self.reserve == 0 {
+            return false;
+        }
+        let Ok(path) = std::ffi::CString::new(self.dir.as_os_str().as_encoded_bytes()) else {
+            return false;
+        };
+        // SAFETY: statvfs fills the struct for a NUL-terminated path.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+            return false;
+        }
+        (st.f_bavail as u64).saturating_mul(st.f_frsize as u64) < self.reserve
+    }
+}
+
+fn writer_loop(db: &DB, space: &Space, rx: mpsc::Receiver<Job>) {
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         while jobs.len() < MAX_GROUP {
@@ -537,6 +584,23 @@ fn writer_loop(db: &DB, rx: mpsc::Receiver<Job>) {
                 Ok(j) => jobs.push(j),
                 Err(_) => break,
             }
+        }
+        if space.low() {
+            let (keep, refuse): (Vec<Job>, Vec<Job>) =
+                jobs.into_iter().partition(|j| j.batch.essential);
+            if !refuse.is_empty() {
+                tracing::warn!(
+                    refused = refuse.len(),
+                    "free space below the reserve: refusing new work"
+                );
+            }
+            for job in refuse {
+                job.done.complete(Err(StoreError::Full));
+            }
+            if keep.is_empty() {
+                continue;
+            }
+            jobs = keep;
         }
         let mut wb = WriteBatch::default();
         let mut sync = false;
@@ -576,7 +640,7 @@ mod tests {
     async fn records_code_chunks_and_counter_persist_across_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let s = Store::open(dir.path()).unwrap();
+            let s = Store::open(dir.path(), 0).unwrap();
             assert_eq!(s.next_id().unwrap(), 1);
             let mut b = Batch::durable();
             for i in 1..=3 {
@@ -594,7 +658,7 @@ mod tests {
             b.put_chunk(ProcessId(3), Stream::Stdout, 0, b"other".to_vec());
             s.write(b).await.unwrap();
         }
-        let s = Store::open(dir.path()).unwrap();
+        let s = Store::open(dir.path(), 0).unwrap();
         assert_eq!(s.next_id().unwrap(), 4);
         assert_eq!(s.stream(ProcessId(2), Stream::Stdout).unwrap(), b"hello");
         assert_eq!(s.stream(ProcessId(2), Stream::Stderr).unwrap(), b"err");
@@ -632,7 +696,7 @@ mod tests {
     #[tokio::test]
     async fn changes_are_numbered_replayed_and_trimmed() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
+        let s = Store::open(dir.path(), 0).unwrap();
         assert_eq!((s.last_seq().unwrap(), s.first_seq().unwrap()), (0, None));
         let r = Record::new(ProcessId(1), None, 0);
         let mut b = Batch::durable();
@@ -655,7 +719,7 @@ mod tests {
     #[tokio::test]
     async fn stream_from_returns_whole_chunks_from_an_offset() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
+        let s = Store::open(dir.path(), 0).unwrap();
         let mut b = Batch::buffered();
         b.put_chunk(ProcessId(1), Stream::Stdout, 0, b"aaa".to_vec());
         b.put_chunk(ProcessId(1), Stream::Stdout, 3, b"bb".to_vec());
@@ -684,17 +748,36 @@ mod tests {
             .is_empty());
     }
 
+    #[tokio::test]
+    async fn below_the_reserve_only_essential_batches_are_written() {
+        let dir = tempfile::tempdir().unwrap();
+        // A reserve no filesystem here can satisfy.
+        let s = Store::open(dir.path(), u64::MAX).unwrap();
+        let r = Record::new(ProcessId(1), None, 0);
+        let mut b = Batch::durable();
+        b.put_record(&r);
+        assert!(matches!(s.write(b).await, Err(StoreError::Full)));
+        assert!(
+            s.get(ProcessId(1)).unwrap().is_none(),
+            "a refused batch changes nothing"
+        );
+        let mut b = Batch::durable().essential();
+        b.put_record(&r);
+        s.write(b).await.unwrap();
+        assert_eq!(s.get(ProcessId(1)).unwrap(), Some(r));
+    }
+
     #[test]
     fn refuses_unknown_format_version() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let s = Store::open(dir.path()).unwrap();
+            let s = Store::open(dir.path(), 0).unwrap();
             let meta = s.db().cf_handle(CF_META).unwrap();
             s.db()
                 .put_cf(meta, KEY_FORMAT_VERSION, 9u32.to_be_bytes())
                 .unwrap();
         }
-        let err = Store::open(dir.path()).err().expect("must refuse");
+        let err = Store::open(dir.path(), 0).err().expect("must refuse");
         assert!(err.to_string().contains("format version 9"), "{err}");
     }
 }

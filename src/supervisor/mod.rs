@@ -41,6 +41,9 @@ use run::{Finished, RunContext};
 /// the actor is this far behind.
 const COMMAND_QUEUE: usize = 1024;
 
+/// How long to wait before writing a failed transition again.
+const WRITE_RETRY: Duration = Duration::from_millis(500);
+
 /// After the SIGKILL deadline, how often SIGKILL is repeated until the run
 /// settles.
 const ESCALATION_REPEAT: Duration = Duration::from_millis(50);
@@ -111,6 +114,8 @@ pub(crate) enum Internal {
     Durable(u64, Result<(), StoreError>),
     Finished(Finished),
     Timer(ProcessId, u64, TimerKind),
+    /// Write a record again whose transition failed to persist.
+    Retry(ProcessId),
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -308,6 +313,8 @@ struct Entry {
     run: Option<Run>,
     /// Writes of this record still in flight.
     pending: u32,
+    /// A transition of this record failed to persist and is retried.
+    needs_retry: bool,
     deleted: bool,
 }
 
@@ -339,6 +346,9 @@ struct Pending {
     after: After,
     /// Published once the write is durable.
     change: Option<Change>,
+    /// What `announced` was before this write changed it; restored if the
+    /// write fails so that its retry announces the transition again.
+    announced_before: Option<State>,
 }
 
 struct Actor {
@@ -401,6 +411,7 @@ impl Actor {
                     rec,
                     run: None,
                     pending: 0,
+                    needs_retry: false,
                     deleted: false,
                 },
             );
@@ -439,7 +450,14 @@ impl Actor {
     /// Submits the write for a decided transition. `after` runs once it is
     /// durable.
     fn persist(&mut self, id: ProcessId, rec: &Record, effects: &[Effect], after: After) {
-        let mut batch = Batch::durable();
+        // New work (a rerun) may be refused when space runs low; what
+        // records facts about processes (and kills, deletes) may use the
+        // reserve.
+        let mut batch = if matches!(after, After::Reply { enqueue: true, .. }) {
+            Batch::durable()
+        } else {
+            Batch::durable().essential()
+        };
         for fx in effects {
             match fx {
                 Effect::ClearOutputs => batch.clear_outputs(id),
@@ -447,6 +465,7 @@ impl Actor {
                 _ => {}
             }
         }
+        let mut announced_before = None;
         let kind = if effects.contains(&Effect::DeleteAll) {
             batch.delete_process(id);
             Some(ChangeKind::Deleted)
@@ -456,11 +475,12 @@ impl Actor {
                 .get_mut(&id)
                 .filter(|e| e.announced != rec.state)
                 .map(|e| {
+                    announced_before = Some(e.announced);
                     e.announced = rec.state;
                     ChangeKind::Entered(rec.state)
                 })
         };
-        self.submit(id, batch, after, kind.map(|k| (k, rec)));
+        self.submit(id, batch, after, kind.map(|k| (k, rec)), announced_before);
     }
 
     /// Queues a write; numbers its event, if any, in the same batch.
@@ -470,6 +490,7 @@ impl Actor {
         mut batch: Batch,
         after: After,
         change: Option<(ChangeKind, &Record)>,
+        announced_before: Option<State>,
     ) {
         let change = change.map(|(kind, rec)| {
             let seq = self.next_seq;
@@ -492,7 +513,15 @@ impl Actor {
         if let Some(e) = self.entries.get_mut(&id) {
             e.pending += 1;
         }
-        self.pending.insert(token, Pending { id, after, change });
+        self.pending.insert(
+            token,
+            Pending {
+                id,
+                after,
+                change,
+                announced_before,
+            },
+        );
         let tx = self.int_tx.clone();
         self.store.submit_then(batch, move |r| {
             let _ = tx.send(Internal::Durable(token, r));
@@ -503,7 +532,11 @@ impl Actor {
     /// has no run.
     fn gc(&mut self, id: ProcessId) {
         if let Some(e) = self.entries.get(&id) {
-            if e.pending == 0 && e.run.is_none() && (e.deleted || e.rec.state == State::Idle) {
+            if e.pending == 0
+                && e.run.is_none()
+                && !e.needs_retry
+                && (e.deleted || e.rec.state == State::Idle)
+            {
                 self.entries.remove(&id);
             }
         }
@@ -584,6 +617,7 @@ impl Actor {
             batch,
             after,
             Some((ChangeKind::Entered(rec.state), &rec)),
+            None,
         );
         self.entries.insert(
             id,
@@ -592,6 +626,7 @@ impl Actor {
                 rec,
                 run: None,
                 pending: 1,
+                needs_retry: false,
                 deleted: false,
             },
         );
@@ -723,18 +758,36 @@ impl Actor {
             Internal::Durable(token, result) => self.on_durable(token, result),
             Internal::Finished(f) => self.on_finished(f),
             Internal::Timer(id, gen, kind) => self.on_timer(id, gen, kind),
+            Internal::Retry(id) => {
+                let Some(e) = self.entries.get_mut(&id) else {
+                    return;
+                };
+                e.needs_retry = false;
+                if e.deleted {
+                    return;
+                }
+                let rec = e.rec.clone();
+                tracing::info!(%id, "writing a failed transition again");
+                self.persist(id, &rec, &[], After::Nothing);
+            }
         }
     }
 
     fn on_durable(&mut self, token: u64, result: Result<(), StoreError>) {
-        let Some(Pending { id, after, change }) = self.pending.remove(&token) else {
+        let Some(Pending {
+            id,
+            after,
+            change,
+            announced_before,
+        }) = self.pending.remove(&token)
+        else {
             return;
         };
         if let Some(e) = self.entries.get_mut(&id) {
             e.pending = e.pending.saturating_sub(1);
         }
         if let Err(err) = result {
-            self.on_write_failed(id, after, err);
+            self.on_write_failed(id, after, err, announced_before);
             self.gc(id);
             return;
         }
@@ -790,8 +843,40 @@ impl Actor {
 
     /// The store refused a write: the client hears so, and the in-memory
     /// record goes back to what the store holds so the two never diverge.
-    fn on_write_failed(&mut self, id: ProcessId, after: After, err: StoreError) {
+    /// A write the store refused. For a client's request the client hears
+    /// so and the in-memory record goes back to what the store holds, so
+    /// the two never diverge. A transition that records what processes did
+    /// (started, settled, ...) is a fact, not a request: it stays decided
+    /// and is written again until the store takes it.
+    fn on_write_failed(
+        &mut self,
+        id: ProcessId,
+        after: After,
+        err: StoreError,
+        announced_before: Option<State>,
+    ) {
         tracing::error!(%id, error = %err, "persisting a transition failed");
+        let client_facing = match &after {
+            After::Nothing => false,
+            After::Terminate { reply, .. } => reply.is_some(),
+            After::Created { .. } | After::Reply { .. } => true,
+        };
+        if !client_facing {
+            if let Some(e) = self.entries.get_mut(&id) {
+                if let Some(prev) = announced_before {
+                    e.announced = prev;
+                }
+                if !e.needs_retry {
+                    e.needs_retry = true;
+                    let tx = self.int_tx.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(WRITE_RETRY).await;
+                        let _ = tx.send(Internal::Retry(id));
+                    });
+                }
+            }
+            return;
+        }
         let stored = self.store.get(id).ok().flatten();
         if let Some(e) = self.entries.get_mut(&id) {
             match stored {
@@ -804,7 +889,12 @@ impl Actor {
                 None => {}
             }
         }
-        let msg = || SupervisorError::Storage(StoreError::Write(err.to_string()));
+        let msg = || {
+            SupervisorError::Storage(match &err {
+                StoreError::Full => StoreError::Full,
+                other => StoreError::Write(other.to_string()),
+            })
+        };
         match after {
             After::Nothing => {}
             After::Created { reply, .. } => {
@@ -1110,6 +1200,7 @@ impl Actor {
                     rec,
                     run: None,
                     pending: 0,
+                    needs_retry: false,
                     deleted: false,
                 },
             );

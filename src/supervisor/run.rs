@@ -180,11 +180,18 @@ async fn capture(
         if room > 0 {
             let mut b = Batch::buffered();
             b.put_chunk(id, stream, kept, buf[..room].to_vec());
-            if let Err(e) = store.write(b).await {
-                tracing::error!(%id, error = %e, "storing output failed");
+            match store.write(b).await {
+                Ok(()) => {
+                    kept += room as u64;
+                    hub.output_changed(id);
+                }
+                // Not stored (full disk): counted as dropped, like bytes
+                // past the cap.
+                Err(e) => {
+                    tracing::warn!(%id, error = %e, "storing output failed; bytes dropped");
+                    dropped += room as u64;
+                }
             }
-            kept += room as u64;
-            hub.output_changed(id);
         }
         dropped += (n - room) as u64;
     }

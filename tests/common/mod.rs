@@ -78,6 +78,7 @@ pub struct DaemonOptions {
     env: Vec<(String, String)>,
     api_key: Option<String>,
     args: Vec<String>,
+    data_dir: Option<PathBuf>,
 }
 
 impl DaemonOptions {
@@ -103,6 +104,13 @@ impl DaemonOptions {
     /// Adds a command-line argument (e.g. `--config FILE`).
     pub fn arg(mut self, arg: &str) -> Self {
         self.args.push(arg.to_string());
+        self
+    }
+
+    /// Uses this data directory instead of a fresh temporary one (it must
+    /// exist).
+    pub fn data_dir(mut self, dir: &Path) -> Self {
+        self.data_dir = Some(dir.to_path_buf());
         self
     }
 
@@ -160,8 +168,14 @@ impl Daemon {
             .prefix("cyrneld-test-")
             .tempdir()
             .expect("create temp dir");
-        let data_dir = root.path().join("data");
-        fs::create_dir(&data_dir).expect("create data dir");
+        let data_dir = match &opts.data_dir {
+            Some(dir) => dir.clone(),
+            None => {
+                let dir = root.path().join("data");
+                fs::create_dir(&dir).expect("create data dir");
+                dir
+            }
+        };
         let mut daemon = Daemon {
             root,
             data_dir,
