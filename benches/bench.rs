@@ -281,6 +281,19 @@ impl Daemon {
         self.child.as_ref().expect("daemon running").id()
     }
 
+    /// How the daemon says it tracks runs (cgroup v2 or process groups),
+    /// from its start-up log.
+    fn tracking(&self) -> String {
+        let path = self
+            .log_dir
+            .join(format!("{}-{}.log", self.name, self.starts));
+        let text = fs::read_to_string(path).unwrap_or_default();
+        text.lines()
+            .find(|l| l.contains("cgroup"))
+            .map(|l| l.split_once(": ").map_or(l, |(_, m)| m).trim().to_string())
+            .unwrap_or_else(|| "process groups (no cgroup support in this build)".to_string())
+    }
+
     fn log_tail(&self) -> String {
         let path = self
             .log_dir
@@ -2119,7 +2132,38 @@ fn machine() -> Value {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(0);
-    json!({"cores": cores, "kernel": kernel, "cpu": cpu, "mem_mb": mem_kb / 1024})
+    json!({"cores": cores, "kernel": kernel, "cpu": cpu, "mem_mb": mem_kb / 1024,
+           "temp_fs": filesystem(&std::env::temp_dir())})
+}
+
+/// The file system holding `path` (from /proc/mounts), and for ext4 whether
+/// it has a journal: it decides what an fsync and a file creation cost.
+fn filesystem(path: &Path) -> String {
+    let mounts = fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let path = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let best = mounts
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 4 && path.starts_with(f[1])).then(|| (f[0], f[1], f[2], f[3]))
+        })
+        .max_by_key(|(_, mnt, _, _)| mnt.len());
+    let Some((dev, mnt, fstype, opts)) = best else {
+        return "unknown".to_string();
+    };
+    let mut out = format!("{fstype} on {dev} at {mnt} ({opts})");
+    if fstype == "ext4" {
+        let name = Path::new(dev)
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy();
+        let journal =
+            fs::read_to_string(format!("/sys/fs/ext4/{name}/journal_task")).unwrap_or_default();
+        if journal.trim() == "<none>" {
+            out.push_str(", no journal");
+        }
+    }
+    out
 }
 
 fn git(args: &[&str]) -> String {
@@ -2183,6 +2227,17 @@ async fn run(k: Knobs) {
         .expect("temp dir")
         .keep();
     progress!("data dirs and daemon logs under {}", root.display());
+    let load_1m: f64 = loadavg()
+        .split_whitespace()
+        .next()
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(0.0);
+    if load_1m > 1.0 {
+        progress!(
+            "WARNING: load average {} at start: other work shares the cores, expect noisy numbers",
+            loadavg()
+        );
+    }
     let mut rep = Report::default();
     let t_all = Instant::now();
 
@@ -2201,6 +2256,9 @@ async fn run(k: Knobs) {
             ],
         )
         .await;
+        let tracking = d.tracking();
+        progress!("main: run tracking: {tracking}");
+        rep.json.insert("run_tracking".into(), json!(tracking));
         let ev = Events::open(d.addr()).await;
         let mut some_id = None;
         if k.wants("spawn") {
