@@ -37,6 +37,10 @@ pub type Body = UnsyncBoxBody<Bytes, Infallible>;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bytes per chunk of a streamed list.
 const LIST_CHUNK: usize = 64 * 1024;
+/// The OpenAPI document of the API as built, checked into the repository
+/// (`openapi.json`) and served at `GET /openapi.json`.
+pub const OPENAPI: &str = include_str!("../../openapi.json");
+
 /// Header carrying the bytes dropped past `max_output_bytes`.
 pub const DROPPED_HEADER: &str = "x-cyrnel-dropped-bytes";
 
@@ -166,6 +170,7 @@ fn store_error(e: impl std::fmt::Display) -> Response<Body> {
 /// Routes of the API, by path shape.
 enum Route<'a> {
     Health,
+    OpenApi,
     Events,
     Processes,
     ProcessEvents(&'a str),
@@ -192,6 +197,7 @@ fn route(path: &str) -> Option<Route<'_>> {
         parts.next(),
     ) {
         (Some("health"), None, ..) => Route::Health,
+        (Some("openapi.json"), None, ..) => Route::OpenApi,
         (Some("events"), None, ..) => Route::Events,
         (Some("processes"), Some(id), Some("events"), None, _) => Route::ProcessEvents(id),
         (Some("processes"), None, ..) => Route::Processes,
@@ -212,6 +218,7 @@ impl Route<'_> {
     fn allowed(&self) -> &'static [&'static str] {
         match self {
             Route::Health
+            | Route::OpenApi
             | Route::Events
             | Route::ProcessEvents(_)
             | Route::Code(_)
@@ -226,7 +233,7 @@ impl Route<'_> {
 
     fn id(&self) -> Option<&str> {
         match self {
-            Route::Health | Route::Events | Route::Processes => None,
+            Route::Health | Route::OpenApi | Route::Events | Route::Processes => None,
             Route::ProcessEvents(id)
             | Route::Process(id)
             | Route::Code(id)
@@ -300,6 +307,7 @@ async fn dispatch(state: &ApiState, req: Request<Incoming>) -> Response<Body> {
     let method = req.method().clone();
     match (route, id) {
         (Route::Health, _) => json(StatusCode::OK, r#"{"status":"ok"}"#),
+        (Route::OpenApi, _) => json(StatusCode::OK, OPENAPI),
         (Route::Processes, _) if method == Method::POST => create(state, req).await,
         (Route::Processes, _) => list(state, req.uri().query().unwrap_or("")).await,
         (Route::Process(_), Some(id)) if method == Method::DELETE => {
