@@ -20,7 +20,9 @@
 //! `BENCH_DURABLE_CLIENTS` (64), `BENCH_DURABLE_SECS` (5),
 //! `BENCH_MEMORY_PROCS` (1000), `BENCH_SCALE_RECORDS` (see `DEFAULT_SCALE_RECORDS`),
 //! `BENCH_SCALE_CLIENTS` (64), `CYRNELD_BIN` (daemon binary to use),
-//! `BENCH_RESULTS` (path of the JSON file).
+//! `BENCH_RESULTS` (path of the JSON file, default `target/bench/results.json`
+//! under the package), `BENCH_KEEP` (keep the data dirs and daemon logs),
+//! `BENCH_COMMIT` (commit label when not run inside a git checkout).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -1828,6 +1830,8 @@ struct ReadLatencies {
     get: Summary,
     filtered: Summary,
     page: Summary,
+    /// `state=running&limit=100` when nothing runs: the whole store is read.
+    running: Summary,
 }
 
 async fn read_latencies(http: &mut Http, max_id: u64, rng: &mut Rng) -> ReadLatencies {
@@ -1856,10 +1860,12 @@ async fn read_latencies(http: &mut Http, max_id: u64, rng: &mut Rng) -> ReadLate
         })
         .await
     };
+    let running = get_latency(http, 3, || "/processes?state=running&limit=100".to_string()).await;
     ReadLatencies {
         get,
         filtered,
         page,
+        running,
     }
 }
 
@@ -1962,22 +1968,24 @@ async fn bench_scale(k: &Knobs, bin: &Path, root: &Path, rep: &mut Report) {
     let reads_full = read_latencies(&mut full, n, &mut rng).await;
     let reads_empty = read_latencies(&mut empty, 550, &mut rng).await;
     progress!(
-        "scale: at {n}: GET p50 {:.2} p99 {:.2} ms; filtered page p50 {:.2} p99 {:.2} ms; page p50 {:.2} p99 {:.2} ms",
+        "scale: at {n}: GET p50 {:.2} p99 {:.2} ms; filtered page p50 {:.2} p99 {:.2} ms; page p50 {:.2} p99 {:.2} ms; state=running page {:.1} ms",
         reads_full.get.p50,
         reads_full.get.p99,
         reads_full.filtered.p50,
         reads_full.filtered.p99,
         reads_full.page.p50,
-        reads_full.page.p99
+        reads_full.page.p99,
+        reads_full.running.p50
     );
     progress!(
-        "scale: empty: GET p50 {:.2} p99 {:.2} ms; filtered page p50 {:.2} p99 {:.2} ms; page p50 {:.2} p99 {:.2} ms",
+        "scale: empty: GET p50 {:.2} p99 {:.2} ms; filtered page p50 {:.2} p99 {:.2} ms; page p50 {:.2} p99 {:.2} ms; state=running page {:.1} ms",
         reads_empty.get.p50,
         reads_empty.get.p99,
         reads_empty.filtered.p50,
         reads_empty.filtered.p99,
         reads_empty.page.p50,
-        reads_empty.page.p99
+        reads_empty.page.p99,
+        reads_empty.running.p50
     );
     let rss_kb = d.rss_kb();
     drop((full, empty));
@@ -2018,6 +2026,21 @@ async fn bench_scale(k: &Knobs, bin: &Path, root: &Path, rep: &mut Report) {
     )
     .baseline(format!("empty store: {}", reads_empty.filtered.cell()));
     rep.row(
+        &format!(
+            "Scale: `state=running&limit=100` with nothing running at {label}, p50 / max of 3"
+        ),
+        format!(
+            "{} / {} ms",
+            fmt_ms(reads_full.running.p50),
+            fmt_ms(reads_full.running.max)
+        ),
+    )
+    .baseline(format!(
+        "empty store: {} / {} ms",
+        fmt_ms(reads_empty.running.p50),
+        fmt_ms(reads_empty.running.max)
+    ));
+    rep.row(
         &format!("Scale: unfiltered page `limit=100` at {label}, p50 / p99"),
         reads_full.page.cell(),
     )
@@ -2055,6 +2078,8 @@ async fn bench_scale(k: &Knobs, bin: &Path, root: &Path, rep: &mut Report) {
             "filtered_page_query": "state=idle&ref=rK&limit=100&cursor=<random id> (each ref matches 1 in 100 records)",
             "page": reads_full.page.json(), "page_empty": reads_empty.page.json(),
             "page_query": "limit=100&cursor=<random id>",
+            "running_page": reads_full.running.json(), "running_page_empty": reads_empty.running.json(),
+            "running_page_query": "state=running&limit=100 while nothing runs (3 samples)",
             "create": create_full.json(), "create_empty": create_empty.json(),
             "create_ratio_p50": r3(create_ratio_p50), "create_ratio_p99": r3(create_ratio_p99),
             "create_method": "500 one at a time, alternating with a fresh daemon (the empty store)",
@@ -2203,7 +2228,10 @@ async fn run(k: Knobs) {
             .expect("clock")
             .as_millis() as u64,
     );
-    let commit = git(&["rev-parse", "--short", "HEAD"]);
+    let commit = Some(git(&["rev-parse", "--short", "HEAD"]))
+        .filter(|c| !c.is_empty())
+        .or_else(|| std::env::var("BENCH_COMMIT").ok())
+        .unwrap_or_default();
     let dirty = !git(&[
         "status",
         "--porcelain",
