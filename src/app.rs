@@ -15,10 +15,13 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
-use crate::api::{self, ApiState};
+use crate::api::ratelimit::Limiter;
+use crate::api::{self, ApiState, HttpLimits};
+use std::sync::RwLock;
+use std::time::Duration;
 use crate::config::Config;
 use crate::events::Hub;
-use crate::proc::{self, cgroup::CgroupRoot};
+use crate::proc::{self, cgroup::CgroupRoot, Rlimit};
 use crate::store::{Store, StoreError};
 use crate::supervisor::{Settings, Supervisor};
 
@@ -28,29 +31,46 @@ pub enum AppError {
     DataDir { path: PathBuf, source: io::Error },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("invalid configuration: {0}")]
+    Config(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: io::Error },
 }
 
 /// Creates `dir` (0700) if missing; tightens an existing one to 0700,
 /// since it holds staged code and outputs.
-fn private_dir(dir: &Path) -> Result<(), AppError> {
+fn private_dir(dir: &Path, mode: u32) -> Result<(), AppError> {
     let wrap = |source| AppError::DataDir {
         path: dir.to_path_buf(),
         source,
     };
     fs::DirBuilder::new()
         .recursive(true)
-        .mode(0o700)
+        .mode(mode)
         .create(dir)
         .map_err(wrap)?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(wrap)
+    fs::set_permissions(dir, fs::Permissions::from_mode(mode)).map_err(wrap)
 }
 
 /// Runs the daemon until `shutdown` resolves; returns once every running
 /// group is gone and every transition is durable.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
-    private_dir(&config.data_dir)?;
+    let credentials = match &config.user {
+        None => None,
+        // SAFETY: geteuid has no preconditions.
+        Some(_) if unsafe { libc::geteuid() } != 0 => {
+            return Err(AppError::Config("user: switching users needs cyrneld to run as root".into()))
+        }
+        Some(user) => Some(
+            proc::resolve_credentials(user, config.group.as_deref())
+                .map_err(|e| AppError::Config(format!("user/group: {e}")))?,
+        ),
+    };
+    // 0700; with a configured user, the data dir and run/ are 0711 so that
+    // user can reach its own run folder (0700, owned by it) but list or
+    // read nothing else; the database stays 0700.
+    let dir_mode = if credentials.is_some() { 0o711 } else { 0o700 };
+    private_dir(&config.data_dir, dir_mode)?;
     // Absolute, because children run with their own working directory and
     // are handed paths inside the data dir.
     let data_dir = fs::canonicalize(&config.data_dir).map_err(|source| AppError::DataDir {
@@ -58,7 +78,27 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         source,
     })?;
     let run_dir = data_dir.join("run");
-    private_dir(&run_dir)?;
+    private_dir(&run_dir, dir_mode)?;
+    private_dir(&data_dir.join("db"), 0o700)?;
+    let original_nofile = match proc::raise_nofile_limit() {
+        Ok(n) => Some(n),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot raise the open-file limit");
+            None
+        }
+    };
+    let limits = &config.child_limits;
+    let rlimits: Vec<(Rlimit, u64)> = [
+        // Children get the usual soft limit back unless configured.
+        (Rlimit::OpenFiles, limits.nofile.or(original_nofile)),
+        (Rlimit::Processes, limits.nproc),
+        (Rlimit::CoreSize, limits.core),
+        (Rlimit::AddressSpace, limits.address_space),
+        (Rlimit::CpuSeconds, limits.cpu_seconds),
+    ]
+    .into_iter()
+    .filter_map(|(r, v)| v.map(|v| (r, v)))
+    .collect();
     let store = Store::open(&data_dir.join("db"), config.storage_reserve_bytes)?;
     let listener = TcpListener::bind(config.listen)
         .await
@@ -99,6 +139,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             run_dir,
             event_retention: config.event_retention,
             cgroups: cgroups.clone(),
+            max_queued: config.max_queued,
+            rlimits,
+            credentials,
         },
         hub.clone(),
     )?;
@@ -109,6 +152,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         max_body_bytes: config.max_body_bytes,
         hub: hub.clone(),
         heartbeat: std::time::Duration::from_millis(config.event_heartbeat_ms),
+        limiter: Limiter::default(),
+        rate_limits: RwLock::new(config.rate_limits),
+        http: HttpLimits {
+            max_connections: config.max_connections,
+            header_read_timeout: Duration::from_millis(config.header_read_timeout_ms),
+            max_header_bytes: config.max_header_bytes,
+            max_uri_bytes: config.max_uri_bytes,
+        },
     });
     let addr = listener.local_addr().unwrap_or(config.listen);
     tracing::info!(%addr, data_dir = %data_dir.display(), auth = config.api_key.is_some(), "cyrneld listening");

@@ -29,6 +29,60 @@ pub const KEYS: &[&str] = &[
     "event_heartbeat_ms",
     "cgroups",
     "storage_reserve_bytes",
+    "api_key_file",
+    "rate_limit_create_per_min",
+    "rate_limit_run_per_min",
+    "rate_limit_kill_per_min",
+    "rate_limit_max",
+    "rate_limit_window_ms",
+    "max_connections",
+    "header_read_timeout_ms",
+    "max_header_bytes",
+    "max_uri_bytes",
+    "max_queued",
+    "user",
+    "group",
+    "rlimit_nofile",
+    "rlimit_nproc",
+    "rlimit_core",
+    "rlimit_as",
+    "rlimit_cpu",
+];
+
+/// Request limits per client address and one-minute window (0 disables),
+/// plus the optional limit over all routes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateLimits {
+    pub create_per_min: u64,
+    pub run_per_min: u64,
+    pub kill_per_min: u64,
+    pub global_max: u64,
+    pub global_window_ms: u64,
+}
+
+/// Resource limits applied to every child before exec (`None`: inherited).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ChildLimits {
+    pub nofile: Option<u64>,
+    pub nproc: Option<u64>,
+    pub core: Option<u64>,
+    pub address_space: Option<u64>,
+    pub cpu_seconds: Option<u64>,
+}
+
+/// Keys without a default value (unset means "none"); the shipped file
+/// shows each as a commented example instead.
+pub const OPTIONAL_KEYS: &[&str] = &[
+    "api_key",
+    "api_key_file",
+    "env",
+    "user",
+    "group",
+    "rlimit_nofile",
+    "rlimit_nproc",
+    "rlimit_core",
+    "rlimit_as",
+    "rlimit_cpu",
 ];
 
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -58,6 +112,19 @@ pub struct Config {
     /// Free bytes kept on the data dir's filesystem; below it creates and
     /// reruns get 507 while transitions of running work still persist.
     pub storage_reserve_bytes: u64,
+    pub rate_limits: RateLimits,
+    /// Concurrent HTTP connections; further ones wait in the listen backlog.
+    pub max_connections: usize,
+    /// A client must send a request's headers within this (slowloris).
+    pub header_read_timeout_ms: u64,
+    pub max_header_bytes: usize,
+    pub max_uri_bytes: usize,
+    /// Queued processes at most; creates beyond get 429.
+    pub max_queued: usize,
+    /// Run children as this user/group (names or numbers); only as root.
+    pub user: Option<String>,
+    pub group: Option<String>,
+    pub child_limits: ChildLimits,
 }
 
 impl fmt::Debug for Config {
@@ -80,6 +147,15 @@ impl fmt::Debug for Config {
             .field("event_heartbeat_ms", &self.event_heartbeat_ms)
             .field("cgroups", &self.cgroups)
             .field("storage_reserve_bytes", &self.storage_reserve_bytes)
+            .field("rate_limits", &self.rate_limits)
+            .field("max_connections", &self.max_connections)
+            .field("header_read_timeout_ms", &self.header_read_timeout_ms)
+            .field("max_header_bytes", &self.max_header_bytes)
+            .field("max_uri_bytes", &self.max_uri_bytes)
+            .field("max_queued", &self.max_queued)
+            .field("user", &self.user)
+            .field("group", &self.group)
+            .field("child_limits", &self.child_limits)
             .finish()
     }
 }
@@ -232,7 +308,17 @@ fn build(raw: &BTreeMap<&'static str, Raw>) -> Result<Config, ConfigError> {
     if data_dir.as_os_str().is_empty() {
         return Err(err("data_dir", "must not be empty"));
     }
-    let api_key = string("api_key", raw.get("api_key"))?;
+    let mut api_key = string("api_key", raw.get("api_key"))?;
+    if let Some(path) = string("api_key_file", raw.get("api_key_file"))? {
+        if api_key.is_some() {
+            return Err(err("api_key_file", "set api_key or api_key_file, not both"));
+        }
+        // A systemd credential or secrets file: its content, without the
+        // trailing newline.
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| err("api_key_file", format!("cannot read {path}: {e}")))?;
+        api_key = Some(text.trim_end_matches(['\n', '\r']).to_string());
+    }
     if api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
         return Err(err(
             "api_key",
@@ -314,7 +400,47 @@ fn build(raw: &BTreeMap<&'static str, Raw>) -> Result<Config, ConfigError> {
             64 << 20,
             0,
         )?,
+        rate_limits: RateLimits {
+            create_per_min: integer("rate_limit_create_per_min", raw.get("rate_limit_create_per_min"), 20, 0)?,
+            run_per_min: integer("rate_limit_run_per_min", raw.get("rate_limit_run_per_min"), 20, 0)?,
+            kill_per_min: integer("rate_limit_kill_per_min", raw.get("rate_limit_kill_per_min"), 10, 0)?,
+            global_max: integer("rate_limit_max", raw.get("rate_limit_max"), 0, 0)?,
+            global_window_ms: integer("rate_limit_window_ms", raw.get("rate_limit_window_ms"), 60_000, 1)?,
+        },
+        max_connections: usize_key(raw, "max_connections", 1024, 1)?,
+        header_read_timeout_ms: integer("header_read_timeout_ms", raw.get("header_read_timeout_ms"), 10_000, 1)?,
+        // hyper's read buffer cannot be smaller than 8 KiB.
+        max_header_bytes: usize_key(raw, "max_header_bytes", 16 * 1024, 8192)?,
+        max_uri_bytes: usize_key(raw, "max_uri_bytes", 8 * 1024, 64)?,
+        max_queued: usize_key(raw, "max_queued", 10_000, 1)?,
+        user: non_empty(raw, "user")?,
+        group: non_empty(raw, "group")?,
+        child_limits: ChildLimits {
+            nofile: optional_integer(raw, "rlimit_nofile")?,
+            nproc: optional_integer(raw, "rlimit_nproc")?,
+            core: optional_integer(raw, "rlimit_core")?,
+            address_space: optional_integer(raw, "rlimit_as")?,
+            cpu_seconds: optional_integer(raw, "rlimit_cpu")?,
+        },
     })
+}
+
+fn usize_key(raw: &BTreeMap<&'static str, Raw>, key: &str, default: u64, min: u64) -> Result<usize, ConfigError> {
+    usize::try_from(integer(key, raw.get(key), default, min)?).map_err(|_| err(key, "too large"))
+}
+
+fn optional_integer(raw: &BTreeMap<&'static str, Raw>, key: &str) -> Result<Option<u64>, ConfigError> {
+    match raw.get(key) {
+        None => Ok(None),
+        Some(v) => integer(key, Some(v), 0, 0).map(Some),
+    }
+}
+
+fn non_empty(raw: &BTreeMap<&'static str, Raw>, key: &str) -> Result<Option<String>, ConfigError> {
+    match string(key, raw.get(key))? {
+        Some(s) if s.trim().is_empty() => Err(err(key, "must not be empty")),
+        other => Ok(other),
+    }
 }
 
 #[cfg(test)]
@@ -431,9 +557,8 @@ mod tests {
             .lines()
             .filter_map(|l| l.strip_prefix('#'))
             .filter(|l| {
-                let l = l.trim_start();
-                l.starts_with('[')
-                    || (l.contains(" = ") && !l.starts_with(' ') && !l.starts_with("api_key"))
+                let key = l.split(" = ").next().unwrap_or("");
+                l.starts_with('[') || (l.contains(" = ") && !l.starts_with(' ') && !OPTIONAL_KEYS.contains(&key))
             })
             .map(|l| format!("{l}\n"))
             .collect();
@@ -441,11 +566,11 @@ mod tests {
             .lines()
             .filter_map(|l| l.split_once(" = ").map(|(k, _)| k))
             .collect();
-        for key in KEYS.iter().filter(|k| !["api_key", "env"].contains(k)) {
-            assert!(
-                documented.contains(key),
-                "{key} is not documented in platform/cyrneld.toml"
-            );
+        for key in KEYS.iter().filter(|k| !OPTIONAL_KEYS.contains(k)) {
+            assert!(documented.contains(key), "{key} is not documented in platform/cyrneld.toml");
+        }
+        for key in OPTIONAL_KEYS.iter().filter(|k| **k != "env") {
+            assert!(shipped.contains(&format!("\n#{key} = ")), "{key} is not shown in platform/cyrneld.toml");
         }
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("c.toml");

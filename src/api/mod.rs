@@ -5,6 +5,7 @@
 //! statuses. Reads go straight to the store, which holds only durable
 //! state; changes go through the supervisor.
 
+pub mod ratelimit;
 pub mod wire;
 
 use std::convert::Infallible;
@@ -18,11 +19,15 @@ use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full, Limited, StreamB
 use hyper::body::{Frame, Incoming};
 use hyper::header::{HeaderValue, ALLOW, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::Value;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
+
+use crate::config::RateLimits;
+use ratelimit::{Bucket, Limit, Limiter, Verdict};
+use std::sync::RwLock;
 
 use crate::events::Hub;
 use crate::model::{Change, ExitState, ProcessId, Record, State, Stream};
@@ -53,6 +58,19 @@ pub struct ApiState {
     pub hub: Arc<Hub>,
     /// Interval of `: keep-alive` comments on event streams.
     pub heartbeat: Duration,
+    pub limiter: Limiter,
+    /// Replaceable at run time (configuration reload).
+    pub rate_limits: RwLock<RateLimits>,
+    pub http: HttpLimits,
+}
+
+/// Connection hygiene settings.
+#[derive(Clone, Copy, Debug)]
+pub struct HttpLimits {
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_uri_bytes: usize,
 }
 
 /// Serves until `shutdown` resolves, then lets in-flight requests finish
@@ -63,8 +81,15 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(state.http.max_connections));
     tokio::pin!(shutdown);
     loop {
+        // At most max_connections at once: further clients wait in the
+        // kernel's listen backlog instead of costing memory here.
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => p.expect("semaphore never closed"),
+            _ = &mut shutdown => break,
+        };
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
@@ -77,18 +102,25 @@ pub async fn serve(
                         continue;
                     }
                 };
+                let http = state.http;
                 let state = state.clone();
                 let svc = hyper::service::service_fn(move |req| {
                     let state = state.clone();
                     async move { Ok::<_, Infallible>(handle(&state, req, peer).await) }
                 });
+                // The header timeout also ends idle keep-alive connections
+                // (hyper starts it when it waits for the next request head).
                 let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(http.header_read_timeout)
+                    .max_buf_size(http.max_header_bytes)
                     .serve_connection(TokioIo::new(stream), svc);
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
                         tracing::debug!(error = %e, "connection ended with an error");
                     }
+                    drop(permit);
                 });
             }
             _ = &mut shutdown => break,
@@ -146,6 +178,7 @@ fn error_response(e: SupervisorError) -> Response<Body> {
         SupervisorError::Rejected(Reject::Stale) => StatusCode::INTERNAL_SERVER_ERROR,
         SupervisorError::Rejected(_) => StatusCode::CONFLICT,
         SupervisorError::ShuttingDown | SupervisorError::Gone => StatusCode::SERVICE_UNAVAILABLE,
+        SupervisorError::TooManyQueued => StatusCode::TOO_MANY_REQUESTS,
         SupervisorError::SignalFailed => StatusCode::INTERNAL_SERVER_ERROR,
         SupervisorError::Storage(StoreError::Full) => StatusCode::INSUFFICIENT_STORAGE,
         SupervisorError::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -272,12 +305,15 @@ fn authorized(req: &Request<Incoming>, key: &str) -> bool {
 async fn handle(state: &ApiState, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let resp = dispatch(state, req).await;
+    let resp = dispatch(state, req, peer).await;
     tracing::debug!(%peer, %method, %path, status = resp.status().as_u16(), "request");
     resp
 }
 
-async fn dispatch(state: &ApiState, req: Request<Incoming>) -> Response<Body> {
+async fn dispatch(state: &ApiState, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    if req.uri().to_string().len() > state.http.max_uri_bytes {
+        return error(StatusCode::URI_TOO_LONG, "URI is too long.");
+    }
     let path = req.uri().path().to_string();
     let route = route(&path);
     let is_health = matches!(route, Some(Route::Health));
@@ -299,6 +335,65 @@ async fn dispatch(state: &ApiState, req: Request<Incoming>) -> Response<Body> {
             .insert(ALLOW, HeaderValue::from_str(&allow).expect("ascii"));
         return r;
     }
+    let limited = rate_limit(state, &route, req.method(), peer);
+    if let Some(v) = limited.filter(|v| v.retry_after.is_some()) {
+        return rate_limited(v);
+    }
+    let mut resp = route_request(state, req, route).await;
+    if let Some(v) = limited {
+        add_rate_headers(&mut resp, &v);
+    }
+    resp
+}
+
+/// Counts the request against the limits that apply to it; returns the
+/// most restrictive verdict (a rejection first, else the fewest left).
+fn rate_limit(state: &ApiState, route: &Route<'_>, method: &Method, peer: SocketAddr) -> Option<Verdict> {
+    let limits = *state.rate_limits.read().expect("rate limits");
+    let per_min = |max| Limit { max, window_ms: 60_000 };
+    let bucket = match (route, method) {
+        (Route::Processes, &Method::POST) => Some((Bucket::Create, per_min(limits.create_per_min))),
+        (Route::Run(_), _) => Some((Bucket::Run, per_min(limits.run_per_min))),
+        (Route::Kill(_), _) => Some((Bucket::Kill, per_min(limits.kill_per_min))),
+        _ => None,
+    };
+    let global = (!matches!(route, Route::Health)).then_some((
+        Bucket::Global,
+        Limit {
+            max: limits.global_max,
+            window_ms: limits.global_window_ms,
+        },
+    ));
+    let ip = peer.ip().to_canonical();
+    [bucket, global]
+        .into_iter()
+        .flatten()
+        .filter_map(|(b, l)| state.limiter.check(ip, b, l))
+        .min_by_key(|v| (v.retry_after.is_none(), v.remaining))
+}
+
+fn add_rate_headers(resp: &mut Response<Body>, v: &Verdict) {
+    let h = resp.headers_mut();
+    h.insert("x-ratelimit-limit", HeaderValue::from(v.limit));
+    h.insert("x-ratelimit-remaining", HeaderValue::from(v.remaining));
+    h.insert("x-ratelimit-reset", HeaderValue::from(v.reset));
+}
+
+/// 429 with the contract's body and `Retry-After`.
+fn rate_limited(v: Verdict) -> Response<Body> {
+    let s = v.retry_after.unwrap_or(1);
+    let body = serde_json::json!({
+        "error": "rate_limit_exceeded",
+        "message": format!("Too many requests. Try again in {s} seconds."),
+        "retryAfter": s,
+    });
+    let mut r = json(StatusCode::TOO_MANY_REQUESTS, serde_json::to_vec(&body).expect("json"));
+    add_rate_headers(&mut r, &v);
+    r.headers_mut().insert("retry-after", HeaderValue::from(s));
+    r
+}
+
+async fn route_request(state: &ApiState, req: Request<Incoming>, route: Route<'_>) -> Response<Body> {
     let id = match route.id().map(ProcessId::parse) {
         Some(None) => return bad_request(Invalid("Field 'id' must be a positive integer.")),
         Some(Some(id)) => Some(id),

@@ -58,6 +58,76 @@ pub struct SpawnSpec<'a> {
     pub cwd: &'a Path,
     /// Moves the child into its cgroup between fork and exec.
     pub cgroup: Option<&'a Joiner>,
+    /// `(resource, limit)` pairs set with setrlimit before exec.
+    pub rlimits: &'a [(Rlimit, u64)],
+    /// Run as this uid/gid (supplementary groups dropped).
+    pub credentials: Option<(u32, u32)>,
+}
+
+/// A resource limit of a child.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rlimit {
+    OpenFiles,
+    Processes,
+    CoreSize,
+    AddressSpace,
+    CpuSeconds,
+}
+
+impl Rlimit {
+    fn resource(self) -> libc::__rlimit_resource_t {
+        match self {
+            Rlimit::OpenFiles => libc::RLIMIT_NOFILE,
+            Rlimit::Processes => libc::RLIMIT_NPROC,
+            Rlimit::CoreSize => libc::RLIMIT_CORE,
+            Rlimit::AddressSpace => libc::RLIMIT_AS,
+            Rlimit::CpuSeconds => libc::RLIMIT_CPU,
+        }
+    }
+}
+
+/// Raises the daemon's own open-file limit to its hard limit (a supervisor
+/// holds a few descriptors per run and per connection). Returns the soft
+/// limit it had, which children get back unless configured otherwise.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    // SAFETY: getrlimit/setrlimit on a zeroed struct.
+    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let original = lim.rlim_cur;
+    lim.rlim_cur = lim.rlim_max;
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(original)
+}
+
+/// Resolves a user (name or number) and group (name, number, or the
+/// user's primary group) to ids.
+pub fn resolve_credentials(user: &str, group: Option<&str>) -> Result<(u32, u32), String> {
+    use nix::unistd::{Group, User};
+    let u = match user.parse::<u32>() {
+        Ok(uid) => User::from_uid(uid.into()).ok().flatten(),
+        Err(_) => User::from_name(user).ok().flatten(),
+    };
+    let (uid, primary) = match (u, user.parse::<u32>()) {
+        (Some(u), _) => (u.uid.as_raw(), u.gid.as_raw()),
+        (None, Ok(uid)) if group.is_some() => (uid, 0),
+        (None, _) => return Err(format!("no such user {user:?}")),
+    };
+    let gid = match group {
+        None => primary,
+        Some(g) => match g.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => Group::from_name(g)
+                .ok()
+                .flatten()
+                .map(|g| g.gid.as_raw())
+                .ok_or_else(|| format!("no such group {g:?}"))?,
+        },
+    };
+    Ok((uid, gid))
 }
 
 /// A started run: the unreaped leader and its two output pipes.
@@ -90,11 +160,37 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
-    if let Some(joiner) = spawn_cgroup_fd(spec) {
-        // SAFETY: the hook only calls write(2) on an fd that outlives the
-        // spawn; it allocates nothing and takes no lock.
+    if let Some((uid, gid)) = spec.credentials {
+        // std drops supplementary groups (setgroups(0)) when root switches.
+        cmd.uid(uid).gid(gid);
+    }
+    let joiner = spawn_cgroup_fd(spec);
+    let limits: Vec<(libc::__rlimit_resource_t, libc::rlim_t)> = spec
+        .rlimits
+        .iter()
+        .map(|(r, v)| (r.resource(), *v as libc::rlim_t))
+        .collect();
+    if joiner.is_some() || !limits.is_empty() {
+        // SAFETY: the hook runs between fork and exec and only makes
+        // system calls (write(2) on an fd that outlives the spawn,
+        // setrlimit(2) from a vector allocated before the fork); it
+        // allocates nothing and takes no lock.
         unsafe {
-            cmd.pre_exec(move || Joiner::join_raw(joiner));
+            cmd.pre_exec(move || {
+                if let Some(fd) = joiner {
+                    Joiner::join_raw(fd)?;
+                }
+                for &(resource, value) in &limits {
+                    let lim = libc::rlimit {
+                        rlim_cur: value,
+                        rlim_max: value,
+                    };
+                    if libc::setrlimit(resource, &lim) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
         }
     }
     let mut child = cmd.spawn()?;

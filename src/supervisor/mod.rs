@@ -32,7 +32,7 @@ use tokio::task::AbortHandle;
 use crate::events::Hub;
 use crate::model::{Change, ChangeKind, ProcIdentity, ProcessId, Record, State};
 use crate::proc::cgroup::{CgroupRoot, RunCgroup};
-use crate::proc::{self, Leader, Scope, SpawnSpec, Tracked};
+use crate::proc::{self, Leader, Rlimit, Scope, SpawnSpec, Tracked};
 use crate::store::{Batch, Store, StoreError};
 use machine::{decide, Effect, Event, Reject};
 use run::{Finished, RunContext};
@@ -64,6 +64,12 @@ pub struct Settings {
     pub event_retention: u64,
     /// Where runs get their own cgroups; `None`: process groups only.
     pub cgroups: Option<CgroupRoot>,
+    /// Queued processes at most.
+    pub max_queued: usize,
+    /// Resource limits set in every child before exec.
+    pub rlimits: Vec<(Rlimit, u64)>,
+    /// Run children as this uid/gid; their run folder is handed to them.
+    pub credentials: Option<(u32, u32)>,
 }
 
 /// `options.timeout` as the client gave it.
@@ -97,6 +103,8 @@ pub enum SupervisorError {
     Storage(StoreError),
     #[error("The supervisor has stopped.")]
     Gone,
+    #[error("Too many queued processes.")]
+    TooManyQueued,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, SupervisorError>>;
@@ -550,6 +558,10 @@ impl Actor {
                     let _ = reply.send(Err(SupervisorError::ShuttingDown));
                     return;
                 }
+                if self.queue_full() {
+                    let _ = reply.send(Err(SupervisorError::TooManyQueued));
+                    return;
+                }
                 match self.apply(id, Event::Run { force }) {
                     Ok((rec, fx)) => {
                         let after = After::Reply {
@@ -584,9 +596,23 @@ impl Actor {
         }
     }
 
+    /// Admission control: whether one more queued process is allowed.
+    fn queue_full(&self) -> bool {
+        let queued = self
+            .entries
+            .values()
+            .filter(|e| e.rec.state == State::Queued && !e.deleted)
+            .count();
+        queued >= self.settings.max_queued
+    }
+
     fn create(&mut self, req: CreateRequest, reply: Reply<ProcessId>) {
         if self.shutting_down {
             let _ = reply.send(Err(SupervisorError::ShuttingDown));
+            return;
+        }
+        if req.autorun && self.queue_full() {
+            let _ = reply.send(Err(SupervisorError::TooManyQueued));
             return;
         }
         let id = ProcessId(self.next_id);
@@ -966,6 +992,8 @@ impl Actor {
                 env: &env,
                 cwd: &dir,
                 cgroup: joiner.as_ref(),
+                rlimits: &self.settings.rlimits,
+                credentials: self.settings.credentials,
             })
         });
         drop(joiner);
@@ -1076,6 +1104,13 @@ impl Actor {
             .truncate(true)
             .mode(0o600)
             .open(output_path)?;
+        if let Some((uid, gid)) = self.settings.credentials {
+            // The run's own folder, code and output file belong to the user
+            // it runs as; the data dir above stays the daemon's.
+            for p in [dir, code_path.as_path(), output_path] {
+                std::os::unix::fs::chown(p, Some(uid), Some(gid))?;
+            }
+        }
         Ok((code_path, code.starts_with(b"#!")))
     }
 

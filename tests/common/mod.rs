@@ -209,6 +209,15 @@ impl Daemon {
         let log = fs::File::create(self.log_path(self.generation)).expect("create log file");
         let mut cmd = base_command();
         cmd.env("CYRNEL_KILL_GRACE_MS", "300");
+        // Tests create many processes quickly; rate limits have their own
+        // tests, which set these.
+        for key in [
+            "CYRNEL_RATE_LIMIT_CREATE_PER_MIN",
+            "CYRNEL_RATE_LIMIT_RUN_PER_MIN",
+            "CYRNEL_RATE_LIMIT_KILL_PER_MIN",
+        ] {
+            cmd.env(key, "0");
+        }
         for (k, v) in &self.opts.env {
             cmd.env(k, v);
         }
