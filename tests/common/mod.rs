@@ -1580,3 +1580,37 @@ pub fn marker_dir() -> tempfile::TempDir {
 pub fn sq(path: &Path) -> String {
     format!("'{}'", path.display().to_string().replace('\'', r"'\''"))
 }
+
+// ---------------------------------------------------------------------------
+// A run's processes, wherever they went
+// ---------------------------------------------------------------------------
+
+/// Every live process whose environment carries the run's CYRNEL_OUTPUT
+/// path: the run and all its descendants, wherever they moved (a process
+/// may change its group or session, not its inherited environment).
+pub fn alive_of_run(d: &Daemon, id: i64) -> Vec<i32> {
+    let want = format!("CYRNEL_OUTPUT={}", output_path(d.data_dir(), id).display());
+    let mut out = Vec::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(env) = fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        if env.split(|b| *b == 0).any(|kv| kv == want.as_bytes())
+            && proc_stat(pid).is_some_and(|(state, _)| state != 'Z')
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+pub fn output_path(data_dir: &Path, id: i64) -> PathBuf {
+    fs::canonicalize(data_dir)
+        .unwrap()
+        .join("run")
+        .join(id.to_string())
+        .join("output")
+}
