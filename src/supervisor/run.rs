@@ -137,6 +137,21 @@ impl Sink {
     }
 }
 
+/// One non-blocking read(2) straight on the pipe. Not `try_read`: that
+/// answers WouldBlock from tokio's readiness cache without asking the
+/// kernel, and a fast process's last bytes would be lost when the reactor
+/// has not reported them yet.
+fn drain_read(pipe: &pipe::Receiver, buf: &mut [u8]) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: read(2) into a valid buffer on an open, non-blocking fd.
+    let n = unsafe { libc::read(pipe.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
 /// Copies one pipe into the store until EOF, or until told to stop, after
 /// which it drains what is already buffered. Returns (kept, dropped) bytes.
 async fn capture(
@@ -157,9 +172,9 @@ async fn capture(
     let mut stopping = false;
     loop {
         let n = if stopping {
-            match pipe.try_read(&mut buf) {
+            match drain_read(&pipe, &mut buf) {
                 Ok(n) => n,
-                Err(_) => break, // WouldBlock: drained; anything else: done
+                Err(_) => break, // EAGAIN: drained; anything else: done
             }
         } else {
             tokio::select! {
