@@ -328,20 +328,6 @@ fn a_slow_client_is_cut_off_without_slowing_the_daemon_and_resumes_without_loss(
     assert_eq!(seen, ids, "nothing lost, nothing twice");
 }
 
-/// A tiny deterministic generator, so "random" disconnect points are the
-/// same on every run.
-struct Lcg(u64);
-
-impl Lcg {
-    fn next(&mut self, n: u64) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 33) % n
-    }
-}
-
 #[test]
 fn a_client_disconnecting_at_random_points_gets_the_exact_sequence() {
     let mut d = Daemon::options().env("CYRNEL_MAX_RUNNING", "3").start();

@@ -239,19 +239,6 @@ fn a_daemonized_descendant_keeps_the_run_open_under_cgroups() {
     assert_eq!(rec["escaped"].as_i64(), Some(1), "{rec}");
 }
 
-/// A tiny deterministic generator for the crash points.
-struct Lcg(u64);
-
-impl Lcg {
-    fn next(&mut self, n: u64) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 33) % n
-    }
-}
-
 #[test]
 fn crash_consistency_under_kill_9_with_cgroups() {
     crash_consistency("auto", 7);

@@ -562,37 +562,39 @@ impl Actor {
                     let _ = reply.send(Err(SupervisorError::TooManyQueued));
                     return;
                 }
-                match self.apply(id, Event::Run { force }) {
-                    Ok((rec, fx)) => {
-                        let after = After::Reply {
-                            reply,
-                            rec: rec.clone(),
-                            enqueue: true,
-                            remove_dir: false,
-                        };
-                        self.persist(id, &rec, &fx, after);
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                    }
-                }
+                self.decide_and_reply(id, Event::Run { force }, reply, true, false);
             }
             Command::Kill(id, reply) => self.kill(id, reply),
-            Command::Delete(id, reply) => match self.apply(id, Event::Delete) {
-                Ok((rec, fx)) => {
-                    let after = After::Reply {
-                        reply,
-                        rec: rec.clone(),
-                        enqueue: false,
-                        remove_dir: true,
-                    };
-                    self.persist(id, &rec, &fx, after);
-                }
-                Err(e) => {
-                    let _ = reply.send(Err(e));
-                }
-            },
+            Command::Delete(id, reply) => {
+                self.decide_and_reply(id, Event::Delete, reply, false, true)
+            }
             Command::Shutdown(done) => self.begin_shutdown(done),
+        }
+    }
+
+    /// A client's request that answers with the record once the
+    /// transition is durable (then enqueues it, or removes its folder).
+    fn decide_and_reply(
+        &mut self,
+        id: ProcessId,
+        event: Event,
+        reply: Reply<Record>,
+        enqueue: bool,
+        remove_dir: bool,
+    ) {
+        match self.apply(id, event) {
+            Ok((rec, fx)) => {
+                let after = After::Reply {
+                    reply,
+                    rec: rec.clone(),
+                    enqueue,
+                    remove_dir,
+                };
+                self.persist(id, &rec, &fx, after);
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
         }
     }
 

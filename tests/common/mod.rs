@@ -1614,3 +1614,18 @@ pub fn output_path(data_dir: &Path, id: i64) -> PathBuf {
         .join(id.to_string())
         .join("output")
 }
+
+/// A tiny deterministic generator, so "random" choices (crash points,
+/// disconnect points) are the same on every run.
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    /// A number in `0..n`.
+    pub fn next(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
