@@ -10,13 +10,13 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use crate::api::ratelimit::Limiter;
-use crate::api::{self, ApiState, HttpLimits};
+use crate::api::{self, ApiKey, ApiState, HttpLimits};
 use std::sync::RwLock;
 use std::time::Duration;
 use crate::config::Config;
@@ -52,9 +52,32 @@ fn private_dir(dir: &Path, mode: u32) -> Result<(), AppError> {
     fs::set_permissions(dir, fs::Permissions::from_mode(mode)).map_err(wrap)
 }
 
+/// How the process around the daemon (`main`) takes part while it runs:
+/// it hears when the daemon is ready and hands it reloaded configurations.
+#[derive(Default)]
+pub struct Hooks {
+    /// Called once the listener is bound and the supervisor has recovered
+    /// and started, with the bound address (systemd's READY=1).
+    pub ready: Option<Box<dyn FnOnce(SocketAddr) + Send>>,
+    /// Reloaded configurations (SIGHUP). Of each new value only the part
+    /// that can change under running processes is applied here: the API
+    /// key and the rate limits. The log level belongs to `main`, which owns
+    /// logging; every other setting needs a restart.
+    pub reloads: Option<watch::Receiver<Config>>,
+}
+
 /// Runs the daemon until `shutdown` resolves; returns once every running
 /// group is gone and every transition is durable.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
+    run_with(config, shutdown, Hooks::default()).await
+}
+
+/// [`run`], with `main`'s hooks.
+pub async fn run_with(
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+    hooks: Hooks,
+) -> Result<(), AppError> {
     let credentials = match &config.user {
         None => None,
         // SAFETY: geteuid has no preconditions.
@@ -148,7 +171,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let state = Arc::new(ApiState {
         store,
         supervisor: supervisor.clone(),
-        api_key: config.api_key.clone(),
+        api_key: ApiKey::new(config.api_key.clone()),
         max_body_bytes: config.max_body_bytes,
         hub: hub.clone(),
         heartbeat: std::time::Duration::from_millis(config.event_heartbeat_ms),
@@ -164,9 +187,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let addr = listener.local_addr().unwrap_or(config.listen);
     tracing::info!(%addr, data_dir = %data_dir.display(), auth = config.api_key.is_some(), "cyrneld listening");
     let (stop_server, server_stopped) = oneshot::channel::<()>();
+    if let Some(reloads) = hooks.reloads {
+        tokio::spawn(apply_reloads(reloads, state.clone()));
+    }
     let server = tokio::spawn(api::serve(listener, state, async {
         let _ = server_stopped.await;
     }));
+    if let Some(ready) = hooks.ready {
+        ready(addr);
+    }
     shutdown.await;
     tracing::info!("shutting down: terminating running processes");
     supervisor.shutdown().await;
@@ -180,4 +209,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let _ = server.await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Applies the reloadable part of each new configuration until the sender
+/// goes away. Only the latest value matters, hence a watch channel.
+async fn apply_reloads(mut reloads: watch::Receiver<Config>, state: Arc<ApiState>) {
+    while reloads.changed().await.is_ok() {
+        let (api_key, rate_limits) = {
+            let config = reloads.borrow_and_update();
+            (config.api_key.clone(), config.rate_limits)
+        };
+        state.api_key.set(api_key);
+        // Counters already running keep counting; the new limits apply
+        // from the next request.
+        *state
+            .rate_limits
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = rate_limits;
+    }
 }

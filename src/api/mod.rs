@@ -11,7 +11,7 @@ pub mod wire;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -53,7 +53,7 @@ pub const DROPPED_HEADER: &str = "x-cyrnel-dropped-bytes";
 pub struct ApiState {
     pub store: Store,
     pub supervisor: Supervisor,
-    pub api_key: Option<String>,
+    pub api_key: ApiKey,
     pub max_body_bytes: u64,
     pub hub: Arc<Hub>,
     /// Interval of `: keep-alive` comments on event streams.
@@ -71,6 +71,32 @@ pub struct HttpLimits {
     pub header_read_timeout: Duration,
     pub max_header_bytes: usize,
     pub max_uri_bytes: usize,
+}
+
+/// The bearer token every route but `/health` requires (none: no auth).
+/// Replaceable while the server runs, so that a configuration reload
+/// (SIGHUP) takes effect for the next request without a restart. A read
+/// lock held for one comparison per request; a reload is the only writer.
+#[derive(Default)]
+pub struct ApiKey(RwLock<Option<Arc<str>>>);
+
+impl ApiKey {
+    pub fn new(key: Option<String>) -> Self {
+        Self(RwLock::new(key.map(Arc::from)))
+    }
+
+    /// The key in force now.
+    pub fn get(&self) -> Option<Arc<str>> {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces the key; requests that already passed auth are unaffected.
+    pub fn set(&self, key: Option<String>) {
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = key.map(Arc::from);
+    }
 }
 
 /// Serves until `shutdown` resolves, then lets in-flight requests finish
@@ -318,8 +344,8 @@ async fn dispatch(state: &ApiState, req: Request<Incoming>, peer: SocketAddr) ->
     let route = route(&path);
     let is_health = matches!(route, Some(Route::Health));
     if !is_health {
-        if let Some(key) = &state.api_key {
-            if !authorized(&req, key) {
+        if let Some(key) = state.api_key.get() {
+            if !authorized(&req, &key) {
                 return error(StatusCode::UNAUTHORIZED, "Unauthorized");
             }
         }
