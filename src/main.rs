@@ -1,16 +1,34 @@
 //! `cyrneld`: parses the command line, loads the configuration, sets up
-//! logging and the daemon's own signals (SIGTERM/SIGINT stop it gracefully,
-//! SIGHUP is logged), and hands over to `app::run`.
+//! logging and the daemon's own signals, and hands over to `app::run_with`.
+//!
+//! Signals: SIGTERM and SIGINT stop the daemon gracefully. SIGHUP re-reads
+//! the configuration the daemon was started with (same flags, environment
+//! and file) and applies what can change under running processes: the API
+//! key and the rate limits (through `app`) and the log level (here, since
+//! this file owns logging). Everything else keeps its running value until a restart; an
+//! invalid new configuration is logged and ignored.
+//!
+//! It also speaks systemd's notification protocol (`Type=notify`): READY=1
+//! once the listener is bound and the supervisor runs, RELOADING=1 … READY=1
+//! around a reload, STOPPING=1 when shutdown begins. Without `NOTIFY_SOCKET`
+//! (not started by systemd) these are no-ops. The variable never reaches
+//! managed processes: they get a clean environment.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
 use futures_util::StreamExt;
+use sd_notify::NotifyState;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_tokio::Signals;
+use tokio::sync::watch;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{reload, EnvFilter, Registry};
 
-use cyrnel::config::{self, Flags};
+use cyrnel::app::Hooks;
+use cyrnel::config::{self, Config, Flags};
 
 /// Supervises OS processes behind the Cyrnel Processes HTTP API.
 ///
@@ -18,7 +36,15 @@ use cyrnel::config::{self, Flags};
 /// or the config file; flags win over the environment, which wins over the
 /// file.
 #[derive(Parser, Debug)]
-#[command(name = "cyrneld", version, about)]
+#[command(
+    name = "cyrneld",
+    version,
+    about,
+    after_help = "Signals: SIGTERM or SIGINT stop the daemon gracefully (running processes \
+                  are terminated and recorded canceled; queued ones run after the next \
+                  start). SIGHUP reloads api_key, the rate limits and log_level from \
+                  the configuration without touching running processes."
+)]
 struct Cli {
     /// TOML configuration file.
     #[arg(long, value_name = "FILE")]
@@ -30,6 +56,8 @@ struct Cli {
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
 }
+
+type LogFilter = reload::Handle<EnvFilter, Registry>;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -45,12 +73,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log_level));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
+    // RUST_LOG, when set, wins over log_level, at start and on reload.
+    let rust_log = EnvFilter::try_from_default_env().ok();
+    let log_level_owned = rust_log.is_none();
+    let filter = rust_log.unwrap_or_else(|| EnvFilter::new(&config.log_level));
+    let (filter, log_filter) = reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(false),
+        )
         .init();
     tracing::debug!(?config, "configuration");
 
@@ -72,25 +106,217 @@ fn main() -> ExitCode {
                 return Err(());
             }
         };
+        let (reloads_tx, reloads) = watch::channel(config.clone());
+        let mut reloader = Reloader {
+            flags,
+            running: config.clone(),
+            log_filter: log_level_owned.then_some(log_filter),
+            apply: reloads_tx,
+        };
         let shutdown = async move {
             while let Some(sig) = signals.next().await {
                 if sig == SIGHUP {
-                    tracing::info!(
-                        "SIGHUP received; configuration reload is not supported yet, ignoring"
-                    );
+                    reloader.reload();
                     continue;
                 }
                 tracing::info!(signal = sig, "stop requested");
+                notify(&[
+                    NotifyState::Stopping,
+                    NotifyState::Status("stopping: terminating running processes"),
+                ]);
                 return;
             }
         };
-        cyrnel::app::run(config, shutdown).await.map_err(|e| {
-            tracing::error!(error = %e, "cyrneld failed");
-            eprintln!("cyrneld: {e}");
-        })
+        let hooks = Hooks {
+            ready: Some(Box::new(|addr| {
+                notify(&[
+                    NotifyState::Ready,
+                    NotifyState::Status(&format!("listening on {addr}")),
+                ]);
+            })),
+            reloads: Some(reloads),
+        };
+        cyrnel::app::run_with(config, shutdown, hooks)
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "cyrneld failed");
+                eprintln!("cyrneld: {e}");
+            })
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(()) => ExitCode::FAILURE,
     }
+}
+
+/// Tells systemd about a state change; a failure only costs the
+/// notification, never the daemon.
+fn notify(states: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!(error = %e, "cannot notify the service manager");
+    }
+}
+
+/// SIGHUP: re-reads the configuration and applies its reloadable part.
+struct Reloader {
+    /// The command line the daemon was started with: a reload reads the
+    /// same file and environment, and flags keep winning.
+    flags: Flags,
+    /// The settings in force: the start-up configuration with every
+    /// applied reload's api_key, rate limits and log_level.
+    running: Config,
+    /// `None` when RUST_LOG chose the filter: log_level then has no say.
+    log_filter: Option<LogFilter>,
+    /// Hands the new configuration to `app`, which applies the API key
+    /// and the rate limits.
+    apply: watch::Sender<Config>,
+}
+
+impl Reloader {
+    fn reload(&mut self) {
+        let mut states = vec![NotifyState::Reloading];
+        // systemd (v253+) wants a timestamp with RELOADING=1.
+        if let Ok(now) = NotifyState::monotonic_usec_now() {
+            states.push(now);
+        }
+        notify(&states);
+        let file = match &self.flags.config {
+            Some(path) => path.display().to_string(),
+            None => "(no file: environment and defaults)".to_string(),
+        };
+        tracing::info!(%file, "SIGHUP: reloading the configuration");
+        match self.try_reload() {
+            Ok(()) => {}
+            Err(e) => tracing::error!(
+                error = %e,
+                "configuration reload failed; the running configuration is unchanged"
+            ),
+        }
+        notify(&[NotifyState::Ready]);
+    }
+
+    fn try_reload(&mut self) -> Result<(), String> {
+        let new =
+            config::load(&self.flags, |k| std::env::var(k).ok()).map_err(|e| e.to_string())?;
+        // The listener stays where it is, so the rule "non-loopback needs a
+        // key" applies to the running address, not to the file's.
+        if new.api_key.is_none() && !self.running.listen.ip().is_loopback() {
+            return Err(format!(
+                "api_key: cannot be removed while listening on the non-loopback address {}",
+                self.running.listen
+            ));
+        }
+        let new_filter = if new.log_level != self.running.log_level {
+            Some(EnvFilter::try_new(&new.log_level).map_err(|e| format!("log_level: {e}"))?)
+        } else {
+            None
+        };
+
+        let mut applied = Vec::new();
+        if new.api_key != self.running.api_key {
+            applied.push(match (&self.running.api_key, &new.api_key) {
+                (None, _) => "api_key (set)",
+                (_, None) => "api_key (removed)",
+                _ => "api_key (changed)",
+            });
+        }
+        if new.rate_limits != self.running.rate_limits {
+            applied.push("rate limits");
+        }
+        if let Some(filter) = new_filter {
+            match &self.log_filter {
+                Some(handle) => {
+                    handle
+                        .reload(filter)
+                        .map_err(|e| format!("log_level: {e}"))?;
+                    applied.push("log_level");
+                }
+                None => tracing::warn!("log_level changed, but RUST_LOG is set and wins over it"),
+            }
+        }
+        let restart_needed = needs_restart(&self.running, &new);
+
+        self.running.api_key = new.api_key.clone();
+        self.running.log_level = new.log_level.clone();
+        self.running.rate_limits = new.rate_limits;
+        self.apply.send_replace(new);
+        tracing::info!(
+            applied = ?applied,
+            restart_needed = ?restart_needed,
+            log_level = %self.running.log_level,
+            auth = self.running.api_key.is_some(),
+            "configuration reloaded"
+        );
+        Ok(())
+    }
+}
+
+/// The settings that differ between `running` and `new` but only take
+/// effect at the next start.
+fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
+    let fields = [
+        ("listen", running.listen != new.listen),
+        ("data_dir", running.data_dir != new.data_dir),
+        ("max_running", running.max_running != new.max_running),
+        (
+            "default_timeout_ms",
+            running.default_timeout_ms != new.default_timeout_ms,
+        ),
+        ("kill_grace_ms", running.kill_grace_ms != new.kill_grace_ms),
+        ("shell", running.shell != new.shell),
+        (
+            "max_output_bytes",
+            running.max_output_bytes != new.max_output_bytes,
+        ),
+        (
+            "max_body_bytes",
+            running.max_body_bytes != new.max_body_bytes,
+        ),
+        ("env", running.env != new.env),
+        (
+            "event_retention",
+            running.event_retention != new.event_retention,
+        ),
+        ("event_buffer", running.event_buffer != new.event_buffer),
+        (
+            "event_heartbeat_ms",
+            running.event_heartbeat_ms != new.event_heartbeat_ms,
+        ),
+        ("cgroups", running.cgroups != new.cgroups),
+        (
+            "storage_reserve_bytes",
+            running.storage_reserve_bytes != new.storage_reserve_bytes,
+        ),
+        (
+            "max_connections",
+            running.max_connections != new.max_connections,
+        ),
+        (
+            "header_read_timeout_ms",
+            running.header_read_timeout_ms != new.header_read_timeout_ms,
+        ),
+        (
+            "max_header_bytes",
+            running.max_header_bytes != new.max_header_bytes,
+        ),
+        ("max_uri_bytes", running.max_uri_bytes != new.max_uri_bytes),
+        ("max_queued", running.max_queued != new.max_queued),
+        ("user", running.user != new.user),
+        ("group", running.group != new.group),
+        ("rlimit_*", running.child_limits != new.child_limits),
+    ];
+    let mut keys: Vec<&'static str> = fields
+        .iter()
+        .filter(|(_, changed)| *changed)
+        .map(|(k, _)| *k)
+        .collect();
+    // Settings added to Config after this list was written.
+    let mut rest = new.clone();
+    rest.api_key.clone_from(&running.api_key);
+    rest.log_level.clone_from(&running.log_level);
+    rest.rate_limits = running.rate_limits;
+    if keys.is_empty() && rest != *running {
+        keys.push("other settings");
+    }
+    keys
 }
