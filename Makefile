@@ -65,3 +65,13 @@ fmt:
 
 clean:
 	$(CARGO) clean
+
+.PHONY: package test-packages
+
+## package: the .deb and .rpm in packaging/dist/ (cargo-deb and cargo-generate-rpm, installed at pinned versions when missing)
+package: deps
+	$(CARGO_ENV) CACHE_DIR=$(CACHE_DIR) CARGO=$(CARGO) packaging/build.sh packaging/dist
+
+## test-packages: build both packages, install them into Debian roots (debootstrap, cached under $(CACHE_DIR)) and an rpm root, and check them
+test-packages: package
+	CACHE_DIR=$(CACHE_DIR) packaging/test-install.sh packaging/dist
