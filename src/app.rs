@@ -17,13 +17,13 @@ use tokio::sync::{oneshot, watch};
 
 use crate::api::ratelimit::Limiter;
 use crate::api::{self, ApiKey, ApiState, HttpLimits};
-use std::sync::RwLock;
-use std::time::Duration;
 use crate::config::Config;
 use crate::events::Hub;
 use crate::proc::{self, cgroup::CgroupRoot, Rlimit};
 use crate::store::{Store, StoreError};
 use crate::supervisor::{Settings, Supervisor};
+use std::sync::RwLock;
+use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -82,7 +82,9 @@ pub async fn run_with(
         None => None,
         // SAFETY: geteuid has no preconditions.
         Some(_) if unsafe { libc::geteuid() } != 0 => {
-            return Err(AppError::Config("user: switching users needs cyrneld to run as root".into()))
+            return Err(AppError::Config(
+                "user: switching users needs cyrneld to run as root".into(),
+            ))
         }
         Some(user) => Some(
             proc::resolve_credentials(user, config.group.as_deref())
@@ -144,6 +146,21 @@ pub async fn run_with(
         tracing::info!("cgroups = \"off\": tracking runs by process group");
         None
     };
+    let mut cgroup_limits = Vec::new();
+    for (key, file, controller, value) in [
+        ("memory_max", "memory.max", "memory", config.memory_max),
+        ("pids_max", "pids.max", "pids", config.pids_max),
+    ] {
+        let Some(value) = value else { continue };
+        if cgroups.as_ref().is_some_and(|root| root.has(controller)) {
+            cgroup_limits.push((file, value));
+        } else {
+            tracing::warn!(
+                key,
+                "not enforced: the {controller} cgroup controller is not delegated to cyrneld here"
+            );
+        }
+    }
     // Orphaned descendants come to us, not to init, so they can be found,
     // killed and reaped.
     if let Err(e) = proc::become_subreaper() {
@@ -165,6 +182,7 @@ pub async fn run_with(
             max_queued: config.max_queued,
             rlimits,
             credentials,
+            cgroup_limits,
         },
         hub.clone(),
     )?;

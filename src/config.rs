@@ -47,6 +47,8 @@ pub const KEYS: &[&str] = &[
     "rlimit_core",
     "rlimit_as",
     "rlimit_cpu",
+    "memory_max",
+    "pids_max",
 ];
 
 /// Request limits per client address and one-minute window (0 disables),
@@ -83,6 +85,8 @@ pub const OPTIONAL_KEYS: &[&str] = &[
     "rlimit_core",
     "rlimit_as",
     "rlimit_cpu",
+    "memory_max",
+    "pids_max",
 ];
 
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -125,6 +129,9 @@ pub struct Config {
     pub user: Option<String>,
     pub group: Option<String>,
     pub child_limits: ChildLimits,
+    /// Per-run cgroup limits, where the host delegates the controllers.
+    pub memory_max: Option<u64>,
+    pub pids_max: Option<u64>,
 }
 
 impl fmt::Debug for Config {
@@ -156,6 +163,8 @@ impl fmt::Debug for Config {
             .field("user", &self.user)
             .field("group", &self.group)
             .field("child_limits", &self.child_limits)
+            .field("memory_max", &self.memory_max)
+            .field("pids_max", &self.pids_max)
             .finish()
     }
 }
@@ -401,14 +410,39 @@ fn build(raw: &BTreeMap<&'static str, Raw>) -> Result<Config, ConfigError> {
             0,
         )?,
         rate_limits: RateLimits {
-            create_per_min: integer("rate_limit_create_per_min", raw.get("rate_limit_create_per_min"), 20, 0)?,
-            run_per_min: integer("rate_limit_run_per_min", raw.get("rate_limit_run_per_min"), 20, 0)?,
-            kill_per_min: integer("rate_limit_kill_per_min", raw.get("rate_limit_kill_per_min"), 10, 0)?,
+            create_per_min: integer(
+                "rate_limit_create_per_min",
+                raw.get("rate_limit_create_per_min"),
+                20,
+                0,
+            )?,
+            run_per_min: integer(
+                "rate_limit_run_per_min",
+                raw.get("rate_limit_run_per_min"),
+                20,
+                0,
+            )?,
+            kill_per_min: integer(
+                "rate_limit_kill_per_min",
+                raw.get("rate_limit_kill_per_min"),
+                10,
+                0,
+            )?,
             global_max: integer("rate_limit_max", raw.get("rate_limit_max"), 0, 0)?,
-            global_window_ms: integer("rate_limit_window_ms", raw.get("rate_limit_window_ms"), 60_000, 1)?,
+            global_window_ms: integer(
+                "rate_limit_window_ms",
+                raw.get("rate_limit_window_ms"),
+                60_000,
+                1,
+            )?,
         },
         max_connections: usize_key(raw, "max_connections", 1024, 1)?,
-        header_read_timeout_ms: integer("header_read_timeout_ms", raw.get("header_read_timeout_ms"), 10_000, 1)?,
+        header_read_timeout_ms: integer(
+            "header_read_timeout_ms",
+            raw.get("header_read_timeout_ms"),
+            10_000,
+            1,
+        )?,
         // hyper's read buffer cannot be smaller than 8 KiB.
         max_header_bytes: usize_key(raw, "max_header_bytes", 16 * 1024, 8192)?,
         max_uri_bytes: usize_key(raw, "max_uri_bytes", 8 * 1024, 64)?,
@@ -422,14 +456,24 @@ fn build(raw: &BTreeMap<&'static str, Raw>) -> Result<Config, ConfigError> {
             address_space: optional_integer(raw, "rlimit_as")?,
             cpu_seconds: optional_integer(raw, "rlimit_cpu")?,
         },
+        memory_max: optional_integer(raw, "memory_max")?,
+        pids_max: optional_integer(raw, "pids_max")?,
     })
 }
 
-fn usize_key(raw: &BTreeMap<&'static str, Raw>, key: &str, default: u64, min: u64) -> Result<usize, ConfigError> {
+fn usize_key(
+    raw: &BTreeMap<&'static str, Raw>,
+    key: &str,
+    default: u64,
+    min: u64,
+) -> Result<usize, ConfigError> {
     usize::try_from(integer(key, raw.get(key), default, min)?).map_err(|_| err(key, "too large"))
 }
 
-fn optional_integer(raw: &BTreeMap<&'static str, Raw>, key: &str) -> Result<Option<u64>, ConfigError> {
+fn optional_integer(
+    raw: &BTreeMap<&'static str, Raw>,
+    key: &str,
+) -> Result<Option<u64>, ConfigError> {
     match raw.get(key) {
         None => Ok(None),
         Some(v) => integer(key, Some(v), 0, 0).map(Some),
@@ -558,7 +602,8 @@ mod tests {
             .filter_map(|l| l.strip_prefix('#'))
             .filter(|l| {
                 let key = l.split(" = ").next().unwrap_or("");
-                l.starts_with('[') || (l.contains(" = ") && !l.starts_with(' ') && !OPTIONAL_KEYS.contains(&key))
+                l.starts_with('[')
+                    || (l.contains(" = ") && !l.starts_with(' ') && !OPTIONAL_KEYS.contains(&key))
             })
             .map(|l| format!("{l}\n"))
             .collect();
@@ -567,10 +612,16 @@ mod tests {
             .filter_map(|l| l.split_once(" = ").map(|(k, _)| k))
             .collect();
         for key in KEYS.iter().filter(|k| !OPTIONAL_KEYS.contains(k)) {
-            assert!(documented.contains(key), "{key} is not documented in platform/cyrneld.toml");
+            assert!(
+                documented.contains(key),
+                "{key} is not documented in platform/cyrneld.toml"
+            );
         }
         for key in OPTIONAL_KEYS.iter().filter(|k| **k != "env") {
-            assert!(shipped.contains(&format!("\n#{key} = ")), "{key} is not shown in platform/cyrneld.toml");
+            assert!(
+                shipped.contains(&format!("\n#{key} = ")),
+                "{key} is not shown in platform/cyrneld.toml"
+            );
         }
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("c.toml");

@@ -385,3 +385,42 @@ fn the_api_key_can_come_from_a_file() {
     assert_eq!(r.status, 200, "{r}");
     assert!(!d.logs().contains("s3cret"), "the key must not be logged");
 }
+
+#[test]
+fn pids_max_is_enforced_where_delegated_and_reported_where_not() {
+    let d = Daemon::options()
+        .env("CYRNEL_PIDS_MAX", "20")
+        .env("CYRNEL_DEFAULT_TIMEOUT_MS", "0")
+        .start();
+    let m = tempfile::tempdir().unwrap();
+    let marker = m.path().join("done");
+    let code = format!(
+        "i=0; while [ $i -lt 100 ]; do (sleep 300 &) 2>/dev/null; i=$((i+1)); done; : > {}; sleep 300",
+        sq(&marker)
+    );
+    let id = d.create_code(&code);
+    wait_for_file(&marker);
+    let alive = alive_of_run(&d, id).len();
+    if d.logs()
+        .contains("not enforced: the pids cgroup controller is not delegated")
+    {
+        // Reported, and true: this host's cgroup v2 root offers no pids
+        // controller to delegate.
+        let offered = fs::read_to_string("/sys/fs/cgroup/unified/cgroup.subtree_control")
+            .or_else(|_| fs::read_to_string("/sys/fs/cgroup/cgroup.subtree_control"))
+            .unwrap_or_default();
+        assert!(
+            !offered.split_whitespace().any(|c| c == "pids"),
+            "pids is delegated but was reported missing"
+        );
+        assert!(
+            alive > 20,
+            "without the controller nothing bounds the run ({alive})"
+        );
+    } else {
+        assert!(alive <= 20, "pids.max 20 must bound the run, found {alive}");
+    }
+    d.kill(id);
+    d.wait_idle(id);
+    assert_eq!(alive_of_run(&d, id), Vec::<i32>::new());
+}

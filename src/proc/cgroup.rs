@@ -15,6 +15,9 @@ use std::path::{Path, PathBuf};
 #[derive(Clone, Debug)]
 pub struct CgroupRoot {
     dir: PathBuf,
+    /// Controllers enabled for run cgroups (of "memory" and "pids": what
+    /// the host delegates).
+    controllers: Vec<String>,
 }
 
 /// Where the cgroup2 hierarchy is mounted, from /proc/self/mountinfo.
@@ -76,7 +79,16 @@ impl CgroupRoot {
             .map(|_| ());
         let _ = fs::remove_dir(&probe);
         writable.map_err(|e| format!("cannot move processes into {}: {e}", dir.display()))?;
-        Ok(CgroupRoot { dir })
+        // Enable the controllers the parent makes available to us, so run
+        // cgroups can carry memory.max and pids.max.
+        let available = fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default();
+        let controllers: Vec<String> = ["memory", "pids"]
+            .into_iter()
+            .filter(|c| available.split_whitespace().any(|a| a == *c))
+            .filter(|c| fs::write(dir.join("cgroup.subtree_control"), format!("+{c}")).is_ok())
+            .map(str::to_string)
+            .collect();
+        Ok(CgroupRoot { dir, controllers })
     }
 
     pub fn dir(&self) -> &Path {
@@ -94,6 +106,11 @@ impl CgroupRoot {
         RunCgroup {
             dir: self.dir.join(format!("run-{id}")),
         }
+    }
+
+    /// Whether `controller` ("memory", "pids") is enabled for run cgroups.
+    pub fn has(&self, controller: &str) -> bool {
+        self.controllers.iter().any(|c| c == controller)
     }
 }
 
@@ -134,11 +151,15 @@ impl RunCgroup {
 
     /// Creates the cgroup (an empty leftover from a crash is reused) and
     /// opens its `cgroup.procs` for the child to join.
-    pub fn prepare(&self) -> io::Result<Joiner> {
+    pub fn prepare(&self, limits: &[(&str, u64)]) -> io::Result<Joiner> {
         match fs::create_dir(&self.dir) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(e),
+        }
+        // Controller limits (memory.max, pids.max), only those enabled.
+        for (file, value) in limits {
+            fs::write(self.dir.join(file), value.to_string())?;
         }
         let path = CString::new(self.dir.join("cgroup.procs").as_os_str().as_bytes())
             .map_err(io::Error::other)?;

@@ -70,6 +70,9 @@ pub struct Settings {
     pub rlimits: Vec<(Rlimit, u64)>,
     /// Run children as this uid/gid; their run folder is handed to them.
     pub credentials: Option<(u32, u32)>,
+    /// Controller limits written into each run cgroup (`memory.max`,
+    /// `pids.max`), only those the host delegates.
+    pub cgroup_limits: Vec<(&'static str, u64)>,
 }
 
 /// `options.timeout` as the client gave it.
@@ -972,7 +975,7 @@ impl Actor {
         // Its own cgroup when the host offers them; a cgroup that cannot be
         // created degrades this run to process-group tracking.
         let cgroup = self.settings.cgroups.as_ref().map(|root| root.run(id.0));
-        let joiner = cgroup.as_ref().and_then(|cg| match cg.prepare() {
+        let joiner = cgroup.as_ref().and_then(|cg| match cg.prepare(&self.settings.cgroup_limits) {
             Ok(j) => Some(j),
             Err(e) => {
                 tracing::warn!(%id, cgroup = %cg.path().display(), error = %e, "no cgroup for this run; tracking its process group");
