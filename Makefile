@@ -17,7 +17,7 @@ CARGO_ENV = CCACHE_DIR=$(CACHE_DIR)/ccache CCACHE_BASEDIR=$(CURDIR) \
 
 APT_PACKAGES = libclang-dev ccache
 
-.PHONY: all run test build deps lint fmt check clean bench
+.PHONY: all run test build deps lint fmt check clean bench fuzz
 
 all: build
 
@@ -59,6 +59,35 @@ test: lint
 ## bench: the benchmark harness (release cyrneld against baselines measured in the same run)
 bench: deps
 	$(CARGO_ENV) $(CARGO) bench --bench bench
+
+# Schemathesis (PyPI, pinned) in a virtualenv under the cache dir; a new
+# version gets a new virtualenv. Budget and seed are fixed so that runs are
+# comparable: one to two minutes on two cores, plus the release build.
+SCHEMATHESIS_VERSION = 4.32.5
+FUZZ_VENV = $(CACHE_DIR)/venv-schemathesis-$(SCHEMATHESIS_VERSION)
+FUZZ_EXAMPLES ?= 100
+FUZZ_SEED ?= 1
+
+## fuzz: schemathesis against a live release cyrneld: no 5xx, every response as openapi.json says
+fuzz: deps
+	@if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing: python3 python3-venv"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv >/dev/null || exit 1; \
+	  else \
+	    echo "missing: python3 with venv; install it with:  sudo apt-get install -y python3 python3-venv"; \
+	    exit 1; \
+	  fi; \
+	fi
+	@if [ ! -x "$(FUZZ_VENV)/bin/st" ]; then \
+	  echo "installing schemathesis $(SCHEMATHESIS_VERSION) into $(FUZZ_VENV)"; \
+	  python3 -m venv "$(FUZZ_VENV)" && \
+	  "$(FUZZ_VENV)/bin/pip" install -q "schemathesis==$(SCHEMATHESIS_VERSION)" || exit 1; \
+	fi
+	$(CARGO_ENV) $(CARGO) build --release --bin cyrneld
+	tests/fuzz/run.sh "$(or $(CARGO_TARGET_DIR),$(CURDIR)/target)/release/cyrneld" \
+	  "$(FUZZ_VENV)/bin/st" $(FUZZ_EXAMPLES) $(FUZZ_SEED)
 
 fmt:
 	$(CARGO) fmt --all

@@ -384,8 +384,34 @@ fn tagged_strays(tag: &str, leader: i32) -> Vec<i32> {
 /// holds (`keep`): orphans reparented here by the subreaper. Each is reaped
 /// by its own pid; nothing calls `waitpid(-1)`.
 pub fn reap_strays(keep: &HashSet<i32>) -> usize {
-    let me = std::process::id() as i32;
+    // Fast path: peek (WNOWAIT) at one exited child. None: nothing to reap,
+    // no /proc walk. A stray: reap it by pid and look again. A held leader
+    // (exited, its run not settled yet) hides the others from the peek:
+    // only then walk /proc.
     let mut n = 0;
+    loop {
+        // SAFETY: waitid fills a zeroed siginfo_t.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
+        if unsafe { libc::waitid(libc::P_ALL, 0, &mut info, flags) } != 0 {
+            return n; // ECHILD: no children at all
+        }
+        // SAFETY: waitid succeeded; si_pid is 0 when no child has exited.
+        let pid = unsafe { info.si_pid() };
+        if pid == 0 {
+            return n;
+        }
+        if keep.contains(&pid) {
+            break;
+        }
+        let mut status = 0;
+        // SAFETY: waitpid on the specific child just seen.
+        if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } != pid {
+            return n;
+        }
+        n += 1;
+    }
+    let me = std::process::id() as i32;
     for pid in all_pids() {
         if keep.contains(&pid) {
             continue;
@@ -476,13 +502,24 @@ impl Tracked {
     /// flight.
     pub fn signal(&self, sig: Signal) -> io::Result<Signalled> {
         let mut out = Signalled::default();
-        let group: HashSet<i32> = group_members(self.pgid).into_iter().collect();
-        let everyone = match &self.scope {
-            Scope::Cgroup(cg) => cg.members(),
+        // With a cgroup its member list is the whole run, and only those few
+        // pids need a look in /proc; without one, the group and the tagged
+        // strays are found by walking /proc.
+        let (group, everyone): (HashSet<i32>, Vec<i32>) = match &self.scope {
+            Scope::Cgroup(cg) => {
+                let members = cg.members();
+                let group = members
+                    .iter()
+                    .copied()
+                    .filter(|&p| stat(p).is_some_and(|s| s.pgrp == self.pgid))
+                    .collect();
+                (group, members)
+            }
             Scope::Group => {
+                let group: HashSet<i32> = group_members(self.pgid).into_iter().collect();
                 let mut v: Vec<i32> = group.iter().copied().collect();
                 v.extend(tagged_strays(&self.tag, self.pgid));
-                v
+                (group, v)
             }
         };
         let group_result = killpg(Pid::from_raw(self.pgid), sig).map_err(io::Error::from);

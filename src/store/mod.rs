@@ -266,7 +266,16 @@ impl Store {
         opts.set_write_buffer_size(8 << 20);
         opts.set_max_write_buffer_number(2);
         opts.set_keep_log_file_num(4);
-        let cfs = ALL_CFS.map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+        // Flush column families once the WAL passes this, so a restart
+        // replays at most this much (the default, 0, lets it grow with the
+        // memtables of every family).
+        opts.set_max_total_wal_size(64 << 20);
+        let cfs = ALL_CFS.map(|name| {
+            let mut cf = Options::default();
+            cf.set_write_buffer_size(8 << 20);
+            cf.set_max_write_buffer_number(2);
+            ColumnFamilyDescriptor::new(name, cf)
+        });
         let db = DB::open_cf_descriptors(&opts, dir, cfs).map_err(|source| StoreError::Open {
             path: dir.to_path_buf(),
             source,
