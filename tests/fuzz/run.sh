@@ -26,6 +26,7 @@ work="$(mktemp -d "${TMPDIR:-/tmp}/cyrneld-fuzz.XXXXXX")"
 mkdir -m 0700 "$work/data"
 log="$work/cyrneld.log"
 daemon=""
+fuzzer=""
 
 # Kills what is left of the daemon's children: every process whose working
 # directory is inside $work (runs execute in <data_dir>/run/<id>/).
@@ -58,6 +59,10 @@ stop_daemon() {
 
 cleanup() {
   local rc=$?
+  if [ -n "$fuzzer" ]; then
+    kill -TERM "$fuzzer" 2>/dev/null || true
+    wait "$fuzzer" 2>/dev/null || true
+  fi
   stop_daemon || true
   kill_leftovers
   rm -rf "$work"
@@ -110,10 +115,15 @@ echo "fuzz: cyrneld on 127.0.0.1:$port, data in $work/data; schemathesis $("$st"
 
 report="$work/report.ndjson"
 st_rc=0
+# In the background, so that a signal to this script is handled at once
+# (bash runs traps only between foreground commands).
 CYRNEL_FUZZ_URL="http://127.0.0.1:$port" CYRNEL_FUZZ_KEY="$key" \
   "$st" --config-file "$here/schemathesis.toml" run "$spec" \
   --max-examples "$max_examples" --seed "$seed" --no-color \
-  --report ndjson --report-ndjson-path "$report" || st_rc=$?
+  --report ndjson --report-ndjson-path "$report" &
+fuzzer=$!
+wait "$fuzzer" || st_rc=$?
+fuzzer=""
 
 # What was run, from schemathesis' own event log.
 python3 - "$report" <<'EOF' || true
