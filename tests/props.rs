@@ -222,13 +222,11 @@ fn string(r: &mut Rng) -> String {
     }
 }
 
-/// Numbers as JSON has them. Integral values are always JSON integers: a
-/// float with a zero fraction (`5.0`) is left out, as is anything above
-/// 2^64-1 (serde_json holds those as floats), since whether such a number
-/// is "a positive integer" is not settled (see the report on
-/// `options.timeout: 5000.0`).
+/// Numbers as JSON has them, including whole numbers written as floats
+/// (`5.0`), which count as integers (JSON Schema's rule).
 fn number(r: &mut Rng) -> Value {
-    match r.below(7) {
+    match r.below(8) {
+        7 => Value::Number(Number::from_f64((r.magnitude() >> 20) as f64).expect("finite")),
         0 => Value::from(r.below(7) as i64 - 3),
         1 => Value::from(r.magnitude()),
         2 => Value::from(-((r.magnitude() >> 1) as i64) - 1),
@@ -422,10 +420,15 @@ fn create_model(v: &Value) -> Result<Create, &'static str> {
         }
         Some(_) => return Err(REF_TYPE),
     };
-    // Integral JSON numbers in range (the generator makes no others).
-    let integer = |v: &Value| match v {
-        Value::Number(n) if n.is_u64() => n.as_u64(),
-        _ => None,
+    // Whole numbers (also written as floats) up to 100,000 days in ms.
+    let integer = |v: &Value| {
+        let Value::Number(n) = v else { return None };
+        let n = n.as_u64().or_else(|| {
+            n.as_f64()
+                .filter(|f| f.is_finite() && f.fract() == 0.0 && *f >= 0.0 && *f <= 8.64e12)
+                .map(|f| f as u64)
+        })?;
+        (n <= 8_640_000_000_000).then_some(n)
     };
     let (timeout, kill_grace_ms) = match o.get("options") {
         None | Some(Value::Null) => (Timeout::Default, None),

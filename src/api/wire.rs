@@ -12,6 +12,27 @@ use crate::supervisor::{CreateRequest, Timeout};
 /// Longest `code`, in characters.
 pub const MAX_CODE_CHARS: usize = 102_400;
 
+/// Largest `options.timeout` / `options.killGrace`: 100,000 days, so a
+/// deadline stays a four-digit-year ISO-8601 time.
+pub const MAX_MS: u64 = 8_640_000_000_000;
+
+/// A JSON number that is a whole number of milliseconds in 0..=MAX_MS:
+/// `1000`, and also `1000.0` or `1e3` (JSON Schema calls those integers,
+/// and clients that serialise numbers as floats send them).
+fn whole_ms(v: &Value) -> Option<u64> {
+    let n = match v.as_u64() {
+        Some(n) => n,
+        None => {
+            let f = v.as_f64()?;
+            if !f.is_finite() || f.fract() != 0.0 || f < 0.0 || f > MAX_MS as f64 {
+                return None;
+            }
+            f as u64
+        }
+    };
+    (n <= MAX_MS).then_some(n)
+}
+
 /// A Process record as the API shows it. The server serialises it from a
 /// borrowed record; `cyrnelctl` deserialises it into owned strings.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -171,7 +192,7 @@ pub fn parse_create(body: &Value) -> Result<CreateRequest, Invalid> {
             let timeout = match o.get("timeout") {
                 None => Timeout::Default,
                 Some(Value::Null) => Timeout::Unlimited,
-                Some(v) => match v.as_u64() {
+                Some(v) => match whole_ms(v) {
                     Some(ms) if ms > 0 => Timeout::Ms(ms),
                     _ => {
                         return Err(Invalid(
@@ -182,7 +203,7 @@ pub fn parse_create(body: &Value) -> Result<CreateRequest, Invalid> {
             };
             let grace = match o.get("killGrace") {
                 None | Some(Value::Null) => None,
-                Some(v) => Some(v.as_u64().ok_or(Invalid(
+                Some(v) => Some(whole_ms(v).ok_or(Invalid(
                     "Field 'options.killGrace' must be a non-negative integer.",
                 ))?),
             };
@@ -294,6 +315,38 @@ mod tests {
                 .timeout,
             Timeout::Ms(5)
         );
+    }
+
+    #[test]
+    fn whole_floats_are_integers_and_huge_values_are_refused() {
+        let opts = |o: Value| parse_create(&json!({"code": "", "options": o}));
+        assert_eq!(
+            opts(json!({"timeout": 1000.0})).unwrap().timeout,
+            Timeout::Ms(1000)
+        );
+        assert_eq!(
+            opts(json!({"timeout": 1e3})).unwrap().timeout,
+            Timeout::Ms(1000)
+        );
+        assert_eq!(
+            opts(json!({"killGrace": 500.0})).unwrap().kill_grace_ms,
+            Some(500)
+        );
+        assert_eq!(
+            opts(json!({"killGrace": MAX_MS})).unwrap().kill_grace_ms,
+            Some(MAX_MS)
+        );
+        for bad in [
+            json!(1.5),
+            json!(-0.5),
+            json!(u64::MAX),
+            json!(MAX_MS + 1),
+            json!(1e300),
+        ] {
+            assert!(opts(json!({"timeout": bad.clone()})).is_err(), "{bad}");
+            assert!(opts(json!({"killGrace": bad.clone()})).is_err(), "{bad}");
+        }
+        assert!(opts(json!({"timeout": 0.0})).is_err());
     }
 
     #[test]
