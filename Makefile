@@ -52,9 +52,10 @@ lint: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO_ENV) $(CARGO) clippy --release --all-targets -- -D warnings
 
-## test: lint, then every unit and integration test against the real daemon
+## test: lint, every unit and integration test against the real daemon, then the schemathesis run (fuzz)
 test: lint
 	$(CARGO_ENV) $(CARGO) test --release
+	$(MAKE) --no-print-directory fuzz
 
 ## bench: the benchmark harness (release cyrneld against baselines measured in the same run)
 bench: deps
