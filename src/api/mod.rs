@@ -374,9 +374,17 @@ async fn dispatch(state: &ApiState, req: Request<Incoming>, peer: SocketAddr) ->
 
 /// Counts the request against the limits that apply to it; returns the
 /// most restrictive verdict (a rejection first, else the fewest left).
-fn rate_limit(state: &ApiState, route: &Route<'_>, method: &Method, peer: SocketAddr) -> Option<Verdict> {
+fn rate_limit(
+    state: &ApiState,
+    route: &Route<'_>,
+    method: &Method,
+    peer: SocketAddr,
+) -> Option<Verdict> {
     let limits = *state.rate_limits.read().expect("rate limits");
-    let per_min = |max| Limit { max, window_ms: 60_000 };
+    let per_min = |max| Limit {
+        max,
+        window_ms: 60_000,
+    };
     let bucket = match (route, method) {
         (Route::Processes, &Method::POST) => Some((Bucket::Create, per_min(limits.create_per_min))),
         (Route::Run(_), _) => Some((Bucket::Run, per_min(limits.run_per_min))),
@@ -413,13 +421,20 @@ fn rate_limited(v: Verdict) -> Response<Body> {
         "message": format!("Too many requests. Try again in {s} seconds."),
         "retryAfter": s,
     });
-    let mut r = json(StatusCode::TOO_MANY_REQUESTS, serde_json::to_vec(&body).expect("json"));
+    let mut r = json(
+        StatusCode::TOO_MANY_REQUESTS,
+        serde_json::to_vec(&body).expect("json"),
+    );
     add_rate_headers(&mut r, &v);
     r.headers_mut().insert("retry-after", HeaderValue::from(s));
     r
 }
 
-async fn route_request(state: &ApiState, req: Request<Incoming>, route: Route<'_>) -> Response<Body> {
+async fn route_request(
+    state: &ApiState,
+    req: Request<Incoming>,
+    route: Route<'_>,
+) -> Response<Body> {
     let id = match route.id().map(ProcessId::parse) {
         Some(None) => return bad_request(Invalid("Field 'id' must be a positive integer.")),
         Some(Some(id)) => Some(id),

@@ -129,8 +129,13 @@ mod tests {
     fn counts_down_then_rejects_until_the_window_ends() {
         let l = Limiter::default();
         let t = 120_000 + 15_000; // 15 s into a window
-        let v: Vec<_> = (0..4).map(|_| l.check_at(ip(1), Bucket::Create, MIN, t).unwrap()).collect();
-        assert_eq!(v.iter().map(|v| v.remaining).collect::<Vec<_>>(), vec![2, 1, 0, 0]);
+        let v: Vec<_> = (0..4)
+            .map(|_| l.check_at(ip(1), Bucket::Create, MIN, t).unwrap())
+            .collect();
+        assert_eq!(
+            v.iter().map(|v| v.remaining).collect::<Vec<_>>(),
+            vec![2, 1, 0, 0]
+        );
         assert!(v[..3].iter().all(|v| v.retry_after.is_none()));
         assert_eq!(v[3].retry_after, Some(45));
         assert_eq!(v[3].reset, 180);
@@ -145,10 +150,33 @@ mod tests {
         for _ in 0..3 {
             l.check_at(ip(1), Bucket::Create, MIN, 0);
         }
-        assert!(l.check_at(ip(1), Bucket::Create, MIN, 0).unwrap().retry_after.is_some());
-        assert!(l.check_at(ip(2), Bucket::Create, MIN, 0).unwrap().retry_after.is_none());
-        assert!(l.check_at(ip(1), Bucket::Kill, MIN, 0).unwrap().retry_after.is_none());
-        assert_eq!(l.check_at(ip(1), Bucket::Run, Limit { max: 0, window_ms: 60_000 }, 0), None);
+        assert!(l
+            .check_at(ip(1), Bucket::Create, MIN, 0)
+            .unwrap()
+            .retry_after
+            .is_some());
+        assert!(l
+            .check_at(ip(2), Bucket::Create, MIN, 0)
+            .unwrap()
+            .retry_after
+            .is_none());
+        assert!(l
+            .check_at(ip(1), Bucket::Kill, MIN, 0)
+            .unwrap()
+            .retry_after
+            .is_none());
+        assert_eq!(
+            l.check_at(
+                ip(1),
+                Bucket::Run,
+                Limit {
+                    max: 0,
+                    window_ms: 60_000
+                },
+                0
+            ),
+            None
+        );
     }
 
     #[test]
