@@ -424,3 +424,29 @@ fn pids_max_is_enforced_where_delegated_and_reported_where_not() {
     d.wait_idle(id);
     assert_eq!(alive_of_run(&d, id), Vec::<i32>::new());
 }
+
+#[test]
+fn idle_keep_alive_connections_are_closed() {
+    let d = Daemon::options()
+        .env("CYRNEL_HEADER_READ_TIMEOUT_MS", "300")
+        .start();
+    let mut s = TcpStream::connect(("127.0.0.1", d.port())).unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_millis(50)))
+        .unwrap();
+    let mut got = Vec::new();
+    // The answer arrives, then (idle) the server closes the connection.
+    poll("the idle keep-alive connection to be closed", || {
+        let mut b = [0u8; 1024];
+        match s.read(&mut b) {
+            Ok(0) => Ok(()),
+            Ok(n) => {
+                got.extend_from_slice(&b[..n]);
+                Err("answer read, still open".into())
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    });
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200 OK"));
+}
