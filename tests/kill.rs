@@ -50,7 +50,8 @@ const ZOO: &[Case] = &[
     },
     Case {
         name: "double-fork daemonizer",
-        code: "setsid sh -c 'sleep 300' & sleep 0.2; : > {m}; wait",
+        // The escaped process writes the marker itself, once it escaped.
+        code: "setsid sh -c ': > {raw}; sleep 300' & wait",
         escapes: true,
     },
     Case {
@@ -65,7 +66,7 @@ const ZOO: &[Case] = &[
     },
     Case {
         name: "process that leaves its group",
-        code: "python3 -c 'import os,time; os.setpgid(0,0); time.sleep(300)' & sleep 0.2; : > {m}; wait",
+        code: "python3 -c \"import os,time; os.setpgid(0,0); open('{raw}','w').close(); time.sleep(300)\" & wait",
         escapes: true,
     },
 ];
@@ -87,7 +88,10 @@ fn zoo(cgroups: &str, how: How) {
     let mut runs = Vec::new();
     for (i, case) in ZOO.iter().enumerate() {
         let marker = markers.path().join(format!("m{i}"));
-        let code = case.code.replace("{m}", &sq(&marker));
+        let code = case
+            .code
+            .replace("{m}", &sq(&marker))
+            .replace("{raw}", marker.to_str().unwrap());
         let opts = match how {
             // Long enough for the marker, so the trap is really set.
             How::Timeout => r#""options":{"timeout":1500}"#,

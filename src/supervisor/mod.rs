@@ -329,6 +329,20 @@ struct Entry {
     deleted: bool,
 }
 
+impl Entry {
+    /// An entry for a record as the store has it (nothing in flight).
+    fn new(rec: Record) -> Entry {
+        Entry {
+            announced: rec.state,
+            rec,
+            run: None,
+            pending: 0,
+            needs_retry: false,
+            deleted: false,
+        }
+    }
+}
+
 /// What to do once a write is durable.
 enum After {
     Nothing,
@@ -415,17 +429,7 @@ impl Actor {
                 .get(id)
                 .map_err(SupervisorError::Storage)?
                 .ok_or(SupervisorError::NotFound)?;
-            self.entries.insert(
-                id,
-                Entry {
-                    announced: rec.state,
-                    rec,
-                    run: None,
-                    pending: 0,
-                    needs_retry: false,
-                    deleted: false,
-                },
-            );
+            self.entries.insert(id, Entry::new(rec));
         }
         let e = self.entries.get_mut(&id).expect("just inserted");
         if e.deleted {
@@ -650,17 +654,10 @@ impl Actor {
             Some((ChangeKind::Entered(rec.state), &rec)),
             None,
         );
-        self.entries.insert(
-            id,
-            Entry {
-                announced: rec.state,
-                rec,
-                run: None,
-                pending: 1,
-                needs_retry: false,
-                deleted: false,
-            },
-        );
+        // The create's write is in flight.
+        let mut entry = Entry::new(rec);
+        entry.pending = 1;
+        self.entries.insert(id, entry);
     }
 
     fn kill(&mut self, id: ProcessId, reply: Reply<Record>) {
@@ -1233,17 +1230,7 @@ impl Actor {
             let id = rec.id;
             let state = rec.state;
             let identity = rec.identity.clone();
-            self.entries.insert(
-                id,
-                Entry {
-                    announced: rec.state,
-                    rec,
-                    run: None,
-                    pending: 0,
-                    needs_retry: false,
-                    deleted: false,
-                },
-            );
+            self.entries.insert(id, Entry::new(rec));
             if state == State::Queued {
                 self.queue.push_back(id);
                 continue;
