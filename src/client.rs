@@ -10,6 +10,7 @@
 //! nothing of terminals, output formats or exit codes, which belong to the
 //! binary.
 
+pub use crate::model::Timeout;
 use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::io;
@@ -85,16 +86,6 @@ fn io_reason(e: &io::Error) -> String {
             }
         }
     }
-}
-
-/// `options.timeout` of a new process.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Timeout {
-    /// Field absent: the daemon's configured default applies.
-    Default,
-    /// `null`: no limit.
-    Unlimited,
-    Ms(u64),
 }
 
 /// What `POST /processes` needs.

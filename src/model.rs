@@ -90,6 +90,18 @@ impl ExitState {
     }
 }
 
+/// `options.timeout` as a client gives it: absent, `null`, or milliseconds.
+/// Shared by the API (parsing), the supervisor (resolving the default) and
+/// the CLI (sending).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Timeout {
+    /// Field absent: the daemon's configured default applies.
+    Default,
+    /// `null`: no limit.
+    Unlimited,
+    Ms(u64),
+}
+
 /// Why a run is being terminated; decides the exit state it settles with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TermCause {

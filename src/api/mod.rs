@@ -785,7 +785,7 @@ async fn list(state: &ApiState, query: &str) -> Response<Body> {
 /// Streams every match, newest first, in chunks: memory stays flat however
 /// many records exist. A storage error mid-stream aborts the response.
 fn stream_list(store: Store, q: ListQuery) -> Response<Body> {
-    let (tx, mut rx) = mpsc::channel::<Result<Bytes, ()>>(4);
+    let (tx, resp) = channel_body("application/json");
     tokio::task::spawn_blocking(move || {
         let mut buf = Vec::with_capacity(LIST_CHUNK + 1024);
         buf.extend_from_slice(b"{\"processes\":[");
@@ -805,35 +805,22 @@ fn stream_list(store: Store, q: ListQuery) -> Response<Body> {
                     &mut buf,
                     Vec::with_capacity(LIST_CHUNK + 1024),
                 ));
-                open = tx.blocking_send(Ok(chunk)).is_ok();
+                open = tx.blocking_send(chunk).is_ok();
             }
             open
         });
         match res {
             Ok(()) if open => {
                 buf.extend_from_slice(b"]}");
-                let _ = tx.blocking_send(Ok(Bytes::from(buf)));
+                let _ = tx.blocking_send(Bytes::from(buf));
             }
             Ok(()) => {}
-            Err(e) => {
-                tracing::error!(error = %e, "listing failed mid-stream");
-                let _ = tx.blocking_send(Err(()));
-            }
+            // The body ends without its closing "]}": the client gets a
+            // document that does not parse, never a short valid list.
+            Err(e) => tracing::error!(error = %e, "listing failed mid-stream"),
         }
     });
-    let frames = futures_util::stream::poll_fn(move |cx| {
-        rx.poll_recv(cx).map(|item| match item {
-            Some(Ok(b)) => Some(Ok::<_, Infallible>(Frame::data(b))),
-            // Ending the body early makes hyper abort the chunked response,
-            // so the client sees a broken transfer, not a short list.
-            Some(Err(())) => None,
-            None => None,
-        })
-    });
-    let mut r = Response::new(BodyExt::boxed_unsync(StreamBody::new(frames)));
-    r.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    r
+    resp
 }
 
 /// A response body fed by a task through a small bounded channel: the

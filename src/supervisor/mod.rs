@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 
 use crate::events::Hub;
+pub use crate::model::Timeout;
 use crate::model::{Change, ChangeKind, ProcIdentity, ProcessId, Record, State};
 use crate::proc::cgroup::{CgroupRoot, RunCgroup};
 use crate::proc::{self, Leader, Rlimit, Scope, SpawnSpec, Tracked};
@@ -73,14 +74,6 @@ pub struct Settings {
     /// Controller limits written into each run cgroup (`memory.max`,
     /// `pids.max`), only those the host delegates.
     pub cgroup_limits: Vec<(&'static str, u64)>,
-}
-
-/// `options.timeout` as the client gave it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Timeout {
-    Default,
-    Unlimited,
-    Ms(u64),
 }
 
 #[derive(Clone, Debug)]

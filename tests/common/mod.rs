@@ -1150,19 +1150,8 @@ impl FollowStream {
 
     #[track_caller]
     pub fn read_until_contains(&mut self, needle: &str) {
-        poll(&format!("streamed body to contain {needle:?}"), || {
-            let open = self.read_some();
-            let (body, done) = self.body();
-            if find(&body, needle.as_bytes()).is_some() || needle.is_empty() {
-                Ok(())
-            } else if done || !open {
-                panic!(
-                    "stream ended without {needle:?}; body: {:?}",
-                    String::from_utf8_lossy(&body)
-                )
-            } else {
-                Err(String::from_utf8_lossy(&body).to_string())
-            }
+        self.read_until(&format!("streamed body to contain {needle:?}"), |body| {
+            find(body, needle.as_bytes()).map(|_| ())
         })
     }
 
