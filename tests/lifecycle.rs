@@ -465,6 +465,42 @@ printf 'cwd=%s\n' "$(pwd -P)"
 }
 
 #[test]
+fn child_starts_with_default_signals_and_only_stdio_open() {
+    let d = Daemon::start();
+    // Both programs are children of the run's shell and inherit its
+    // dispositions, mask and descriptors (dash's own script descriptor is
+    // close-on-exec). Python lists /proc/self/fd through one descriptor of
+    // its own, the lowest free one.
+    let code = r#"grep -E '^Sig(Blk|Ign):' /proc/self/status
+python3 -c 'import os; print(sorted(int(f) for f in os.listdir("/proc/self/fd")))'
+readlink /proc/$$/fd/0
+"#;
+    let id = d.create_code(code);
+    assert_outcome(&d.wait_idle(id), "success", None);
+    assert_eq!(
+        d.stdout_text(id),
+        "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n[0, 1, 2, 3]\n/dev/null\n",
+        "no blocked or ignored signal, nothing open but stdin, stdout and stderr"
+    );
+}
+
+#[test]
+fn code_that_cannot_be_executed_fails_to_start() {
+    let d = Daemon::start();
+    let missing = d.create_code("#!/no/such/interpreter\n");
+    let rec = d.wait_idle(missing);
+    assert_outcome(
+        &rec,
+        "failed",
+        Some("Failed to start: No such file or directory (os error 2)"),
+    );
+    assert!(rec["exitCode"].is_null(), "{rec}");
+    // The daemon goes on starting other runs.
+    let ok = d.create_code("exit 0");
+    assert_outcome(&d.wait_idle(ok), "success", None);
+}
+
+#[test]
 fn rerun_with_force_clears_previous_outputs() {
     let d = Daemon::start();
     let m = marker_dir();

@@ -1,5 +1,5 @@
 //! cgroup v2 tracking of runs: each run gets its own cgroup, created before
-//! the code is executed (the child moves itself in between fork and exec),
+//! the code is executed (the child moves itself in between clone and exec),
 //! so every descendant, also one that calls `setsid()` or double-forks, is
 //! found, killed with `cgroup.kill`, and waited for through
 //! `cgroup.events` (`populated 0`). Detected at start-up, never assumed.
@@ -120,8 +120,8 @@ pub struct RunCgroup {
     dir: PathBuf,
 }
 
-/// Opened before spawning: the child writes "0" to this fd between fork
-/// and exec, moving itself in before it can run any code.
+/// Opened before spawning: the child writes "0" to this fd between clone
+/// and exec, moving itself in before it can run any code of its own.
 pub struct Joiner {
     fd: OwnedFd,
 }
@@ -129,18 +129,6 @@ pub struct Joiner {
 impl Joiner {
     pub(crate) fn raw_fd(&self) -> i32 {
         self.fd.as_raw_fd()
-    }
-
-    /// The pre-exec step, run in the child: moves it into the cgroup.
-    /// Async-signal-safe: a single `write` on an inherited fd.
-    pub(crate) fn join_raw(fd: i32) -> io::Result<()> {
-        // SAFETY: writing a static byte to an fd the parent keeps open.
-        let n = unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) };
-        if n == 1 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
     }
 }
 

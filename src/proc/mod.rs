@@ -17,15 +17,14 @@
 //! `CYRNEL_PROCESS_ID` tag in their environment.
 
 pub mod cgroup;
+mod spawn;
 
 use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::fs;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
 use nix::sys::signal::{killpg, Signal};
@@ -146,63 +145,27 @@ pub struct Leader {
 }
 
 pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
-    let mut cmd = if spec.direct {
-        Command::new(spec.code_path)
+    let code = spec.code_path.as_os_str();
+    let (program, args): (&Path, &[&OsStr]) = if spec.direct {
+        (spec.code_path, &[])
     } else {
-        let mut c = Command::new(spec.shell);
-        c.arg(spec.code_path);
-        c
+        (Path::new(spec.shell), std::slice::from_ref(&code))
     };
-    cmd.env_clear()
-        .envs(spec.env.iter().map(|(k, v)| (OsStr::new(k), OsStr::new(v))))
-        .current_dir(spec.cwd)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
-    if let Some((uid, gid)) = spec.credentials {
-        // std drops supplementary groups (setgroups(0)) when root switches.
-        cmd.uid(uid).gid(gid);
-    }
-    let joiner = spawn_cgroup_fd(spec);
-    let limits: Vec<(libc::__rlimit_resource_t, libc::rlim_t)> = spec
+    let rlimits: Vec<(libc::__rlimit_resource_t, libc::rlim_t)> = spec
         .rlimits
         .iter()
         .map(|(r, v)| (r.resource(), *v as libc::rlim_t))
         .collect();
-    if joiner.is_some() || !limits.is_empty() {
-        // SAFETY: the hook runs between fork and exec and only makes
-        // system calls (write(2) on an fd that outlives the spawn,
-        // setrlimit(2) from a vector allocated before the fork); it
-        // allocates nothing and takes no lock.
-        unsafe {
-            cmd.pre_exec(move || {
-                if let Some(fd) = joiner {
-                    Joiner::join_raw(fd)?;
-                }
-                for &(resource, value) in &limits {
-                    let lim = libc::rlimit {
-                        rlim_cur: value,
-                        rlim_max: value,
-                    };
-                    if libc::setrlimit(resource, &lim) != 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
-        }
-    }
-    let mut child = cmd.spawn()?;
-    let pid = child.id() as i32;
-    let stdout = OwnedFd::from(child.stdout.take().expect("piped stdout"));
-    let stderr = OwnedFd::from(child.stderr.take().expect("piped stderr"));
-    // Dropping a std Child neither waits nor kills: the pid stays ours,
-    // unreaped, and only this module reaps it.
-    drop(child);
-    // Nobody else reaps our children, so the pid cannot change meaning
-    // between spawn and pidfd_open.
-    let pidfd = pidfd_open(pid)?;
+    let child = spawn::spawn(&spawn::Exec {
+        program,
+        args,
+        env: spec.env,
+        cwd: spec.cwd,
+        cgroup_procs: spec.cgroup.map(Joiner::raw_fd),
+        rlimits: &rlimits,
+        credentials: spec.credentials,
+    })?;
+    let pid = child.pid;
     let identity = ProcIdentity {
         pid,
         start_time: stat(pid).map(|s| s.start_time).unwrap_or(0),
@@ -210,18 +173,15 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
     };
     // SAFETY: the AsyncFd takes ownership of the OwnedFd, which stays open
     // and refers to the same pidfd until the AsyncFd is dropped.
-    let pidfd = unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }
-        .map_err(|e| e.into_parts().1)?;
+    let pidfd =
+        unsafe { AsyncFd::register_with_interest(child.pidfd, tokio::io::Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)?;
     Ok(Spawned {
         leader: Leader { pid, pidfd },
-        stdout: pipe::Receiver::from_owned_fd(stdout)?,
-        stderr: pipe::Receiver::from_owned_fd(stderr)?,
+        stdout: pipe::Receiver::from_owned_fd(child.stdout)?,
+        stderr: pipe::Receiver::from_owned_fd(child.stderr)?,
         identity,
     })
-}
-
-fn spawn_cgroup_fd(spec: &SpawnSpec<'_>) -> Option<i32> {
-    spec.cgroup.map(|j| j.raw_fd())
 }
 
 fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {

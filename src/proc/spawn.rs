@@ -1,0 +1,370 @@
+//! Starting a child the way `posix_spawn` does: `clone(CLONE_VM |
+//! CLONE_VFORK | CLONE_PIDFD)`. The child shares the daemon's memory until
+//! it calls `execve`, so nothing is copied: no page tables, and no
+//! copy-on-write faults (each of which costs a TLB shootdown across the
+//! cores) in the daemon afterwards. A plain `fork` of the daemon cost more
+//! CPU than everything else a run does (BENCHMARKS.md). `std::process`
+//! would fall back to `fork` as soon as a pre-exec hook is set, and runs
+//! need one: they join their cgroup and take their rlimits before exec.
+//!
+//! The rules for the code that runs in the child ([`child_main`]): it runs
+//! on its own small stack, in the daemon's memory, while the calling thread
+//! is suspended and the daemon's other threads keep running. It therefore
+//! only makes system calls on data prepared by the parent: no allocation,
+//! no lock, no glibc wrapper that keeps process-wide state (setuid and
+//! friends go through `syscall` because glibc's wrappers would signal the
+//! daemon's threads). All signals are blocked across the clone and the
+//! child resets every disposition to the default before unblocking them,
+//! so no daemon signal handler can run in the child.
+
+use std::ffi::{CString, OsStr};
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::OnceLock;
+
+/// The child's stack. Its frames are small (system calls only); execve
+/// itself runs on the kernel stack.
+const CHILD_STACK: usize = 64 * 1024;
+
+/// What the child must do, prepared by the parent before the clone.
+pub struct Exec<'a> {
+    pub program: &'a Path,
+    pub args: &'a [&'a OsStr],
+    pub env: &'a [(String, String)],
+    pub cwd: &'a Path,
+    /// An fd on the cgroup's `cgroup.procs`: the child writes "0" to join.
+    pub cgroup_procs: Option<RawFd>,
+    pub rlimits: &'a [(libc::__rlimit_resource_t, libc::rlim_t)],
+    /// `(uid, gid)`; supplementary groups are dropped.
+    pub credentials: Option<(u32, u32)>,
+}
+
+/// A child that has called execve: its pid, a pidfd on it, and the read
+/// ends of its stdout and stderr pipes.
+pub struct Child {
+    pub pid: i32,
+    pub pidfd: OwnedFd,
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+}
+
+/// Which step failed in the child (stored with its errno).
+#[derive(Clone, Copy)]
+#[repr(i32)]
+enum Step {
+    Signals = 1,
+    ProcessGroup,
+    Cgroup,
+    Rlimit,
+    Credentials,
+    Chdir,
+    Stdio,
+    Exec,
+}
+
+impl Step {
+    fn from_i32(n: i32) -> Option<Step> {
+        Some(match n {
+            1 => Step::Signals,
+            2 => Step::ProcessGroup,
+            3 => Step::Cgroup,
+            4 => Step::Rlimit,
+            5 => Step::Credentials,
+            6 => Step::Chdir,
+            7 => Step::Stdio,
+            8 => Step::Exec,
+            _ => return None,
+        })
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Step::Signals => "resetting signal handlers",
+            Step::ProcessGroup => "creating the process group",
+            Step::Cgroup => "joining the run's cgroup",
+            Step::Rlimit => "setting resource limits",
+            Step::Credentials => "switching user and group",
+            Step::Chdir => "entering the working directory",
+            Step::Stdio => "setting up stdin, stdout and stderr",
+            Step::Exec => "exec",
+        }
+    }
+}
+
+/// Everything the child reads, as raw pointers into memory the parent keeps
+/// alive (and unchanged) until the clone returns.
+struct ChildArgs {
+    program: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+    cwd: *const libc::c_char,
+    stdin: RawFd,
+    stdout: RawFd,
+    stderr: RawFd,
+    cgroup_procs: RawFd,
+    rlimits: *const (libc::__rlimit_resource_t, libc::rlim_t),
+    n_rlimits: usize,
+    credentials: Option<(u32, u32)>,
+    /// Written by the child on failure: the step and its errno.
+    failed_step: AtomicI32,
+    failed_errno: AtomicI32,
+}
+
+fn cstring(bytes: &[u8]) -> io::Result<CString> {
+    CString::new(bytes).map_err(|_| io::Error::other("a path, argument or variable contains NUL"))
+}
+
+/// `/dev/null` for every child's stdin, opened once.
+fn dev_null() -> io::Result<RawFd> {
+    static NULL: OnceLock<OwnedFd> = OnceLock::new();
+    if let Some(fd) = NULL.get() {
+        return Ok(fd.as_raw_fd());
+    }
+    let fd = std::fs::File::open("/dev/null")?;
+    Ok(NULL
+        .get_or_init(|| above_stdio(fd.into()).expect("dup of /dev/null"))
+        .as_raw_fd())
+}
+
+/// The same fd, moved above 2 if it is one of the standard descriptors
+/// (a daemon started with those closed), so the child's dup2 onto 0, 1
+/// and 2 never overwrites a source it still needs.
+fn above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {
+    if fd.as_raw_fd() > 2 {
+        return Ok(fd);
+    }
+    // SAFETY: F_DUPFD_CLOEXEC returns a new descriptor that we own.
+    let n = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: n is a fresh descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(n) })
+}
+
+/// A pipe with both ends close-on-exec: (read, write).
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two descriptors that we then own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fresh descriptors from pipe2.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    Ok((above_stdio(r)?, above_stdio(w)?))
+}
+
+/// Starts `exec` as a child of the calling thread. Returns once the child
+/// has called execve (or failed before it, in which case it is reaped and
+/// the error returned).
+pub fn spawn(exec: &Exec<'_>) -> io::Result<Child> {
+    let program = cstring(exec.program.as_os_str().as_bytes())?;
+    let mut argv_own = Vec::with_capacity(exec.args.len() + 1);
+    argv_own.push(program.clone());
+    for a in exec.args {
+        argv_own.push(cstring(a.as_bytes())?);
+    }
+    let mut envp_own = Vec::with_capacity(exec.env.len());
+    for (k, v) in exec.env {
+        let mut kv = Vec::with_capacity(k.len() + v.len() + 1);
+        kv.extend_from_slice(k.as_bytes());
+        kv.push(b'=');
+        kv.extend_from_slice(v.as_bytes());
+        envp_own.push(cstring(&kv)?);
+    }
+    let argv: Vec<*const libc::c_char> = argv_own
+        .iter()
+        .map(|c| c.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    let envp: Vec<*const libc::c_char> = envp_own
+        .iter()
+        .map(|c| c.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    let cwd = cstring(exec.cwd.as_os_str().as_bytes())?;
+    let stdin = dev_null()?;
+    let (out_r, out_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+
+    let args = ChildArgs {
+        program: program.as_ptr(),
+        argv: argv.as_ptr(),
+        envp: envp.as_ptr(),
+        cwd: cwd.as_ptr(),
+        stdin,
+        stdout: out_w.as_raw_fd(),
+        stderr: err_w.as_raw_fd(),
+        cgroup_procs: exec.cgroup_procs.unwrap_or(-1),
+        rlimits: exec.rlimits.as_ptr(),
+        n_rlimits: exec.rlimits.len(),
+        credentials: exec.credentials,
+        failed_step: AtomicI32::new(0),
+        failed_errno: AtomicI32::new(0),
+    };
+    let mut stack: Vec<MaybeUninit<u8>> = Vec::with_capacity(CHILD_STACK);
+    // The stack grows down: hand clone its 16-byte aligned top.
+    let top = {
+        let end = stack.as_mut_ptr() as usize + CHILD_STACK;
+        (end & !0xf) as *mut libc::c_void
+    };
+    let mut pidfd: libc::c_int = -1;
+
+    // Block every signal in this thread across the clone: the child starts
+    // with them blocked and unblocks only after resetting the handlers.
+    // SAFETY: sigset_t is plain data filled by sigfillset.
+    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    unsafe {
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+    }
+    // SAFETY: the child runs child_main on `stack` with a pointer to `args`;
+    // with CLONE_VFORK this thread is suspended until the child has called
+    // execve or exited, so `args`, `stack` and everything they point to
+    // outlive its use. CLONE_PIDFD stores the pidfd in `pidfd`.
+    let pid = unsafe {
+        libc::clone(
+            child_main,
+            top,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD | libc::SIGCHLD,
+            (&args as *const ChildArgs).cast_mut().cast(),
+            &mut pidfd as *mut libc::c_int,
+            std::ptr::null_mut::<libc::c_void>(),
+            std::ptr::null_mut::<libc::c_int>(),
+        )
+    };
+    let clone_err = io::Error::last_os_error();
+    // SAFETY: restores the mask saved above.
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+    }
+    drop(stack);
+    if pid < 0 {
+        return Err(clone_err);
+    }
+    // SAFETY: CLONE_PIDFD gave us a fresh descriptor on the child.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    drop((out_w, err_w));
+    let step = args.failed_step.load(Ordering::Acquire);
+    if let Some(step) = Step::from_i32(step) {
+        let errno = args.failed_errno.load(Ordering::Acquire);
+        // The child has exited (the clone returned): reap it.
+        // SAFETY: siginfo_t is plain data; blocking waitid on our child.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        unsafe {
+            libc::waitid(
+                libc::P_PIDFD,
+                pidfd.as_raw_fd() as libc::id_t,
+                &mut info,
+                libc::WEXITED,
+            );
+        }
+        let err = io::Error::from_raw_os_error(errno);
+        return Err(match step {
+            Step::Exec => err,
+            other => io::Error::new(err.kind(), format!("{}: {err}", other.describe())),
+        });
+    }
+    Ok(Child {
+        pid,
+        pidfd,
+        stdout: out_r,
+        stderr: err_r,
+    })
+}
+
+/// The child, between clone and execve. See the module docs for its rules.
+extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` points to the parent's ChildArgs, alive and unchanged
+    // while the parent is suspended (CLONE_VFORK).
+    let a = unsafe { &*(arg as *const ChildArgs) };
+    let fail = |step: Step| -> libc::c_int {
+        // SAFETY: errno of this thread (the parent's slot, which is
+        // suspended); then the child ends without running any atexit code.
+        unsafe {
+            a.failed_errno
+                .store(*libc::__errno_location(), Ordering::Release);
+            a.failed_step.store(step as i32, Ordering::Release);
+            libc::_exit(127)
+        }
+    };
+    // SAFETY (whole block): raw system calls on descriptors, strings and
+    // structs the parent prepared; nothing allocates or takes a lock.
+    unsafe {
+        // Default dispositions for every signal (handlers are the daemon's
+        // code; ignored signals are reset too, as for a fresh service).
+        // The kernel's struct sigaction (handler, flags, restorer, mask),
+        // all zero: SIG_DFL, no flags, nothing blocked while handling. Raw,
+        // because glibc refuses its internal signals (32, 33), which a
+        // parent may have left ignored.
+        let dfl = [0u64; 4];
+        for sig in 1..=64 {
+            if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+                continue;
+            }
+            if libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig,
+                dfl.as_ptr(),
+                std::ptr::null_mut::<u64>(),
+                8usize,
+            ) != 0
+            {
+                return fail(Step::Signals);
+            }
+        }
+        if libc::setpgid(0, 0) != 0 {
+            return fail(Step::ProcessGroup);
+        }
+        if a.cgroup_procs >= 0 && libc::write(a.cgroup_procs, b"0".as_ptr().cast(), 1) != 1 {
+            return fail(Step::Cgroup);
+        }
+        // Before dropping privileges, so a root daemon may also raise them.
+        for i in 0..a.n_rlimits {
+            let (resource, value) = *a.rlimits.add(i);
+            let lim = libc::rlimit {
+                rlim_cur: value,
+                rlim_max: value,
+            };
+            if libc::setrlimit(resource, &lim) != 0 {
+                return fail(Step::Rlimit);
+            }
+        }
+        if let Some((uid, gid)) = a.credentials {
+            if libc::syscall(libc::SYS_setgroups, 0usize, std::ptr::null::<libc::gid_t>()) != 0
+                || libc::syscall(libc::SYS_setresgid, gid, gid, gid) != 0
+                || libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0
+            {
+                return fail(Step::Credentials);
+            }
+        }
+        if libc::chdir(a.cwd) != 0 {
+            return fail(Step::Chdir);
+        }
+        for (from, to) in [(a.stdin, 0), (a.stdout, 1), (a.stderr, 2)] {
+            if libc::dup2(from, to) != to {
+                return fail(Step::Stdio);
+            }
+        }
+        // Descriptors the daemon itself inherited without close-on-exec
+        // (a careless parent, a test harness) are not the child's business.
+        // This marks the child's own table only; ENOSYS before Linux 5.11.
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        );
+        let empty: libc::sigset_t = std::mem::zeroed();
+        if libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) != 0 {
+            return fail(Step::Signals);
+        }
+        libc::execve(a.program, a.argv, a.envp);
+        fail(Step::Exec)
+    }
+}
