@@ -1,5 +1,7 @@
 //! `cyrneld`: parses the command line, loads the configuration, sets up
-//! logging and the daemon's own signals, and hands over to `app::run_with`.
+//! logging and the daemon's own signals, and hands over to `app::run_with`
+//! on a runtime thread. The main thread stays behind as the reaper of
+//! orphans reparented to the daemon (`proc::OrphanReaper`).
 //!
 //! Signals: SIGTERM and SIGINT stop the daemon gracefully. SIGHUP re-reads
 //! the configuration the daemon was started with (same flags, environment
@@ -16,6 +18,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::Parser;
 use futures_util::StreamExt;
@@ -88,6 +91,15 @@ fn main() -> ExitCode {
         .init();
     tracing::debug!(?config, "configuration");
 
+    // Before any thread exists: SIGCHLD is blocked everywhere, and the main
+    // thread becomes the reaper of orphans reparented to the daemon.
+    let reaper = match cyrnel::proc::OrphanReaper::install() {
+        Ok(r) => Arc::new(r),
+        Err(e) => {
+            eprintln!("cyrneld: cannot set up the orphan reaper: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -98,7 +110,39 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(async {
+    // The runtime runs on its own thread; the main thread reaps orphans
+    // until it is done.
+    let stopper = reaper.clone();
+    let daemon = std::thread::Builder::new()
+        .name("cyrneld".into())
+        .spawn(move || {
+            let result = serve(runtime, config, flags, log_level_owned, log_filter);
+            stopper.stop();
+            result
+        });
+    let daemon = match daemon {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("cyrneld: cannot start the daemon thread: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    reaper.run();
+    match daemon.join() {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        _ => ExitCode::FAILURE,
+    }
+}
+
+/// The daemon: signals, reloads and `app::run_with`, on the runtime.
+fn serve(
+    runtime: tokio::runtime::Runtime,
+    config: Config,
+    flags: Flags,
+    log_level_owned: bool,
+    log_filter: LogFilter,
+) -> Result<(), ()> {
+    runtime.block_on(async {
         let mut signals = match Signals::new([SIGTERM, SIGINT, SIGHUP]) {
             Ok(s) => s,
             Err(e) => {
@@ -142,11 +186,7 @@ fn main() -> ExitCode {
                 tracing::error!(error = %e, "cyrneld failed");
                 eprintln!("cyrneld: {e}");
             })
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(()) => ExitCode::FAILURE,
-    }
+    })
 }
 
 /// Tells systemd about a state change; a failure only costs the

@@ -168,7 +168,10 @@ fn run_stays_running_while_background_children_live() {
         !group_members(leader).is_empty(),
         "the background loop must still be alive"
     );
-    // The leader is gone but its group is not: the run must keep running.
+    // The leader is gone but its group is not: the run must keep running,
+    // and the leader stays an unreaped zombie of the daemon (its pid, the
+    // group id, is held), although the daemon reaps the orphaned loop's
+    // exited children meanwhile.
     for _ in 0..20 {
         let rec = d.record(id);
         assert_eq!(
@@ -176,10 +179,17 @@ fn run_stays_running_while_background_children_live() {
             Some("running"),
             "settled while the group still had live members: {rec}"
         );
+        assert_eq!(
+            zombies_of(d.pid()),
+            vec![leader],
+            "the leader must be held unreaped, nothing else"
+        );
     }
     fs::write(&release, "").unwrap();
     let rec = d.wait_idle(id);
     assert_group_gone(leader);
+    // The orphaned loop (reparented to the daemon) and the leader are reaped.
+    assert_no_zombies_under(d.pid());
     assert_outcome(&rec, "success", None);
     assert_eq!(rec["exitCode"].as_i64(), Some(0), "{rec}");
 }

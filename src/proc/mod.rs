@@ -7,7 +7,9 @@
 //! unreaped (a zombie at worst) until its whole group is gone, so its pid,
 //! which is also the group id, cannot be handed to another process while we
 //! may still signal it. Exits are observed through a pidfd with `WNOWAIT`;
-//! the reap happens once, explicitly, in [`Leader::reap`]. Nothing here calls
+//! the reap happens once, explicitly, in [`Leader::reap`]. Orphans
+//! reparented to the daemon are reaped by the main thread only
+//! ([`OrphanReaper`]), which never sees a leader. Nothing here calls
 //! `waitpid(-1)`. It knows nothing of HTTP, JSON or RocksDB.
 //!
 //! A run is tracked by a [`Scope`]: its own cgroup v2 when the host offers
@@ -55,7 +57,7 @@ pub struct SpawnSpec<'a> {
     pub shell: &'a str,
     pub env: &'a [(String, String)],
     pub cwd: &'a Path,
-    /// Moves the child into its cgroup between fork and exec.
+    /// Moves the child into its cgroup between clone and exec.
     pub cgroup: Option<&'a Joiner>,
     /// `(resource, limit)` pairs set with setrlimit before exec.
     pub rlimits: &'a [(Rlimit, u64)],
@@ -340,51 +342,96 @@ fn tagged_strays(tag: &str, leader: i32) -> Vec<i32> {
         .collect()
 }
 
-/// Reaps zombie children of the daemon that are not run leaders it still
-/// holds (`keep`): orphans reparented here by the subreaper. Each is reaped
-/// by its own pid; nothing calls `waitpid(-1)`.
-pub fn reap_strays(keep: &HashSet<i32>) -> usize {
-    // Fast path: peek (WNOWAIT) at one exited child. None: nothing to reap,
-    // no /proc walk. A stray: reap it by pid and look again. A held leader
-    // (exited, its run not settled yet) hides the others from the peek:
-    // only then walk /proc.
+/// Reaps the orphans reparented to the daemon (it is a child subreaper),
+/// and nothing else. The kernel hands an orphan to the first live thread of
+/// its new parent, the main thread, while a run's leader is a child of the
+/// thread that spawned it. So the main thread waits for its own children
+/// only (`__WNOTHREAD`): every orphan, never a leader, which the supervisor
+/// keeps unreaped until its run is empty. The main thread must therefore
+/// never spawn a run.
+///
+/// SIGCHLD is blocked in every thread (the mask is set here, before any
+/// other thread exists, and inherited); the main thread takes it with
+/// `sigwaitinfo`. Each orphan's exit wakes it once; a leader's exit wakes
+/// it for nothing (one system call).
+pub struct OrphanReaper {
+    main: libc::pthread_t,
+    done: std::sync::atomic::AtomicBool,
+}
+
+impl OrphanReaper {
+    /// Call first thing on the main thread, before any other thread starts.
+    pub fn install() -> io::Result<OrphanReaper> {
+        // SAFETY: plain syscalls; gettid == getpid only on the main thread.
+        if unsafe { libc::gettid() != libc::getpid() } {
+            return Err(io::Error::other(
+                "the orphan reaper must run on the main thread",
+            ));
+        }
+        let set = sigchld_set();
+        // SAFETY: blocks SIGCHLD in this thread; threads created later
+        // inherit the mask. Children get an empty mask (spawn.rs).
+        let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+        if r != 0 {
+            return Err(io::Error::from_raw_os_error(r));
+        }
+        Ok(OrphanReaper {
+            // SAFETY: the calling (main) thread's own handle.
+            main: unsafe { libc::pthread_self() },
+            done: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// Reaps orphans until [`OrphanReaper::stop`] is called. Run it on the
+    /// main thread.
+    pub fn run(&self) {
+        let set = sigchld_set();
+        loop {
+            reap_own_children();
+            if self.done.load(std::sync::atomic::Ordering::Acquire) {
+                // The last ones, reparented while the daemon stopped.
+                reap_own_children();
+                return;
+            }
+            // SAFETY: waits for the blocked SIGCHLD (EINTR: look again).
+            unsafe { libc::sigwaitinfo(&set, std::ptr::null_mut()) };
+        }
+    }
+
+    /// Makes [`OrphanReaper::run`] return (from any thread).
+    pub fn stop(&self) {
+        self.done.store(true, std::sync::atomic::Ordering::Release);
+        // SAFETY: the main thread outlives this call: it is in `run`.
+        unsafe { libc::pthread_kill(self.main, libc::SIGCHLD) };
+    }
+}
+
+fn sigchld_set() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data initialised by sigemptyset.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGCHLD);
+        set
+    }
+}
+
+/// Reaps every exited child of the calling thread; returns how many.
+fn reap_own_children() -> usize {
     let mut n = 0;
     loop {
         // SAFETY: waitid fills a zeroed siginfo_t.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
+        let flags = libc::WEXITED | libc::WNOHANG | libc::__WNOTHREAD;
         if unsafe { libc::waitid(libc::P_ALL, 0, &mut info, flags) } != 0 {
-            return n; // ECHILD: no children at all
+            return n; // ECHILD: this thread has no children
         }
         // SAFETY: waitid succeeded; si_pid is 0 when no child has exited.
-        let pid = unsafe { info.si_pid() };
-        if pid == 0 {
-            return n;
-        }
-        if keep.contains(&pid) {
-            break;
-        }
-        let mut status = 0;
-        // SAFETY: waitpid on the specific child just seen.
-        if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } != pid {
+        if unsafe { info.si_pid() } == 0 {
             return n;
         }
         n += 1;
     }
-    let me = std::process::id() as i32;
-    for pid in all_pids() {
-        if keep.contains(&pid) {
-            continue;
-        }
-        if stat(pid).is_some_and(|s| s.ppid == me && s.state == b'Z') {
-            let mut status = 0;
-            // SAFETY: waitpid on a specific child pid.
-            if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == pid {
-                n += 1;
-            }
-        }
-    }
-    n
 }
 
 /// Signals `pid` only if, after pinning it with a pidfd, `still_ours` holds.

@@ -1156,25 +1156,13 @@ impl Actor {
                 }
             }
         }
-        // Descendants that escaped and were reparented to us are zombies
-        // now: reap them, but never a leader still held.
-        proc::reap_strays(&self.held_leaders());
+        // Descendants reparented to us are reaped by the main thread
+        // (proc::OrphanReaper), never here.
         if run.holds_slot {
             self.active -= 1;
         }
         tracing::info!(%id, exit_state = ?rec.exit_state, "settled");
         self.persist(id, &rec, &fx, After::Nothing);
-    }
-
-    /// Pids of the leaders the actor still holds unreaped.
-    fn held_leaders(&self) -> HashSet<i32> {
-        self.entries
-            .values()
-            .filter_map(|e| match e.run.as_ref().map(|r| &r.kind) {
-                Some(RunKind::Child { leader, .. }) => Some(leader.pid()),
-                _ => None,
-            })
-            .collect()
     }
 
     fn on_timer(&mut self, id: ProcessId, gen: u64, kind: TimerKind) {

@@ -671,6 +671,40 @@ pub fn is_alive(pid: i32) -> bool {
     matches!(proc_stat(pid), Some((state, _)) if state != 'Z' && state != 'X')
 }
 
+/// Zombies whose parent is `pid`.
+pub fn zombies_of(pid: u32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        let rest = &stat[stat.rfind(')').unwrap() + 1..];
+        let mut f = rest.split_whitespace();
+        let state = f.next().unwrap_or("");
+        let ppid: u32 = f.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+        if state == "Z" && ppid == pid {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Waits until no zombie is left under `pid` (the daemon reaps orphans
+/// reparented to it as they exit, on its main thread).
+#[track_caller]
+pub fn assert_no_zombies_under(pid: u32) {
+    poll(
+        &format!("no zombies under the daemon ({pid})"),
+        || match zombies_of(pid) {
+            z if z.is_empty() => Ok(()),
+            z => Err(format!("zombies {z:?}")),
+        },
+    );
+}
+
 /// Live (non-zombie) processes whose process group is `pgid`.
 pub fn group_members(pgid: i32) -> Vec<i32> {
     let mut members = Vec::new();
