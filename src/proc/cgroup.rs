@@ -132,6 +132,38 @@ impl Joiner {
     }
 }
 
+/// An inotify watch on a run's `cgroup.events`: the kernel reports a
+/// modification each time `populated` changes.
+pub struct EventsWatch {
+    fd: tokio::io::unix::AsyncFd<OwnedFd>,
+}
+
+impl EventsWatch {
+    /// Waits for the next change (or returns at once if one is pending).
+    pub async fn changed(&self) -> io::Result<()> {
+        loop {
+            let mut guard = self.fd.readable().await?;
+            let mut buf = [0u8; 1024];
+            // SAFETY: read(2) into a local buffer from the inotify fd.
+            let n = unsafe {
+                libc::read(
+                    self.fd.get_ref().as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                )
+            };
+            if n > 0 {
+                return Ok(());
+            }
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::WouldBlock {
+                return Err(err);
+            }
+            guard.clear_ready();
+        }
+    }
+}
+
 impl RunCgroup {
     pub fn path(&self) -> &Path {
         &self.dir
@@ -179,6 +211,31 @@ impl RunCgroup {
             Ok(s) => s.lines().any(|l| l.trim() == "populated 1"),
             Err(_) => false,
         }
+    }
+
+    /// Starts watching `cgroup.events`; check the state after this call,
+    /// then wait with [`EventsWatch::changed`], and no change is missed.
+    pub fn watch_events(&self) -> io::Result<EventsWatch> {
+        // SAFETY: inotify_init1 returns a fresh descriptor that we own.
+        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let path = CString::new(self.dir.join("cgroup.events").as_os_str().as_bytes())
+            .map_err(io::Error::other)?;
+        // SAFETY: a NUL-terminated path on a valid inotify fd.
+        if unsafe { libc::inotify_add_watch(fd.as_raw_fd(), path.as_ptr(), libc::IN_MODIFY) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the AsyncFd owns the descriptor from here on, and it
+        // stays open and the same inotify instance until the AsyncFd drops.
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| e.into_parts().1)?;
+        Ok(EventsWatch { fd })
     }
 
     /// SIGKILL to every process in the cgroup, atomically with respect to

@@ -501,6 +501,35 @@ impl Tracked {
         }
     }
 
+    /// Waits until [`Tracked::only_leader_left`] holds: woken by the
+    /// kernel through `cgroup.events` with a cgroup, else by polling `/proc`
+    /// with a backoff from 1 to 100 ms. Most runs return at the first
+    /// check, right after their leader's exit.
+    pub async fn wait_only_leader_left(&self) {
+        if self.only_leader_left() {
+            return;
+        }
+        if let Scope::Cgroup(cg) = &self.scope {
+            match cg.watch_events() {
+                Ok(watch) => {
+                    while !self.only_leader_left() {
+                        if let Err(e) = watch.changed().await {
+                            tracing::warn!(cgroup = %cg.path().display(), error = %e, "watching cgroup.events failed; polling");
+                            break;
+                        }
+                    }
+                    if self.only_leader_left() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(cgroup = %cg.path().display(), error = %e, "cannot watch cgroup.events; polling");
+                }
+            }
+        }
+        poll_until(|| self.only_leader_left()).await;
+    }
+
     /// Sends `sig` to every process of the run. The group goes through
     /// `killpg` (the caller guarantees the leader is unreaped, so the group
     /// id is not recycled); processes outside the group are pinned with a
@@ -565,6 +594,15 @@ impl Tracked {
         if let Scope::Cgroup(cg) = &self.scope {
             cg.remove();
         }
+    }
+}
+
+/// Polls `done` with exponential backoff (1 ms to 100 ms) until it holds.
+pub async fn poll_until(mut done: impl FnMut() -> bool) {
+    let mut delay = std::time::Duration::from_millis(1);
+    while !done() {
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(std::time::Duration::from_millis(100));
     }
 }
 

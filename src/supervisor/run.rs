@@ -6,7 +6,6 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
@@ -22,12 +21,6 @@ use crate::proc::{self, ExitStatus, Leader, Tracked};
 use crate::store::{Batch, Store};
 
 const READ_BUF: usize = 64 * 1024;
-
-/// Backoff bounds for polling /proc while members outlive their leader.
-/// Most runs never poll: the first check after the leader's exit finds the
-/// group empty.
-const POLL_FIRST: Duration = Duration::from_millis(1);
-const POLL_MAX: Duration = Duration::from_millis(100);
 
 pub struct Finished {
     pub id: ProcessId,
@@ -69,7 +62,7 @@ pub async fn watch_child(
             None
         }
     };
-    wait_until(|| tracked.only_leader_left()).await;
+    tracked.wait_only_leader_left().await;
     // Every writer in the group is gone: what they wrote is in the pipes.
     let _ = stop_tx.send(true);
     let (o, e) = (out.await.unwrap_or_default(), err.await.unwrap_or_default());
@@ -83,7 +76,7 @@ pub async fn watch_orphan(
     identity: Option<ProcIdentity>,
     cgroup: Option<RunCgroup>,
 ) {
-    wait_until(|| !proc::orphan_alive(identity.as_ref(), cgroup.as_ref())).await;
+    proc::poll_until(|| !proc::orphan_alive(identity.as_ref(), cgroup.as_ref())).await;
     finish(ctx, None, (0, 0), (0, 0)).await;
 }
 
@@ -105,15 +98,6 @@ async fn finish(ctx: RunContext, status: Option<ExitStatus>, out: (u64, u64), er
             stderr_dropped: err.1,
         },
     }));
-}
-
-/// Polls `done` with exponential backoff until it holds.
-async fn wait_until(mut done: impl FnMut() -> bool) {
-    let mut delay = POLL_FIRST;
-    while !done() {
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(POLL_MAX);
-    }
 }
 
 /// Where one captured stream goes.
