@@ -22,6 +22,9 @@ use crate::store::{Batch, Store};
 
 const READ_BUF: usize = 64 * 1024;
 
+/// Output files up to this size are read on the run's task.
+const INLINE_OUTPUT_READ: u64 = 64 * 1024;
+
 pub struct Finished {
     pub id: ProcessId,
     pub gen: u64,
@@ -83,9 +86,17 @@ pub async fn watch_orphan(
 async fn finish(ctx: RunContext, status: Option<ExitStatus>, out: (u64, u64), err: (u64, u64)) {
     let path = ctx.output_path.clone();
     let max = ctx.max_output_bytes;
-    let output = tokio::task::spawn_blocking(move || read_output_file(&path, max))
-        .await
-        .unwrap_or(OutputOutcome::None);
+    // Most output files are empty or a few lines: read those right here (a
+    // page-cache read of microseconds) rather than paying a hand-off to the
+    // blocking pool per run.
+    let small = std::fs::metadata(&path).map_or(true, |m| m.len() <= INLINE_OUTPUT_READ);
+    let output = if small {
+        read_output_file(&path, max)
+    } else {
+        tokio::task::spawn_blocking(move || read_output_file(&path, max))
+            .await
+            .unwrap_or(OutputOutcome::None)
+    };
     let _ = ctx.tx.send(Internal::Finished(Finished {
         id: ctx.id,
         gen: ctx.gen,
