@@ -214,7 +214,7 @@ fn pidfd_send_signal(pidfd: &OwnedFd, sig: i32, flags: libc::c_uint) -> io::Resu
     }
 }
 
-/// waitid(P_PIDFD) on our own child.
+/// waitid(P_PIDFD) on our own child (`__WALL`: leaders have no exit signal).
 fn waitid_pidfd(pidfd: &OwnedFd, flags: libc::c_int) -> io::Result<Option<ExitStatus>> {
     // SAFETY: siginfo_t is plain data; waitid fills it.
     let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
@@ -223,7 +223,7 @@ fn waitid_pidfd(pidfd: &OwnedFd, flags: libc::c_int) -> io::Result<Option<ExitSt
             libc::P_PIDFD,
             pidfd.as_raw_fd() as libc::id_t,
             &mut info,
-            flags | libc::WEXITED | libc::WNOHANG,
+            flags | libc::WEXITED | libc::WNOHANG | libc::__WALL,
         )
     };
     if r < 0 {
@@ -352,8 +352,10 @@ fn tagged_strays(tag: &str, leader: i32) -> Vec<i32> {
 ///
 /// SIGCHLD is blocked in every thread (the mask is set here, before any
 /// other thread exists, and inherited); the main thread takes it with
-/// `sigwaitinfo`. Each orphan's exit wakes it once; a leader's exit wakes
-/// it for nothing (one system call).
+/// `sigwaitinfo`. Leaders are started without an exit signal, so only
+/// orphans (which the kernel reparents with SIGCHLD) wake it, and its
+/// `waitid` without `__WALL` could not see a leader even if one were
+/// handed to the main thread (a thread of the daemon exiting).
 pub struct OrphanReaper {
     main: libc::pthread_t,
     done: std::sync::atomic::AtomicBool,

@@ -226,12 +226,16 @@ pub fn spawn(exec: &Exec<'_>) -> io::Result<Child> {
     // SAFETY: the child runs child_main on `stack` with a pointer to `args`;
     // with CLONE_VFORK this thread is suspended until the child has called
     // execve or exited, so `args`, `stack` and everything they point to
-    // outlive its use. CLONE_PIDFD stores the pidfd in `pidfd`.
+    // outlive its use. CLONE_PIDFD stores the pidfd in `pidfd`. No exit
+    // signal (the low byte of the flags is 0): the leader's exit is seen
+    // through the pidfd, and SIGCHLD stays for orphans, which the kernel
+    // always reparents with SIGCHLD as their exit signal (OrphanReaper).
+    // Waiting for such a "clone" child takes __WALL.
     let pid = unsafe {
         libc::clone(
             child_main,
             top,
-            libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD | libc::SIGCHLD,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD,
             (&args as *const ChildArgs).cast_mut().cast(),
             &mut pidfd as *mut libc::c_int,
             std::ptr::null_mut::<libc::c_void>(),
@@ -261,7 +265,7 @@ pub fn spawn(exec: &Exec<'_>) -> io::Result<Child> {
                 libc::P_PIDFD,
                 pidfd.as_raw_fd() as libc::id_t,
                 &mut info,
-                libc::WEXITED,
+                libc::WEXITED | libc::__WALL,
             );
         }
         let err = io::Error::from_raw_os_error(errno);
