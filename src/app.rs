@@ -31,6 +31,8 @@ pub enum AppError {
     DataDir { path: PathBuf, source: io::Error },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Supervisor(#[from] crate::supervisor::StartError),
     #[error("invalid configuration: {0}")]
     Config(String),
     #[error("cannot listen on {addr}: {source}")]

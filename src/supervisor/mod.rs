@@ -15,11 +15,10 @@
 
 pub mod machine;
 mod run;
+mod starter;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -33,10 +32,11 @@ use crate::events::Hub;
 pub use crate::model::Timeout;
 use crate::model::{Change, ChangeKind, ProcIdentity, ProcessId, Record, State};
 use crate::proc::cgroup::{CgroupRoot, RunCgroup};
-use crate::proc::{self, Leader, Rlimit, Scope, SpawnSpec, Tracked};
+use crate::proc::{self, Leader, Rlimit, Tracked};
 use crate::store::{Batch, Store, StoreError};
 use machine::{decide, Effect, Event, Reject};
 use run::{Finished, RunContext};
+use starter::{Job, Started, Starter};
 
 /// Capacity of the API command channel: callers wait (backpressure) when
 /// the actor is this far behind.
@@ -85,6 +85,15 @@ pub struct CreateRequest {
     pub autorun: bool,
 }
 
+/// Why the supervisor could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot start the starter thread: {0}")]
+    Thread(std::io::Error),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SupervisorError {
     #[error("Process not found.")]
@@ -117,6 +126,8 @@ enum Command {
 pub(crate) enum Internal {
     Durable(u64, Result<(), StoreError>),
     Finished(Finished),
+    /// The starter thread started (or failed to start) a run.
+    Started(Started),
     Timer(ProcessId, u64, TimerKind),
     /// Write a record again whose transition failed to persist.
     Retry(ProcessId),
@@ -141,10 +152,13 @@ impl Supervisor {
         store: Store,
         settings: Settings,
         hub: Arc<Hub>,
-    ) -> Result<Supervisor, StoreError> {
+    ) -> Result<Supervisor, StartError> {
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         let (int_tx, int_rx) = mpsc::unbounded_channel();
+        let starter = Starter::spawn(store.clone(), settings.clone(), int_tx.clone())
+            .map_err(StartError::Thread)?;
         let mut actor = Actor {
+            starter,
             next_id: store.next_id()?,
             next_seq: store.last_seq()? + 1,
             hub,
@@ -320,6 +334,11 @@ struct Entry {
     /// A transition of this record failed to persist and is retried.
     needs_retry: bool,
     deleted: bool,
+    /// Handed to the starter; the record stays `queued` until it answers.
+    starting: bool,
+    /// Commands for this record that arrived while it was starting,
+    /// replayed in order once it has started (or failed to).
+    deferred: Vec<Command>,
 }
 
 impl Entry {
@@ -332,6 +351,8 @@ impl Entry {
             pending: 0,
             needs_retry: false,
             deleted: false,
+            starting: false,
+            deferred: Vec::new(),
         }
     }
 }
@@ -384,6 +405,8 @@ struct Actor {
     next_gen: u64,
     next_token: u64,
     pending: HashMap<u64, Pending>,
+    /// Stages and spawns runs off the actor.
+    starter: Starter,
     shutting_down: bool,
     shutdown_waiters: Vec<oneshot::Sender<()>>,
 }
@@ -542,6 +565,7 @@ impl Actor {
         if let Some(e) = self.entries.get(&id) {
             if e.pending == 0
                 && e.run.is_none()
+                && !e.starting
                 && !e.needs_retry
                 && (e.deleted || e.rec.state == State::Idle)
             {
@@ -551,6 +575,16 @@ impl Actor {
     }
 
     fn on_command(&mut self, cmd: Command) {
+        let target = match &cmd {
+            Command::Run(id, ..) | Command::Kill(id, _) | Command::Delete(id, _) => Some(*id),
+            Command::Create(..) | Command::Shutdown(_) => None,
+        };
+        if let Some(e) = target.and_then(|id| self.entries.get_mut(&id)) {
+            if e.starting {
+                e.deferred.push(cmd);
+                return;
+            }
+        }
         match cmd {
             Command::Create(req, reply) => self.create(req, reply),
             Command::Run(id, force, reply) => {
@@ -766,7 +800,10 @@ impl Actor {
         if self.shutting_down
             && !self.shutdown_waiters.is_empty()
             && self.pending.is_empty()
-            && self.entries.values().all(|e| e.run.is_none())
+            && self
+                .entries
+                .values()
+                .all(|e| e.run.is_none() && !e.starting)
         {
             for w in self.shutdown_waiters.drain(..) {
                 let _ = w.send(());
@@ -778,6 +815,7 @@ impl Actor {
         match ev {
             Internal::Durable(token, result) => self.on_durable(token, result),
             Internal::Finished(f) => self.on_finished(f),
+            Internal::Started(st) => self.on_started(st),
             Internal::Timer(id, gen, kind) => self.on_timer(id, gen, kind),
             Internal::Retry(id) => {
                 let Some(e) = self.entries.get_mut(&id) else {
@@ -958,59 +996,74 @@ impl Actor {
         }
     }
 
+    /// Hands a queued run to the starter; it holds a slot from now on.
     fn start(&mut self, id: ProcessId) {
-        let dir = self.run_dir(id);
-        let output_path = dir.join("output");
-        let staged = self.stage(id, &dir, &output_path);
-        // Its own cgroup when the host offers them; a cgroup that cannot be
-        // created degrades this run to process-group tracking.
-        let cgroup = self.settings.cgroups.as_ref().map(|root| root.run(id.0));
-        let joiner = cgroup.as_ref().and_then(|cg| match cg.prepare(&self.settings.cgroup_limits) {
-            Ok(j) => Some(j),
-            Err(e) => {
-                tracing::warn!(%id, cgroup = %cg.path().display(), error = %e, "no cgroup for this run; tracking its process group");
-                None
+        let gen = self.next_gen;
+        self.next_gen += 1;
+        if self.starter.submit(Job { id, gen }).is_err() {
+            tracing::error!(%id, "the starter thread has stopped");
+            if let Ok((rec, fx)) = self.apply(
+                id,
+                Event::StartFailed {
+                    error: "the daemon's starter thread has stopped".into(),
+                    now: now_ms(),
+                },
+            ) {
+                self.persist(id, &rec, &fx, After::Nothing);
             }
-        });
-        let scope = match (&cgroup, &joiner) {
-            (Some(cg), Some(_)) => Scope::Cgroup(cg.clone()),
-            _ => Scope::Group,
+            return;
+        }
+        self.active += 1;
+        if let Some(e) = self.entries.get_mut(&id) {
+            e.starting = true;
+        }
+    }
+
+    /// The starter's answer: the run is recorded `running` (or `failed`),
+    /// then the commands that waited for it are replayed.
+    fn on_started(&mut self, st: Started) {
+        let Started {
+            id,
+            gen,
+            result,
+            output_path,
+        } = st;
+        let deferred = match self.entries.get_mut(&id) {
+            Some(e) => {
+                e.starting = false;
+                std::mem::take(&mut e.deferred)
+            }
+            None => Vec::new(),
         };
-        let spawned = staged.and_then(|(code_path, direct)| {
-            let mut env = self.settings.env.clone();
-            env.push(("CYRNEL_PROCESS_ID".into(), id.to_string()));
-            env.push(("CYRNEL_OUTPUT".into(), output_path.display().to_string()));
-            proc::spawn(&SpawnSpec {
-                code_path: &code_path,
-                direct,
-                shell: &self.settings.shell,
-                env: &env,
-                cwd: &dir,
-                cgroup: joiner.as_ref(),
-                rlimits: &self.settings.rlimits,
-                credentials: self.settings.credentials,
-            })
-        });
-        drop(joiner);
         let now = now_ms();
-        match spawned {
-            Ok(sp) => {
-                let gen = self.next_gen;
-                self.next_gen += 1;
-                let Ok((rec, fx)) = self.apply(
+        match result {
+            Ok((sp, scope)) => {
+                let started = self.apply(
                     id,
                     Event::Started {
                         identity: sp.identity.clone(),
                         now,
                     },
-                ) else {
-                    return;
-                };
+                );
                 let leader = Arc::new(sp.leader);
                 let tracked = Tracked {
                     pgid: leader.pid(),
                     tag: id.to_string(),
                     scope,
+                };
+                let Ok((rec, fx)) = started else {
+                    // Cannot happen (commands for a starting record wait),
+                    // but a child must never be left behind: put it down.
+                    tracing::error!(%id, "a started run's record was no longer queued; killing it");
+                    self.active -= 1;
+                    tokio::spawn(async move {
+                        let _ = tracked.signal(Signal::SIGKILL);
+                        let _ = leader.exited().await;
+                        tracked.wait_only_leader_left().await;
+                        let _ = leader.reap();
+                        tracked.cleanup();
+                    });
+                    return;
                 };
                 let mut run = Run::new(
                     gen,
@@ -1030,18 +1083,25 @@ impl Actor {
                         ));
                     }
                 }
-                self.active += 1;
                 self.entries.get_mut(&id).expect("started entry").run = Some(run);
                 tracing::info!(%id, pid = leader.pid(), "started");
                 let ctx = self.run_context(id, gen, output_path);
                 tokio::spawn(run::watch_child(ctx, leader, tracked, sp.stdout, sp.stderr));
                 self.persist(id, &rec, &fx, After::Nothing);
+                if self.shutting_down {
+                    // The stop began while it was starting.
+                    let event = Event::Shutdown {
+                        now: now_ms(),
+                        grace: self.settings.kill_grace_ms,
+                    };
+                    if let Ok((rec, fx)) = self.apply(id, event) {
+                        self.terminate(id, rec, fx, None);
+                    }
+                }
             }
             Err(e) => {
+                self.active -= 1;
                 tracing::warn!(%id, error = %e, "failed to start");
-                if let Scope::Cgroup(cg) = &scope {
-                    cg.remove();
-                }
                 if let Ok((rec, fx)) = self.apply(
                     id,
                     Event::StartFailed {
@@ -1052,6 +1112,9 @@ impl Actor {
                     self.persist(id, &rec, &fx, After::Nothing);
                 }
             }
+        }
+        for cmd in deferred {
+            self.on_command(cmd);
         }
     }
 
@@ -1065,48 +1128,6 @@ impl Actor {
             tx: self.int_tx.clone(),
             hub: self.hub.clone(),
         }
-    }
-
-    /// Writes the code to `<dir>/code` (0700) and an empty output file.
-    /// Returns the code path and whether it runs directly (`#!`).
-    fn stage(
-        &self,
-        id: ProcessId,
-        dir: &Path,
-        output_path: &Path,
-    ) -> std::io::Result<(PathBuf, bool)> {
-        let code = self
-            .store
-            .code(id)
-            .map_err(std::io::Error::other)?
-            .ok_or_else(|| std::io::Error::other("the stored code is missing"))?;
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)?;
-        let code_path = dir.join("code");
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o700)
-            .open(&code_path)?;
-        f.write_all(&code)?;
-        drop(f);
-        fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(output_path)?;
-        if let Some((uid, gid)) = self.settings.credentials {
-            // The run's own folder, code and output file belong to the user
-            // it runs as; the data dir above stays the daemon's.
-            for p in [dir, code_path.as_path(), output_path] {
-                std::os::unix::fs::chown(p, Some(uid), Some(gid))?;
-            }
-        }
-        Ok((code_path, code.starts_with(b"#!")))
     }
 
     fn on_finished(&mut self, f: Finished) {
