@@ -71,6 +71,35 @@ fn kill_ends_every_member_of_the_group() {
 }
 
 #[test]
+fn kill_right_after_create_cancels_whatever_stage_the_start_is_in() {
+    let d = Daemon::options().env("RUST_LOG", "cyrnel=debug").start();
+    // Each kill lands while its run is still queued, being staged and
+    // spawned by the starter thread (the kill then waits for the start),
+    // or already running. Whichever: 200, canceled, nothing left alive.
+    let ids: Vec<i64> = (0..40)
+        .map(|_| {
+            let id = d.create_code("sleep 300");
+            let r = d.kill(id);
+            assert_eq!(r.status, 200, "kill of {id}: {r}");
+            id
+        })
+        .collect();
+    for id in ids {
+        let rec = d.wait_idle(id);
+        assert_eq!(rec["exitState"].as_str(), Some("canceled"), "{rec}");
+        assert_eq!(alive_of_run(&d, id), Vec::<i32>::new(), "{rec}");
+    }
+    assert_no_zombies_under(d.pid());
+    // The middle case is the one this test is for; most kills hit it (a
+    // start takes longer than the client's next round trip).
+    let waited = d
+        .logs()
+        .matches("command waits for the run to start")
+        .count();
+    assert!(waited > 0, "no kill arrived while its run was starting");
+}
+
+#[test]
 fn term_ignoring_group_is_sigkilled_after_the_grace() {
     let d = Daemon::start(); // grace 300 ms
     let m = marker_dir();

@@ -581,6 +581,7 @@ impl Actor {
         };
         if let Some(e) = target.and_then(|id| self.entries.get_mut(&id)) {
             if e.starting {
+                tracing::debug!(id = ?target, "command waits for the run to start");
                 e.deferred.push(cmd);
                 return;
             }
