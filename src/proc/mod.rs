@@ -512,24 +512,37 @@ impl Tracked {
             return;
         }
         if let Scope::Cgroup(cg) = &self.scope {
-            match cg.watch_events() {
-                Ok(watch) => {
-                    while !self.only_leader_left() {
-                        if let Err(e) = watch.changed().await {
-                            tracing::warn!(cgroup = %cg.path().display(), error = %e, "watching cgroup.events failed; polling");
-                            break;
-                        }
-                    }
-                    if self.only_leader_left() {
-                        return;
-                    }
-                }
+            match self.wait_cgroup_empty(cg).await {
+                Ok(()) => return,
                 Err(e) => {
                     tracing::warn!(cgroup = %cg.path().display(), error = %e, "cannot watch cgroup.events; polling");
                 }
             }
         }
         poll_until(|| self.only_leader_left()).await;
+    }
+
+    /// Waits for `populated 0` (or only the zombie leader listed) through
+    /// the change notification of `cgroup.events`. The kernel sends at most
+    /// one notification per cgroup file every 10 ms and delays the next one
+    /// until then; a run killed right after it started would wait for that.
+    /// So the first 15 ms also look at the file after 1, 2, 4 and 8 ms.
+    async fn wait_cgroup_empty(&self, cg: &RunCgroup) -> io::Result<()> {
+        let events = cg.events_file()?;
+        let mut early = Some(std::time::Duration::from_millis(1));
+        while events.populated()? && !cg.members().iter().all(|&p| p == self.pgid) {
+            match early {
+                Some(delay) => {
+                    tokio::select! {
+                        r = events.changed() => r?,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    early = Some(delay * 2).filter(|d| d.as_millis() <= 8);
+                }
+                None => events.changed().await?,
+            }
+        }
+        Ok(())
     }
 
     /// Sends `sig` to every process of the run. The group goes through
