@@ -7,7 +7,6 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
 use tokio::sync::{mpsc, watch};
 
@@ -149,11 +148,7 @@ fn drain_read(pipe: &pipe::Receiver, buf: &mut [u8]) -> std::io::Result<usize> {
 
 /// Copies one pipe into the store until EOF, or until told to stop, after
 /// which it drains what is already buffered. Returns (kept, dropped) bytes.
-async fn capture(
-    sink: Sink,
-    mut pipe: pipe::Receiver,
-    mut stop: watch::Receiver<bool>,
-) -> (u64, u64) {
+async fn capture(sink: Sink, pipe: pipe::Receiver, mut stop: watch::Receiver<bool>) -> (u64, u64) {
     let Sink {
         store,
         hub,
@@ -161,27 +156,34 @@ async fn capture(
         stream,
         cap,
     } = sink;
-    let mut buf = vec![0u8; READ_BUF];
+    // Allocated when the first bytes arrive: most runs of a busy daemon
+    // sit silent (a `sleep`), and two idle 64 KiB buffers per run would be
+    // most of the daemon's memory per process.
+    let mut buf: Vec<u8> = Vec::new();
     let mut kept = 0u64;
     let mut dropped = 0u64;
     let mut stopping = false;
     loop {
-        let n = if stopping {
-            match drain_read(&pipe, &mut buf) {
-                Ok(n) => n,
-                Err(_) => break, // EAGAIN: drained; anything else: done
-            }
-        } else {
+        if !stopping {
             tokio::select! {
-                r = pipe.read(&mut buf) => match r {
-                    Ok(n) => n,
-                    Err(_) => break,
-                },
-                _ = stop.changed() => {
-                    stopping = true;
-                    continue;
-                }
+                r = pipe.readable() => if r.is_err() { break },
+                _ = stop.changed() => stopping = true,
             }
+        }
+        if buf.is_empty() {
+            buf = vec![0u8; READ_BUF];
+        }
+        // While running, try_read (which clears tokio's readiness when the
+        // pipe turns out empty); when draining, a real read(2) each time.
+        let read = if stopping {
+            drain_read(&pipe, &mut buf)
+        } else {
+            pipe.try_read(&mut buf)
+        };
+        let n = match read {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && !stopping => continue,
+            Err(_) => break, // drained (WouldBlock), or done
         };
         if n == 0 {
             break;
