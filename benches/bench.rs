@@ -368,21 +368,26 @@ impl Daemon {
     /// User + system CPU seconds of the daemon itself, and of its reaped
     /// children (the supervised runs).
     fn cpu_secs(&self) -> (f64, f64) {
-        let stat = fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
-        let after = stat.rsplit_once(')').map(|(_, a)| a).unwrap_or("");
-        let f: Vec<f64> = after
-            .split_whitespace()
-            .map(|x| x.parse().unwrap_or(0.0))
-            .collect();
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-        if f.len() < 15 {
-            return (0.0, 0.0);
-        }
-        // Fields 14..17 of stat(5) are utime, stime, cutime, cstime; `after`
-        // starts at field 3.
-        ((f[11] + f[12]) / hz, (f[13] + f[14]) / hz)
+        cpu_secs_of(&format!("/proc/{}/stat", self.pid()))
     }
+}
+
+/// (own, reaped children's) CPU seconds of a process, from its stat file.
+fn cpu_secs_of(stat_path: &str) -> (f64, f64) {
+    let stat = fs::read_to_string(stat_path).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, a)| a).unwrap_or("");
+    let f: Vec<f64> = after
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    if f.len() < 15 {
+        return (0.0, 0.0);
+    }
+    // Fields 14..17 of stat(5) are utime, stime, cutime, cstime; `after`
+    // starts at field 3.
+    ((f[11] + f[12]) / hz, (f[13] + f[14]) / hz)
 }
 
 impl Drop for Daemon {
@@ -968,18 +973,7 @@ fn machine_jiffies() -> (u64, u64) {
 
 /// CPU seconds used by this harness process so far.
 fn harness_cpu_secs() -> f64 {
-    let stat = fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let after = stat.rsplit_once(')').map(|(_, a)| a).unwrap_or("");
-    let f: Vec<f64> = after
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0.0))
-        .collect();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    if f.len() < 13 {
-        return 0.0;
-    }
-    (f[11] + f[12]) / hz
+    cpu_secs_of("/proc/self/stat").0
 }
 
 /// One round of the daemon side: `runs` creates of `true` with autorun
