@@ -112,13 +112,14 @@ fn main() -> ExitCode {
     };
     // The runtime runs on its own thread; the main thread reaps orphans
     // until it is done.
-    let stopper = reaper.clone();
+    let stopper = StopReaper(reaper.clone());
     let daemon = std::thread::Builder::new()
-        .name("cyrneld".into())
+        .name("cyrneld-rt".into())
         .spawn(move || {
-            let result = serve(runtime, config, flags, log_level_owned, log_filter);
-            stopper.stop();
-            result
+            // Dropped when serve returns or panics: the main thread then
+            // stops reaping and reports the outcome.
+            let _stop = stopper;
+            serve(runtime, config, flags, log_level_owned, log_filter)
         });
     let daemon = match daemon {
         Ok(d) => d,
@@ -131,6 +132,15 @@ fn main() -> ExitCode {
     match daemon.join() {
         Ok(Ok(())) => ExitCode::SUCCESS,
         _ => ExitCode::FAILURE,
+    }
+}
+
+/// Ends the main thread's orphan reaping when dropped.
+struct StopReaper(Arc<cyrnel::proc::OrphanReaper>);
+
+impl Drop for StopReaper {
+    fn drop(&mut self) {
+        self.0.stop();
     }
 }
 
