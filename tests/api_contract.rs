@@ -578,7 +578,7 @@ fn walk_pages(d: &Daemon, query: &str, limit: usize) -> Vec<i64> {
             .unwrap_or_else(|| panic!("with limit, nextCursor must be present: {page}"));
         match next {
             Json::Null => return ids,
-            Json::Str(c) => {
+            Json::String(c) => {
                 assert!(!c.is_empty(), "nextCursor must not be empty: {page}");
                 cursor = Some(c.clone());
             }

@@ -344,7 +344,7 @@ fn ps_prints_a_table_filters_and_json() {
     assert!(ps_row(&out.stdout, b).is_some(), "{out:?}");
 
     let out = ctl(&d, &["ps", "--json"]).ok();
-    let j = Json::parse(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+    let j = parse_json(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
     assert_eq!(ids_of(&j), vec![b, a]);
 }
 
@@ -363,7 +363,7 @@ fn show_prints_the_record() {
     assert_eq!(f["error"], "Process exited with code 4.", "{out:?}");
 
     let out = ctl(&d, &["show", "--json", &id.to_string()]).ok();
-    let j = Json::parse(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+    let j = parse_json(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
     assert_eq!(j, d.record(id));
 }
 
@@ -375,7 +375,7 @@ fn output_prints_the_structured_output() {
     );
     d.wait_idle(id);
     let out = ctl(&d, &["output", &id.to_string()]).ok();
-    let j = Json::parse(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+    let j = parse_json(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
     assert_eq!(j, json(r#"{"a":2,"b":"x"}"#));
 }
 
@@ -568,11 +568,11 @@ fn events_of_one_process_as_json() {
         &["events", "--json", "--since", "0", &b.to_string()],
     ));
     live.wait_line("b's idle event", |l| {
-        Json::parse(l).is_ok_and(|j| j["state"].as_str() == Some("idle"))
+        parse_json(l).is_ok_and(|j| j["state"].as_str() == Some("idle"))
     });
     let lines = live.lines();
     for l in &lines {
-        let j = Json::parse(l).unwrap_or_else(|e| panic!("{e}: {l:?}"));
+        let j = parse_json(l).unwrap_or_else(|e| panic!("{e}: {l:?}"));
         assert_eq!(j["id"].as_i64(), Some(b), "{lines:?}");
     }
     assert_eq!(lines.len(), 3, "{lines:?}");
@@ -635,7 +635,7 @@ fn the_api_key_comes_from_the_environment_or_a_flag() {
     let mut cmd = ctl_cmd(&url(&d), &["ps", "--json"]);
     cmd.env("CYRNEL_API_KEY", "s3cret");
     let out = finish(cmd, None).ok();
-    assert!(Json::parse(&out.stdout).is_ok(), "{out:?}");
+    assert!(parse_json(&out.stdout).is_ok(), "{out:?}");
 
     ctl(&d, &["--api-key", "s3cret", "ps"]).ok();
 

@@ -36,7 +36,7 @@ fn parse_sse(body: &[u8]) -> (Vec<Ev>, usize) {
             } else if let Some(v) = line.strip_prefix("event: ") {
                 event = Some(v.to_string());
             } else if let Some(v) = line.strip_prefix("data: ") {
-                data = Some(Json::parse(v).expect("data is one line of JSON"));
+                data = Some(parse_json(v).expect("data is one line of JSON"));
             }
         }
         if let (Some(id), Some(event), Some(data)) = (id, event, data) {
