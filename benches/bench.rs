@@ -1257,13 +1257,17 @@ async fn kill_breakdown(
     parts
 }
 
-fn parts_json(p: &KillParts) -> Value {
-    let after: Vec<f64> = p
-        .idle_event
+/// Per kill: from the group's death to the `idle` event.
+fn group_dead_to_event(p: &KillParts) -> Vec<f64> {
+    p.idle_event
         .iter()
         .zip(&p.group_dead)
         .map(|(i, g)| i - g)
-        .collect();
+        .collect()
+}
+
+fn parts_json(p: &KillParts) -> Value {
+    let after = group_dead_to_event(p);
     json!({
         "samples": p.reply.len(),
         "kill_sent_to_200": summarize(&p.reply).json(),
@@ -1275,12 +1279,7 @@ fn parts_json(p: &KillParts) -> Value {
 }
 
 fn parts_line(p: &KillParts) -> String {
-    let after: Vec<f64> = p
-        .idle_event
-        .iter()
-        .zip(&p.group_dead)
-        .map(|(i, g)| i - g)
-        .collect();
+    let after = group_dead_to_event(p);
     let (r, l, g, i, a) = (
         summarize(&p.reply),
         summarize(&p.leader_dead),

@@ -482,26 +482,28 @@ impl Daemon {
         self.get(&format!("/processes/{id}/{what}"))
     }
 
+    /// GET /processes/{id}/{what}, asserting 200.
+    #[track_caller]
+    fn sub_ok(&self, id: i64, what: &str) -> Response {
+        let r = self.sub(id, what);
+        assert_eq!(r.status, 200, "{what} of {id}: {r}");
+        r
+    }
+
     /// The stdout of an idle process, asserting 200.
     #[track_caller]
     pub fn stdout_text(&self, id: i64) -> String {
-        let r = self.sub(id, "stdout");
-        assert_eq!(r.status, 200, "stdout of {id}: {r}");
-        r.text()
+        self.sub_ok(id, "stdout").text()
     }
 
     #[track_caller]
     pub fn stderr_text(&self, id: i64) -> String {
-        let r = self.sub(id, "stderr");
-        assert_eq!(r.status, 200, "stderr of {id}: {r}");
-        r.text()
+        self.sub_ok(id, "stderr").text()
     }
 
     #[track_caller]
     pub fn output_json(&self, id: i64) -> Json {
-        let r = self.sub(id, "output");
-        assert_eq!(r.status, 200, "output of {id}: {r}");
-        r.json()
+        self.sub_ok(id, "output").json()
     }
 
     /// GET /processes?{query}; asserts 200 and returns the whole body.
