@@ -146,6 +146,17 @@ fn drain_read(pipe: &pipe::Receiver, buf: &mut [u8]) -> std::io::Result<usize> {
     }
 }
 
+/// Bytes waiting in the pipe (FIONREAD); 0 when empty, closed or on error.
+fn pending_bytes(pipe: &pipe::Receiver) -> usize {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    if unsafe { libc::ioctl(pipe.as_raw_fd(), libc::FIONREAD, &mut n) } != 0 {
+        return 0;
+    }
+    n.max(0) as usize
+}
+
 /// Copies one pipe into the store until EOF, or until told to stop, after
 /// which it drains what is already buffered. Returns (kept, dropped) bytes.
 async fn capture(sink: Sink, pipe: pipe::Receiver, mut stop: watch::Receiver<bool>) -> (u64, u64) {
@@ -171,6 +182,11 @@ async fn capture(sink: Sink, pipe: pipe::Receiver, mut stop: watch::Receiver<boo
             }
         }
         if buf.is_empty() {
+            // A silent run's pipe is usually empty at the end: ask before
+            // allocating a buffer only to read nothing.
+            if stopping && pending_bytes(&pipe) == 0 {
+                break;
+            }
             buf = vec![0u8; READ_BUF];
         }
         // While running, try_read (which clears tokio's readiness when the
