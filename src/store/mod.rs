@@ -348,28 +348,26 @@ impl Store {
         self.db().cf_handle(name).expect("column family exists")
     }
 
-    /// The next id to assign (1 on a new store).
-    pub fn next_id(&self) -> Result<u64, StoreError> {
+    /// A u64 kept in the meta column family, `default` if absent.
+    fn meta_u64(&self, key: &[u8], default: u64) -> Result<u64, StoreError> {
         let v = self
             .db()
-            .get_cf(self.cf(CF_META), KEY_NEXT_ID)
+            .get_cf(self.cf(CF_META), key)
             .map_err(StoreError::Read)?;
         Ok(match v {
             Some(b) if b.len() == 8 => u64::from_be_bytes(b[..].try_into().unwrap()),
-            _ => 1,
+            _ => default,
         })
+    }
+
+    /// The next id to assign (1 on a new store).
+    pub fn next_id(&self) -> Result<u64, StoreError> {
+        self.meta_u64(KEY_NEXT_ID, 1)
     }
 
     /// The sequence number of the last persisted event (0 before any).
     pub fn last_seq(&self) -> Result<u64, StoreError> {
-        let v = self
-            .db()
-            .get_cf(self.cf(CF_META), KEY_LAST_SEQ)
-            .map_err(StoreError::Read)?;
-        Ok(match v {
-            Some(b) if b.len() == 8 => u64::from_be_bytes(b[..].try_into().unwrap()),
-            _ => 0,
-        })
+        self.meta_u64(KEY_LAST_SEQ, 0)
     }
 
     /// The oldest retained event's sequence number, if any is retained.
