@@ -1003,20 +1003,23 @@ impl Actor {
         self.next_gen += 1;
         if self.starter.submit(Job { id, gen }).is_err() {
             tracing::error!(%id, "the starter thread has stopped");
-            if let Ok((rec, fx)) = self.apply(
-                id,
-                Event::StartFailed {
-                    error: "the daemon's starter thread has stopped".into(),
-                    now: now_ms(),
-                },
-            ) {
-                self.persist(id, &rec, &fx, After::Nothing);
-            }
+            self.start_failed(id, "the daemon's starter thread has stopped".into());
             return;
         }
         self.active += 1;
         if let Some(e) = self.entries.get_mut(&id) {
             e.starting = true;
+        }
+    }
+
+    /// Records that a queued run could not be started (`failed`).
+    fn start_failed(&mut self, id: ProcessId, error: String) {
+        let event = Event::StartFailed {
+            error,
+            now: now_ms(),
+        };
+        if let Ok((rec, fx)) = self.apply(id, event) {
+            self.persist(id, &rec, &fx, After::Nothing);
         }
     }
 
@@ -1103,15 +1106,7 @@ impl Actor {
             Err(e) => {
                 self.active -= 1;
                 tracing::warn!(%id, error = %e, "failed to start");
-                if let Ok((rec, fx)) = self.apply(
-                    id,
-                    Event::StartFailed {
-                        error: e.to_string(),
-                        now,
-                    },
-                ) {
-                    self.persist(id, &rec, &fx, After::Nothing);
-                }
+                self.start_failed(id, e.to_string());
             }
         }
         for cmd in deferred {
