@@ -9,8 +9,10 @@
 //! may still signal it. Exits are observed through a pidfd with `WNOWAIT`;
 //! the reap happens once, explicitly, in [`Leader::reap`]. Orphans
 //! reparented to the daemon are reaped by the main thread only
-//! ([`OrphanReaper`]), which never sees a leader. Nothing here calls
-//! `waitpid(-1)`. It knows nothing of HTTP, JSON or RocksDB.
+//! ([`OrphanReaper`]), whose `waitid(P_ALL)` is limited to that thread's
+//! children with an exit signal and so never sees a leader. Nothing waits
+//! for any child of the whole process. It knows nothing of HTTP, JSON or
+//! RocksDB.
 //!
 //! A run is tracked by a [`Scope`]: its own cgroup v2 when the host offers
 //! one (every descendant, also escaped ones), else its process group plus
