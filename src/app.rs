@@ -19,6 +19,8 @@ use crate::api::ratelimit::Limiter;
 use crate::api::{self, ApiKey, ApiState, HttpLimits};
 use crate::config::Config;
 use crate::events::Hub;
+use crate::model::SandboxLevel;
+use crate::proc::sandbox::{self, Policy, Requested};
 use crate::proc::{self, cgroup::CgroupRoot, Rlimit};
 use crate::store::{Store, StoreError};
 use crate::supervisor::{Settings, Supervisor};
@@ -104,8 +106,6 @@ pub async fn run_with(
         path: config.data_dir.clone(),
         source,
     })?;
-    let run_dir = data_dir.join("run");
-    private_dir(&run_dir, dir_mode)?;
     private_dir(&data_dir.join("db"), 0o700)?;
     let original_nofile = match proc::raise_nofile_limit() {
         Ok(n) => Some(n),
@@ -163,6 +163,15 @@ pub async fn run_with(
             );
         }
     }
+    let sandbox = Arc::new(detect_sandbox(&config, &data_dir, dir_mode)?);
+    let run_uids = (sandbox.level == SandboxLevel::Full && credentials.is_none()).then(|| {
+        (
+            config
+                .sandbox_uid_base
+                .unwrap_or_else(|| sandbox::default_uid_base(&data_dir)),
+            config.sandbox_uid_count,
+        )
+    });
     // Orphaned descendants come to us, not to init, so they can be found,
     // killed and reaped.
     if let Err(e) = proc::become_subreaper() {
@@ -178,7 +187,9 @@ pub async fn run_with(
             shell: config.shell.clone(),
             env: config.env.clone(),
             max_output_bytes: config.max_output_bytes,
-            run_dir,
+            sandbox: sandbox.clone(),
+            run_uids,
+            network: config.network,
             event_retention: config.event_retention,
             cgroups: cgroups.clone(),
             max_queued: config.max_queued,
@@ -229,6 +240,53 @@ pub async fn run_with(
     let _ = server.await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Decides how runs are isolated (logged) and where their folders live:
+/// at level `full` on a private tmpfs each; otherwise in a folder of this
+/// data dir's on `/dev/shm` (a tmpfs: no disk inode per run) when the
+/// daemon may write there, else in `<data_dir>/run`.
+fn detect_sandbox(config: &Config, data_dir: &Path, dir_mode: u32) -> Result<Policy, AppError> {
+    let tag = format!("{:08x}", sandbox::default_uid_base(data_dir) >> 16);
+    let shm = Path::new("/dev/shm").join(format!("cyrnel-{tag}"));
+    let runs_base = match private_dir(&shm, 0o700) {
+        Ok(()) if owned_by_me(&shm) => shm,
+        _ => {
+            let dir = data_dir.join("run");
+            private_dir(&dir, dir_mode)?;
+            dir
+        }
+    };
+    let paths = sandbox::Paths {
+        data_dir: data_dir.to_path_buf(),
+        secret_files: config.secret_files.clone(),
+        runs_base,
+    };
+    let limits = sandbox::FolderLimits {
+        bytes: config.run_folder_bytes,
+        inodes: config.run_folder_inodes,
+    };
+    let policy = Policy::detect(config.sandbox, paths, limits, &config.shell)
+        .map_err(|why| AppError::Config(format!("sandbox: no usable level ({why})")))?;
+    match policy.level {
+        SandboxLevel::None if config.sandbox != Requested::Off => tracing::warn!(
+            runs_base = %policy.runs_base().display(),
+            "sandbox level none: runs are NOT isolated from the daemon, its data or each other \
+             (give cyrneld root or the capabilities of level full, or a kernel with Landlock)"
+        ),
+        level => tracing::info!(
+            level = level.as_str(),
+            degraded = ?policy.degraded,
+            runs_base = %policy.runs_base().display(),
+            "sandbox: runs are isolated"
+        ),
+    }
+    Ok(policy)
+}
+
+fn owned_by_me(p: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    fs::symlink_metadata(p).is_ok_and(|m| m.is_dir() && m.uid() == nix::unistd::geteuid().as_raw())
 }
 
 /// Applies the reloadable part of each new configuration until the sender

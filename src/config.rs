@@ -10,6 +10,8 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use crate::proc::sandbox::Requested;
+
 /// Every key the daemon understands, with its default as documentation
 /// (`platform/cyrneld.toml` lists the same).
 pub const KEYS: &[&str] = &[
@@ -49,6 +51,12 @@ pub const KEYS: &[&str] = &[
     "rlimit_cpu",
     "memory_max",
     "pids_max",
+    "sandbox",
+    "sandbox_uid_base",
+    "sandbox_uid_count",
+    "run_folder_bytes",
+    "run_folder_inodes",
+    "network",
 ];
 
 /// Request limits per client address and one-minute window (0 disables),
@@ -87,6 +95,7 @@ pub const OPTIONAL_KEYS: &[&str] = &[
     "rlimit_cpu",
     "memory_max",
     "pids_max",
+    "sandbox_uid_base",
 ];
 
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -132,6 +141,21 @@ pub struct Config {
     /// Per-run cgroup limits, where the host delegates the controllers.
     pub memory_max: Option<u64>,
     pub pids_max: Option<u64>,
+    /// `auto` (the strongest level available), `full`, `landlock` or
+    /// `off` (see `proc::sandbox`).
+    pub sandbox: Requested,
+    /// First uid of the block runs get one of each at level `full`;
+    /// `None`: derived from the data dir (`sandbox::default_uid_base`).
+    pub sandbox_uid_base: Option<u32>,
+    pub sandbox_uid_count: u32,
+    /// Size and inode caps of a run's folder and temporary space.
+    pub run_folder_bytes: u64,
+    pub run_folder_inodes: u64,
+    /// `options.network` when a create does not say.
+    pub network: bool,
+    /// The files holding secrets (the config file when it sets `api_key`,
+    /// and `api_key_file`): masked from runs.
+    pub secret_files: Vec<PathBuf>,
 }
 
 impl fmt::Debug for Config {
@@ -165,6 +189,13 @@ impl fmt::Debug for Config {
             .field("child_limits", &self.child_limits)
             .field("memory_max", &self.memory_max)
             .field("pids_max", &self.pids_max)
+            .field("sandbox", &self.sandbox)
+            .field("sandbox_uid_base", &self.sandbox_uid_base)
+            .field("sandbox_uid_count", &self.sandbox_uid_count)
+            .field("run_folder_bytes", &self.run_folder_bytes)
+            .field("run_folder_inodes", &self.run_folder_inodes)
+            .field("network", &self.network)
+            .field("secret_files", &self.secret_files)
             .finish()
     }
 }
@@ -204,8 +235,14 @@ impl Raw {
 /// parameter so tests need not touch the process environment).
 pub fn load(flags: &Flags, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
     let mut raw: BTreeMap<&'static str, Raw> = BTreeMap::new();
+    let mut secret_files = Vec::new();
     if let Some(path) = &flags.config {
-        for (k, v) in read_file(path)? {
+        let table = read_file(path)?;
+        if table.contains_key("api_key") {
+            private_file(path, "holds api_key")?;
+            secret_files.push(path.clone());
+        }
+        for (k, v) in table {
             let key = KEYS
                 .iter()
                 .find(|known| **known == k)
@@ -224,7 +261,38 @@ pub fn load(flags: &Flags, env: impl Fn(&str) -> Option<String>) -> Result<Confi
     if let Some(v) = &flags.data_dir {
         raw.insert("data_dir", Raw::Text(v.display().to_string()));
     }
-    build(&raw)
+    let mut config = build(&raw)?;
+    if let Some(path) = string("api_key_file", raw.get("api_key_file"))? {
+        let path = PathBuf::from(path);
+        private_file(&path, "holds the API key (api_key_file)")?;
+        secret_files.push(path);
+    }
+    // Absolute, since runs have their own working directory.
+    config.secret_files = secret_files
+        .into_iter()
+        .map(|p| std::fs::canonicalize(&p).unwrap_or(p))
+        .collect();
+    Ok(config)
+}
+
+/// A file holding the API key must be readable by its owner (and group)
+/// only, as OpenSSH insists for private keys: anyone else could read the
+/// key and with it every run.
+fn private_file(path: &Path, what: &str) -> Result<(), ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return Ok(()); // reading it reports the error
+    };
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o007 != 0 {
+        return Err(ConfigError(format!(
+            "{}: {what} and is accessible to others (mode {mode:04o}); \
+             run `chmod o-rwx {}` (or move the key to api_key_file with mode 0600)",
+            path.display(),
+            path.display()
+        )));
+    }
+    Ok(())
 }
 
 fn read_file(path: &Path) -> Result<toml::Table, ConfigError> {
@@ -458,6 +526,62 @@ fn build(raw: &BTreeMap<&'static str, Raw>) -> Result<Config, ConfigError> {
         },
         memory_max: optional_integer(raw, "memory_max")?,
         pids_max: optional_integer(raw, "pids_max")?,
+        sandbox: match string("sandbox", raw.get("sandbox"))?.as_deref() {
+            None | Some("auto") => Requested::Auto,
+            Some("full") => Requested::Full,
+            Some("landlock") => Requested::Landlock,
+            Some("off") => Requested::Off,
+            Some(other) => {
+                return Err(err(
+                    "sandbox",
+                    format!("must be \"auto\", \"full\", \"landlock\" or \"off\" (got {other:?})"),
+                ))
+            }
+        },
+        sandbox_uid_base: match optional_integer(raw, "sandbox_uid_base")? {
+            None => None,
+            Some(b) if (65_536..=u64::from(u32::MAX) - 65_536).contains(&b) => Some(b as u32),
+            Some(b) => {
+                return Err(err(
+                    "sandbox_uid_base",
+                    format!("must be between 65536 and {} (got {b})", u32::MAX - 65_536),
+                ))
+            }
+        },
+        sandbox_uid_count: {
+            let n = integer("sandbox_uid_count", raw.get("sandbox_uid_count"), 65_536, 1)?;
+            if n < max_running || n > 65_536 {
+                return Err(err(
+                    "sandbox_uid_count",
+                    format!("must be between max_running ({max_running}) and 65536 (got {n})"),
+                ));
+            }
+            n as u32
+        },
+        run_folder_bytes: integer(
+            "run_folder_bytes",
+            raw.get("run_folder_bytes"),
+            64 << 20,
+            64 << 10,
+        )?,
+        run_folder_inodes: integer(
+            "run_folder_inodes",
+            raw.get("run_folder_inodes"),
+            16_384,
+            16,
+        )?,
+        network: match raw.get("network") {
+            None => true,
+            Some(Raw::Toml(toml::Value::Boolean(b))) => *b,
+            Some(Raw::Text(t)) if t == "true" || t == "false" => t == "true",
+            Some(other) => {
+                return Err(err(
+                    "network",
+                    format!("must be true or false (got {})", other.show()),
+                ))
+            }
+        },
+        secret_files: Vec::new(),
     })
 }
 

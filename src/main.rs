@@ -62,14 +62,49 @@ struct Cli {
 
 type LogFilter = reload::Handle<EnvFilter, Registry>;
 
+/// The `CYRNEL_*` variables the daemon was started with. Reloads read these
+/// (the environment of a running process does not change from outside),
+/// because the API key is scrubbed from the live environment at start.
+static START_ENV: std::sync::OnceLock<std::collections::HashMap<String, String>> =
+    std::sync::OnceLock::new();
+
+fn start_env(key: &str) -> Option<String> {
+    START_ENV.get().and_then(|m| m.get(key).cloned())
+}
+
+/// Takes the API key out of the environment, also out of the bytes the
+/// kernel shows as `/proc/<pid>/environ` (the start-up copy on the stack,
+/// which `unsetenv` leaves in place), so nothing that can read the
+/// daemon's environment learns it. Call before any thread exists.
+fn scrub_api_key_from_environment() {
+    const KEY: &std::ffi::CStr = c"CYRNEL_API_KEY";
+    // SAFETY: single-threaded (called first thing in main). getenv returns
+    // a pointer to the value inside the environment block; overwriting its
+    // bytes in place keeps the string's length and terminator.
+    unsafe {
+        let value = libc::getenv(KEY.as_ptr());
+        if !value.is_null() {
+            let len = libc::strlen(value);
+            std::ptr::write_bytes(value, b'*', len);
+        }
+        std::env::remove_var("CYRNEL_API_KEY");
+    }
+}
+
 fn main() -> ExitCode {
+    let _ = START_ENV.set(
+        std::env::vars()
+            .filter(|(k, _)| k.starts_with("CYRNEL_"))
+            .collect(),
+    );
+    scrub_api_key_from_environment();
     let cli = Cli::parse();
     let flags = Flags {
         config: cli.config,
         listen: cli.listen,
         data_dir: cli.data_dir,
     };
-    let config = match config::load(&flags, |k| std::env::var(k).ok()) {
+    let config = match config::load(&flags, start_env) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("cyrneld: {e}");
@@ -246,8 +281,7 @@ impl Reloader {
     }
 
     fn try_reload(&mut self) -> Result<(), String> {
-        let new =
-            config::load(&self.flags, |k| std::env::var(k).ok()).map_err(|e| e.to_string())?;
+        let new = config::load(&self.flags, start_env).map_err(|e| e.to_string())?;
         // The listener stays where it is, so the rule "non-loopback needs a
         // key" applies to the running address, not to the file's.
         if new.api_key.is_none() && !self.running.listen.ip().is_loopback() {

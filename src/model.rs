@@ -102,6 +102,31 @@ pub enum Timeout {
     Ms(u64),
 }
 
+/// How strongly a run was isolated from the daemon, its data and other
+/// runs (chosen at start-up from what the daemon holds; see
+/// `proc::sandbox`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SandboxLevel {
+    /// Own uid, mount and IPC namespaces, private `/tmp`, a `/proc` that
+    /// shows only its own processes, no capabilities, Landlock, seccomp.
+    Full,
+    /// An unprivileged daemon: Landlock file, signal and socket rules,
+    /// seccomp, `no_new_privs`.
+    Landlock,
+    /// No isolation (`sandbox = "off"`, or nothing available).
+    None,
+}
+
+impl SandboxLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxLevel::Full => "full",
+            SandboxLevel::Landlock => "landlock",
+            SandboxLevel::None => "none",
+        }
+    }
+}
+
 /// Why a run is being terminated; decides the exit state it settles with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TermCause {
@@ -163,6 +188,15 @@ pub struct Record {
     /// run was terminated.
     pub killed: Option<u32>,
     pub escaped: Option<u32>,
+    /// `options.network`, resolved at creation: `false` gives the run no
+    /// network but loopback.
+    pub network: bool,
+    /// The isolation the current run got; `None` before it starts.
+    pub sandbox: Option<SandboxLevel>,
+    /// The uid the current run's processes have while it is running or
+    /// terminating (a uid of its own at level `full`): with `identity`, how
+    /// its processes are recognised after a restart.
+    pub run_uid: Option<u32>,
 }
 
 impl Record {
@@ -190,6 +224,9 @@ impl Record {
             has_output: false,
             killed: None,
             escaped: None,
+            network: true,
+            sandbox: None,
+            run_uid: None,
         }
     }
 

@@ -4,30 +4,21 @@
 //! it runs, not the HTTP API; it yields the merged object as JSON bytes for
 //! the store.
 
-use std::fs::File;
-use std::io::{BufRead, BufReader, Read};
-use std::path::Path;
+use std::io::BufRead;
 
 use crate::supervisor::machine::OutputOutcome;
 
-/// Reads and merges the output file. Blank lines are skipped; a missing or
-/// empty file means no output. A file larger than `max_bytes` is refused
-/// rather than read into memory.
-pub fn read_output_file(path: &Path, max_bytes: u64) -> OutputOutcome {
-    let file = match File::open(path) {
-        Ok(f) => f,
-        Err(_) => return OutputOutcome::None,
-    };
-    match file.metadata() {
-        Ok(m) if m.len() > max_bytes => {
-            return OutputOutcome::Invalid(format!("Invalid output: more than {max_bytes} bytes."))
+/// Merges the output file's bytes (`None`: no file). Blank lines are
+/// skipped; an empty file means no output. More than `max_bytes` (the
+/// reader takes at most one byte more) is refused.
+pub fn parse_output(bytes: Option<&[u8]>, max_bytes: u64) -> OutputOutcome {
+    match bytes {
+        None => OutputOutcome::None,
+        Some(b) if b.len() as u64 > max_bytes => {
+            OutputOutcome::Invalid(format!("Invalid output: more than {max_bytes} bytes."))
         }
-        Err(e) => return OutputOutcome::Invalid(format!("Invalid output: {e}.")),
-        _ => {}
+        Some(b) => parse_lines(b),
     }
-    // The file may still grow if an escaped process writes to it: never
-    // read more than the limit.
-    parse_lines(BufReader::new(file.take(max_bytes)))
 }
 
 fn parse_lines(reader: impl BufRead) -> OutputOutcome {
@@ -92,23 +83,18 @@ mod tests {
     fn nothing_emitted_is_no_output() {
         assert_eq!(parse(""), OutputOutcome::None);
         assert_eq!(parse("\n  \n"), OutputOutcome::None);
-        assert_eq!(
-            read_output_file(Path::new("/nonexistent/x"), 10),
-            OutputOutcome::None
-        );
+        assert_eq!(parse_output(None, 10), OutputOutcome::None);
     }
 
     #[test]
     fn oversized_file_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("out");
-        std::fs::write(&p, "{\"a\":\"0123456789\"}\n").unwrap();
+        let bytes = b"{\"a\":\"0123456789\"}\n";
         assert_eq!(
-            read_output_file(&p, 5),
+            parse_output(Some(bytes), 5),
             OutputOutcome::Invalid("Invalid output: more than 5 bytes.".into())
         );
         assert!(matches!(
-            read_output_file(&p, 1000),
+            parse_output(Some(bytes), 1000),
             OutputOutcome::Object(_)
         ));
     }

@@ -64,6 +64,10 @@ pub struct ProcessJson<'a> {
     /// the kill, and kept across daemon restarts.
     #[serde(default)]
     pub kill_deadline: Option<String>,
+    /// The isolation level the current run got: `full`, `landlock` or
+    /// `none`; null before a run starts (extension).
+    #[serde(default)]
+    pub sandbox: Option<Cow<'a, str>>,
 }
 
 impl ProcessJson<'_> {
@@ -84,6 +88,7 @@ impl ProcessJson<'_> {
             killed: self.killed,
             escaped: self.escaped,
             kill_deadline: self.kill_deadline,
+            sandbox: self.sandbox.map(|c| Cow::Owned(c.into_owned())),
         }
     }
 }
@@ -127,6 +132,7 @@ impl<'a> From<&'a Record> for ProcessJson<'a> {
             killed: r.killed,
             escaped: r.escaped,
             kill_deadline: r.kill_deadline.map(iso8601),
+            sandbox: r.sandbox.map(|l| Cow::Borrowed(l.as_str())),
         }
     }
 }
@@ -186,8 +192,8 @@ pub fn parse_create(body: &Value) -> Result<CreateRequest, Invalid> {
         }
         Some(_) => return Err(Invalid("Field 'ref' in body must be a string.")),
     };
-    let (timeout, kill_grace_ms) = match obj.get("options") {
-        None | Some(Value::Null) => (Timeout::Default, None),
+    let (timeout, kill_grace_ms, network) = match obj.get("options") {
+        None | Some(Value::Null) => (Timeout::Default, None, None),
         Some(Value::Object(o)) => {
             let timeout = match o.get("timeout") {
                 None => Timeout::Default,
@@ -207,7 +213,12 @@ pub fn parse_create(body: &Value) -> Result<CreateRequest, Invalid> {
                     "Field 'options.killGrace' must be a non-negative integer.",
                 ))?),
             };
-            (timeout, grace)
+            let network = match o.get("network") {
+                None | Some(Value::Null) => None,
+                Some(Value::Bool(b)) => Some(*b),
+                Some(_) => return Err(Invalid("Field 'options.network' must be a boolean.")),
+            };
+            (timeout, grace, network)
         }
         Some(_) => return Err(Invalid("Field 'options' must be an object.")),
     };
@@ -221,6 +232,7 @@ pub fn parse_create(body: &Value) -> Result<CreateRequest, Invalid> {
         r#ref,
         timeout,
         kill_grace_ms,
+        network,
         autorun,
     })
 }

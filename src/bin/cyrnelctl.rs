@@ -751,7 +751,7 @@ fn print_table(processes: &[Process]) -> Result<()> {
 
 fn print_record(p: &Process) -> Result<()> {
     let dash = |v: Option<&str>| v.unwrap_or("-").to_string();
-    let fields: [(&str, String); 12] = [
+    let fields: [(&str, String); 13] = [
         ("id", p.id.to_string()),
         ("ref", dash(p.r#ref.as_deref())),
         ("state", p.state.to_string()),
@@ -763,6 +763,7 @@ fn print_record(p: &Process) -> Result<()> {
         ("signal", dash(p.signal.as_deref())),
         ("error", dash(p.error.as_deref())),
         ("pid", dash(p.pid.map(|c| c.to_string()).as_deref())),
+        ("sandbox", dash(p.sandbox.as_deref())),
         ("createdAt", p.created_at.clone()),
         ("startedAt", dash(p.started_at.as_deref())),
         ("completedAt", dash(p.completed_at.as_deref())),
@@ -867,6 +868,7 @@ mod tests {
             killed: None,
             escaped: None,
             kill_deadline: None,
+            sandbox: None,
         }
     }
 

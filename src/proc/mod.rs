@@ -21,6 +21,7 @@
 //! `CYRNEL_PROCESS_ID` tag in their environment.
 
 pub mod cgroup;
+pub mod sandbox;
 mod spawn;
 
 use std::collections::HashSet;
@@ -65,6 +66,8 @@ pub struct SpawnSpec<'a> {
     pub rlimits: &'a [(Rlimit, u64)],
     /// Run as this uid/gid (supplementary groups dropped).
     pub credentials: Option<(u32, u32)>,
+    /// The run's isolation steps.
+    pub sandbox: &'a sandbox::Steps,
 }
 
 /// A resource limit of a child.
@@ -168,6 +171,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
         cgroup_procs: spec.cgroup.map(Joiner::raw_fd),
         rlimits: &rlimits,
         credentials: spec.credentials,
+        sandbox: spec.sandbox,
     })?;
     let pid = child.pid;
     let identity = ProcIdentity {
@@ -186,6 +190,43 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
         stderr: pipe::Receiver::from_owned_fd(child.stderr)?,
         identity,
     })
+}
+
+/// Start-up: runs `shell <folder>/code` with `prepared`'s isolation and
+/// waits for it; returns its exit code (`None`: killed by a signal).
+pub fn probe_spawn(
+    shell: &str,
+    prepared: &sandbox::Prepared,
+    credentials: Option<(u32, u32)>,
+) -> io::Result<Option<i32>> {
+    let code = prepared.cwd.join("code");
+    let args = [code.as_os_str()];
+    let child = spawn::spawn(&spawn::Exec {
+        program: Path::new(shell),
+        args: &args,
+        env: &[],
+        cwd: &prepared.cwd,
+        cgroup_procs: None,
+        rlimits: &[],
+        credentials,
+        sandbox: &prepared.steps,
+    })?;
+    // SAFETY: siginfo_t is plain data; a blocking wait for our own child.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    let r = unsafe {
+        libc::waitid(
+            libc::P_PIDFD,
+            child.pidfd.as_raw_fd() as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::__WALL,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: waitid succeeded.
+    let status = unsafe { info.si_status() };
+    Ok((info.si_code == libc::CLD_EXITED).then_some(status))
 }
 
 fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
@@ -344,6 +385,21 @@ fn tagged_strays(tag: &str, leader: i32) -> Vec<i32> {
         .collect()
 }
 
+/// The uid a process runs as (the owner of its `/proc` entry).
+fn uid_of(pid: i32) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(format!("/proc/{pid}")).ok().map(|m| m.uid())
+}
+
+/// Live processes running as `uid`.
+fn processes_of_uid(uid: u32) -> Vec<i32> {
+    all_pids()
+        .into_iter()
+        .filter(|&pid| uid_of(pid) == Some(uid))
+        .filter(|&pid| stat(pid).is_some_and(|s| live(&s)))
+        .collect()
+}
+
 /// Reaps the orphans reparented to the daemon (it is a child subreaper),
 /// and nothing else. The kernel hands an orphan to the first live thread of
 /// its new parent, the main thread, while a run's leader is a child of the
@@ -470,6 +526,10 @@ pub struct Signalled {
 pub struct Tracked {
     pub pgid: i32,
     pub tag: String,
+    /// A uid no other run has (level `full`): without a cgroup, every live
+    /// process with it belongs to the run, wherever it went and whatever
+    /// environment it gave itself.
+    pub uid: Option<u32>,
     pub scope: Scope,
 }
 
@@ -488,6 +548,13 @@ impl Tracked {
                     .filter(|&p| p != self.pgid)
                     .collect();
                 v.extend(tagged_strays(&self.tag, self.pgid));
+                if let Some(uid) = self.uid {
+                    v.extend(
+                        processes_of_uid(uid)
+                            .into_iter()
+                            .filter(|&p| p != self.pgid),
+                    );
+                }
                 v.sort_unstable();
                 v.dedup();
                 v
@@ -572,6 +639,15 @@ impl Tracked {
                 let group: HashSet<i32> = group_members(self.pgid).into_iter().collect();
                 let mut v: Vec<i32> = group.iter().copied().collect();
                 v.extend(tagged_strays(&self.tag, self.pgid));
+                if let Some(uid) = self.uid {
+                    v.extend(
+                        processes_of_uid(uid)
+                            .into_iter()
+                            .filter(|p| !group.contains(p)),
+                    );
+                }
+                v.sort_unstable();
+                v.dedup();
                 (group, v)
             }
         };
@@ -586,7 +662,9 @@ impl Tracked {
                 // cgroup.kill below reaches it.
                 Scope::Cgroup(_) if sig == Signal::SIGKILL => true,
                 Scope::Cgroup(cg) => signal_pinned(pid, sig, |p| cg.contains(p)),
-                Scope::Group => signal_pinned(pid, sig, |p| has_tag(p, &self.tag)),
+                Scope::Group => signal_pinned(pid, sig, |p| {
+                    has_tag(p, &self.tag) || self.uid.is_some_and(|u| uid_of(p) == Some(u))
+                }),
             };
             if sent {
                 out.pids.push(pid);
@@ -711,6 +789,19 @@ pub fn processes_of_run_dir(run_dir: &Path) -> Vec<(i32, u64)> {
             })?;
             Some((pid, id))
         })
+        .collect()
+}
+
+/// After a restart at level `full`: SIGKILLs every process whose uid is
+/// in `base .. base + count` but not in `tracked` (a run spawned just
+/// before a crash whose `running` transition never became durable). Each
+/// is pinned with a pidfd and its uid re-checked first. Returns the pids.
+pub fn kill_uid_range(base: u32, count: u32, tracked: &HashSet<u32>) -> Vec<i32> {
+    let ours = |uid: u32| uid >= base && uid - base < count && !tracked.contains(&uid);
+    all_pids()
+        .into_iter()
+        .filter(|&pid| uid_of(pid).is_some_and(ours))
+        .filter(|&pid| signal_pinned(pid, Signal::SIGKILL, |p| uid_of(p).is_some_and(ours)))
         .collect()
 }
 

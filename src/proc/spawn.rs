@@ -26,6 +26,8 @@ use std::path::Path;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::OnceLock;
 
+use super::sandbox::Steps;
+
 /// The child's stack. Its frames are small (system calls only); execve
 /// itself runs on the kernel stack.
 const CHILD_STACK: usize = 64 * 1024;
@@ -41,6 +43,8 @@ pub struct Exec<'a> {
     pub rlimits: &'a [(libc::__rlimit_resource_t, libc::rlim_t)],
     /// `(uid, gid)`; supplementary groups are dropped.
     pub credentials: Option<(u32, u32)>,
+    /// The run's isolation (`sandbox.rs`).
+    pub sandbox: &'a Steps,
 }
 
 /// A child that has called execve: its pid, a pidfd on it, and the read
@@ -60,9 +64,15 @@ enum Step {
     ProcessGroup,
     Cgroup,
     Rlimit,
+    Namespaces,
+    Mounts,
+    Loopback,
+    Capabilities,
     Credentials,
     Chdir,
     Stdio,
+    Landlock,
+    Seccomp,
     Exec,
 }
 
@@ -73,10 +83,16 @@ impl Step {
             2 => Step::ProcessGroup,
             3 => Step::Cgroup,
             4 => Step::Rlimit,
-            5 => Step::Credentials,
-            6 => Step::Chdir,
-            7 => Step::Stdio,
-            8 => Step::Exec,
+            5 => Step::Namespaces,
+            6 => Step::Mounts,
+            7 => Step::Loopback,
+            8 => Step::Capabilities,
+            9 => Step::Credentials,
+            10 => Step::Chdir,
+            11 => Step::Stdio,
+            12 => Step::Landlock,
+            13 => Step::Seccomp,
+            14 => Step::Exec,
             _ => return None,
         })
     }
@@ -87,12 +103,28 @@ impl Step {
             Step::ProcessGroup => "creating the process group",
             Step::Cgroup => "joining the run's cgroup",
             Step::Rlimit => "setting resource limits",
+            Step::Namespaces => "creating the run's namespaces",
+            Step::Mounts => "preparing the run's file system view",
+            Step::Loopback => "bringing up loopback in the run's network namespace",
+            Step::Capabilities => "dropping capabilities",
+            Step::Landlock => "applying the Landlock ruleset",
+            Step::Seccomp => "applying the seccomp filter",
             Step::Credentials => "switching user and group",
             Step::Chdir => "entering the working directory",
             Step::Stdio => "setting up stdin, stdout and stderr",
             Step::Exec => "exec",
         }
     }
+}
+
+/// Level `full`'s mount work, as raw pointers into the parent's memory.
+struct ChildMounts {
+    private_tmp: RawFd,
+    mask_dirs: *const *const libc::c_char,
+    n_mask_dirs: usize,
+    mask_files: *const *const libc::c_char,
+    n_mask_files: usize,
+    dev_shm: bool,
 }
 
 /// Everything the child reads, as raw pointers into memory the parent keeps
@@ -109,6 +141,15 @@ struct ChildArgs {
     rlimits: *const (libc::__rlimit_resource_t, libc::rlim_t),
     n_rlimits: usize,
     credentials: Option<(u32, u32)>,
+    unshare: libc::c_int,
+    mounts: Option<ChildMounts>,
+    loopback_up: bool,
+    drop_bounding: bool,
+    /// Clear every capability set (a sandboxed run).
+    clear_caps: bool,
+    no_new_privs: bool,
+    landlock: RawFd,
+    seccomp: *const libc::sock_fprog,
     /// Written by the child on failure: the step and its errno.
     failed_step: AtomicI32,
     failed_errno: AtomicI32,
@@ -188,6 +229,14 @@ pub fn spawn(exec: &Exec<'_>) -> io::Result<Child> {
         .collect();
     let cwd = cstring(exec.cwd.as_os_str().as_bytes())?;
     let stdin = dev_null()?;
+    // SAFETY: the program pointer stays valid while the Policy lives,
+    // which outlives every spawn.
+    let seccomp = exec.sandbox.seccomp.map(|prog| unsafe {
+        libc::sock_fprog {
+            len: (*prog).len() as libc::c_ushort,
+            filter: (*prog).as_ptr().cast_mut(),
+        }
+    });
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
 
@@ -203,6 +252,21 @@ pub fn spawn(exec: &Exec<'_>) -> io::Result<Child> {
         rlimits: exec.rlimits.as_ptr(),
         n_rlimits: exec.rlimits.len(),
         credentials: exec.credentials,
+        unshare: exec.sandbox.unshare,
+        mounts: exec.sandbox.mounts.as_ref().map(|m| ChildMounts {
+            private_tmp: m.private_tmp,
+            mask_dirs: m.mask_dirs.as_ptr(),
+            n_mask_dirs: m.mask_dirs.len(),
+            mask_files: m.mask_files.as_ptr(),
+            n_mask_files: m.mask_files.len(),
+            dev_shm: m.dev_shm,
+        }),
+        loopback_up: exec.sandbox.loopback_up,
+        drop_bounding: exec.sandbox.drop_bounding,
+        clear_caps: exec.sandbox.no_new_privs,
+        no_new_privs: exec.sandbox.no_new_privs,
+        landlock: exec.sandbox.landlock.as_ref().map_or(-1, |f| f.as_raw_fd()),
+        seccomp: seccomp.as_ref().map_or(std::ptr::null(), |p| p as *const _),
         failed_step: AtomicI32::new(0),
         failed_errno: AtomicI32::new(0),
     };
@@ -339,6 +403,38 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 return fail(Step::Rlimit);
             }
         }
+        if a.unshare != 0 && libc::unshare(a.unshare) != 0 {
+            return fail(Step::Namespaces);
+        }
+        if let Some(m) = &a.mounts {
+            if !private_view(m) {
+                return fail(Step::Mounts);
+            }
+        }
+        if a.loopback_up && !loopback_up() {
+            return fail(Step::Loopback);
+        }
+        if a.drop_bounding {
+            // Every capability out of the bounding set, so nothing the run
+            // executes can ever regain one. EINVAL past the kernel's last.
+            for cap in 0..64 {
+                if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0
+                    && *libc::__errno_location() != libc::EINVAL
+                {
+                    return fail(Step::Capabilities);
+                }
+            }
+        }
+        if a.clear_caps {
+            // EINVAL before Linux 4.3 (no ambient set): nothing to clear.
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                0,
+                0,
+                0,
+            );
+        }
         if let Some((uid, gid)) = a.credentials {
             if libc::syscall(libc::SYS_setgroups, 0usize, std::ptr::null::<libc::gid_t>()) != 0
                 || libc::syscall(libc::SYS_setresgid, gid, gid, gid) != 0
@@ -346,6 +442,18 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             {
                 return fail(Step::Credentials);
             }
+        }
+        if a.clear_caps {
+            // Switching to a non-root uid emptied the effective and
+            // permitted sets; the inheritable one stays unless cleared.
+            let header = [0x2008_0522u32, 0]; // _LINUX_CAPABILITY_VERSION_3
+            let data = [0u32; 6];
+            if libc::syscall(libc::SYS_capset, header.as_ptr(), data.as_ptr()) != 0 {
+                return fail(Step::Capabilities);
+            }
+        }
+        if a.no_new_privs && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            return fail(Step::Capabilities);
         }
         if libc::chdir(a.cwd) != 0 {
             return fail(Step::Chdir);
@@ -364,6 +472,22 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             u32::MAX,
             libc::CLOSE_RANGE_CLOEXEC,
         );
+        if a.landlock >= 0 && libc::syscall(libc::SYS_landlock_restrict_self, a.landlock, 0u32) != 0
+        {
+            return fail(Step::Landlock);
+        }
+        // Last: from here on the filter applies to every call.
+        if !a.seccomp.is_null()
+            && libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER,
+                a.seccomp,
+                0,
+                0,
+            ) != 0
+        {
+            return fail(Step::Seccomp);
+        }
         let empty: libc::sigset_t = std::mem::zeroed();
         if libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) != 0 {
             return fail(Step::Signals);
@@ -371,4 +495,128 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         libc::execve(a.program, a.argv, a.envp);
         fail(Step::Exec)
     }
+}
+
+/// Level `full`'s view of the file system, in the run's new mount
+/// namespace: nothing propagates back to the host; the data dir is hidden
+/// under an empty read-only tmpfs and the config and key files under
+/// `/dev/null`; everything is read-only and nosuid; the run's own tmpfs
+/// becomes `/tmp` (and `/dev/shm`); `/proc` shows only processes the run
+/// may trace, i.e. its own. Called in the child: system calls only.
+///
+/// # Safety
+/// Every pointer in `m` must be valid (prepared by the parent).
+unsafe fn private_view(m: &ChildMounts) -> bool {
+    #[repr(C)]
+    struct MountAttr {
+        attr_set: u64,
+        attr_clr: u64,
+        propagation: u64,
+        userns_fd: u64,
+    }
+    const MOUNT_ATTR_RDONLY: u64 = 0x1;
+    const MOUNT_ATTR_NOSUID: u64 = 0x2;
+    const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+    let null = std::ptr::null::<libc::c_char>();
+    if libc::mount(
+        null,
+        c"/".as_ptr(),
+        null,
+        libc::MS_REC | libc::MS_PRIVATE,
+        std::ptr::null(),
+    ) != 0
+    {
+        return false;
+    }
+    for i in 0..m.n_mask_dirs {
+        if libc::mount(
+            c"tmpfs".as_ptr(),
+            *m.mask_dirs.add(i),
+            c"tmpfs".as_ptr(),
+            libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            c"size=4k,nr_inodes=2,mode=000".as_ptr().cast(),
+        ) != 0
+        {
+            return false;
+        }
+    }
+    for i in 0..m.n_mask_files {
+        if libc::mount(
+            c"/dev/null".as_ptr(),
+            *m.mask_files.add(i),
+            null,
+            libc::MS_BIND,
+            std::ptr::null(),
+        ) != 0
+            && *libc::__errno_location() != libc::ENOENT
+        {
+            return false;
+        }
+    }
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    if libc::syscall(
+        libc::SYS_mount_setattr,
+        libc::AT_FDCWD,
+        c"/".as_ptr(),
+        libc::AT_RECURSIVE as libc::c_uint,
+        &attr as *const MountAttr,
+        std::mem::size_of::<MountAttr>(),
+    ) != 0
+    {
+        return false;
+    }
+    if libc::syscall(
+        libc::SYS_move_mount,
+        m.private_tmp,
+        c"".as_ptr(),
+        libc::AT_FDCWD,
+        c"/tmp".as_ptr(),
+        MOVE_MOUNT_F_EMPTY_PATH,
+    ) != 0
+    {
+        return false;
+    }
+    if m.dev_shm
+        && libc::mount(
+            c"/tmp".as_ptr(),
+            c"/dev/shm".as_ptr(),
+            null,
+            libc::MS_BIND,
+            std::ptr::null(),
+        ) != 0
+    {
+        return false;
+    }
+    libc::mount(
+        c"proc".as_ptr(),
+        c"/proc".as_ptr(),
+        c"proc".as_ptr(),
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        c"hidepid=invisible".as_ptr().cast(),
+    ) == 0
+}
+
+/// Brings `lo` up in a new network namespace. Called in the child.
+///
+/// # Safety
+/// Only system calls on local data.
+unsafe fn loopback_up() -> bool {
+    let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+    if s < 0 {
+        return false;
+    }
+    let mut req: libc::ifreq = std::mem::zeroed();
+    req.ifr_name[0] = b'l' as libc::c_char;
+    req.ifr_name[1] = b'o' as libc::c_char;
+    let ok = libc::ioctl(s, libc::SIOCGIFFLAGS, &mut req) == 0 && {
+        req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        libc::ioctl(s, libc::SIOCSIFFLAGS, &req) == 0
+    };
+    libc::close(s);
+    ok
 }

@@ -1,18 +1,22 @@
 //! The on-disk value codec for process records.
 //!
 //! One leading version byte, then fixed-order fields. Version 2 appends
-//! `killed` and `escaped` to version 1; version-1 values still decode (with
-//! both absent).
+//! `killed` and `escaped` to version 1; version 3 appends `network`,
+//! `sandbox` and `run_uid`. Older values still decode (the new fields
+//! absent, `network` true).
 //! Integers are big-endian; an optional value is a presence byte (0/1)
 //! followed by the value; a string is a u32 length and UTF-8 bytes. A new
 //! field means a new version byte and a decoder that still reads every older
 //! one: the golden-bytes tests below pin today's bytes so that never breaks
 //! silently. Knows nothing of RocksDB or HTTP.
 
-use crate::model::{ChangeKind, ExitState, ProcIdentity, ProcessId, Record, State, TermCause};
+use crate::model::{
+    ChangeKind, ExitState, ProcIdentity, ProcessId, Record, SandboxLevel, State, TermCause,
+};
 
 pub const RECORD_V1: u8 = 1;
 pub const RECORD_V2: u8 = 2;
+pub const RECORD_V3: u8 = 3;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -122,6 +126,14 @@ fn exit_tag(s: ExitState) -> u8 {
     }
 }
 
+fn sandbox_tag(l: SandboxLevel) -> u8 {
+    match l {
+        SandboxLevel::Full => 1,
+        SandboxLevel::Landlock => 2,
+        SandboxLevel::None => 3,
+    }
+}
+
 fn cause_tag(c: TermCause) -> u8 {
     match c {
         TermCause::Kill => 1,
@@ -164,7 +176,7 @@ fn state_from_tag(t: u8) -> Result<State, DecodeError> {
 
 pub fn encode_record(r: &Record) -> Vec<u8> {
     let mut w = Writer(Vec::with_capacity(128));
-    w.u8(RECORD_V2);
+    w.u8(RECORD_V3);
     w.u64(r.id.0);
     w.opt(&r.r#ref, |w, s| w.str(s));
     w.u8(state_tag(r.state));
@@ -191,13 +203,16 @@ pub fn encode_record(r: &Record) -> Vec<u8> {
     w.u8(r.has_output as u8);
     w.opt(&r.killed, |w, v| w.u32(*v));
     w.opt(&r.escaped, |w, v| w.u32(*v));
+    w.u8(r.network as u8);
+    w.opt(&r.sandbox, |w, l| w.u8(sandbox_tag(*l)));
+    w.opt(&r.run_uid, |w, v| w.u32(*v));
     w.0
 }
 
 pub fn decode_record(bytes: &[u8]) -> Result<Record, DecodeError> {
     let mut r = Reader(bytes);
     let version = r.u8()?;
-    if version != RECORD_V1 && version != RECORD_V2 {
+    if !(RECORD_V1..=RECORD_V3).contains(&version) {
         return Err(DecodeError::UnknownVersion(version));
     }
     let id = ProcessId(r.u64()?);
@@ -256,10 +271,23 @@ pub fn decode_record(bytes: &[u8]) -> Result<Record, DecodeError> {
         has_output: r.bool()?,
         killed: None,
         escaped: None,
+        network: true,
+        sandbox: None,
+        run_uid: None,
     };
     if version >= RECORD_V2 {
         rec.killed = r.opt(|r| r.u32())?;
         rec.escaped = r.opt(|r| r.u32())?;
+    }
+    if version >= RECORD_V3 {
+        rec.network = r.bool()?;
+        rec.sandbox = r.opt(|r| match r.u8()? {
+            1 => Ok(SandboxLevel::Full),
+            2 => Ok(SandboxLevel::Landlock),
+            3 => Ok(SandboxLevel::None),
+            t => Err(DecodeError::BadTag("sandbox level", t)),
+        })?;
+        rec.run_uid = r.opt(|r| r.u32())?;
     }
     if !r.0.is_empty() {
         return Err(DecodeError::Trailing(r.0.len()));
@@ -357,12 +385,34 @@ mod tests {
         )
     }
 
-    #[test]
-    fn golden_bytes_v2_encode() {
+    /// Version-3 bytes: version 2's fields, then network, sandbox and
+    /// the run's uid.
+    fn golden_v3() -> String {
+        format!(
+            "03{}{}",
+            &golden_v2()[2..],
+            concat!("00", "01", "01", "01", "70000001")
+        )
+    }
+
+    fn sample_v3() -> Record {
         let mut r = sample();
         r.killed = Some(3);
         r.escaped = Some(1);
-        assert_eq!(hex(&encode_record(&r)), golden_v2());
+        r.network = false;
+        r.sandbox = Some(SandboxLevel::Full);
+        r.run_uid = Some(0x7000_0001);
+        r
+    }
+
+    #[test]
+    fn golden_bytes_v3_encode() {
+        assert_eq!(hex(&encode_record(&sample_v3())), golden_v3());
+    }
+
+    #[test]
+    fn golden_bytes_v3_decode() {
+        assert_eq!(decode_record(&unhex(&golden_v3())).unwrap(), sample_v3());
     }
 
     #[test]
@@ -405,8 +455,8 @@ mod tests {
             Err(DecodeError::Truncated)
         );
         let mut future = good.clone();
-        future[0] = 3;
-        assert_eq!(decode_record(&future), Err(DecodeError::UnknownVersion(3)));
+        future[0] = 4;
+        assert_eq!(decode_record(&future), Err(DecodeError::UnknownVersion(4)));
         let mut trailing = good;
         trailing.push(0);
         assert_eq!(decode_record(&trailing), Err(DecodeError::Trailing(1)));

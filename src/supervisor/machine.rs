@@ -3,7 +3,7 @@
 //! I/O, so every transition is unit-tested directly. The actor in `mod.rs`
 //! persists the new record and carries out the effects.
 
-use crate::model::{signal_name, ExitState, ProcIdentity, Record, State, TermCause};
+use crate::model::{signal_name, ExitState, ProcIdentity, Record, SandboxLevel, State, TermCause};
 use crate::proc::ExitStatus;
 
 /// Message for a run found alive (or dead) after a daemon restart.
@@ -18,7 +18,13 @@ pub enum Event {
     /// A client's delete.
     Delete,
     /// The process was spawned.
-    Started { identity: ProcIdentity, now: u64 },
+    Started {
+        identity: ProcIdentity,
+        /// The isolation the run got, and the uid its processes run as.
+        sandbox: SandboxLevel,
+        uid: Option<u32>,
+        now: u64,
+    },
     /// The process could not be spawned.
     StartFailed { error: String, now: u64 },
     /// `options.timeout` expired.
@@ -113,6 +119,7 @@ fn reset_run(next: &mut Record) {
     next.started_at = None;
     next.completed_at = None;
     next.identity = None;
+    next.run_uid = None;
     next.exit_code = None;
     next.signal = None;
     next.term_cause = None;
@@ -124,6 +131,7 @@ fn reset_run(next: &mut Record) {
     next.has_output = false;
     next.killed = None;
     next.escaped = None;
+    next.sandbox = None;
 }
 
 pub fn decide(rec: &Record, event: Event) -> Decision {
@@ -156,11 +164,21 @@ pub fn decide(rec: &Record, event: Event) -> Decision {
         (Idle, Event::Delete) => Ok((rec.clone(), vec![Effect::DeleteAll])),
         (_, Event::Delete) => Err(Reject::DeleteNotIdle),
 
-        (Queued, Event::Started { identity, now }) => {
+        (
+            Queued,
+            Event::Started {
+                identity,
+                sandbox,
+                uid,
+                now,
+            },
+        ) => {
             let mut next = rec.clone();
             next.state = Running;
             next.started_at = Some(now);
             next.identity = Some(identity);
+            next.sandbox = Some(sandbox);
+            next.run_uid = uid;
             let effects = rec
                 .timeout_ms
                 .map(|after_ms| vec![Effect::ArmTimeout { after_ms }])
@@ -261,6 +279,7 @@ fn settle(
     next.state = State::Idle;
     next.completed_at = Some(now);
     next.identity = None;
+    next.run_uid = None;
     next.kill_deadline = None;
     next.stdout_len = streams.stdout_len;
     next.stderr_len = streams.stderr_len;
@@ -337,6 +356,8 @@ mod tests {
             &rec(State::Queued),
             Event::Started {
                 identity: ident(),
+                sandbox: SandboxLevel::Full,
+                uid: Some(0x7000_0000),
                 now: 200,
             },
         )
@@ -397,6 +418,8 @@ mod tests {
             &rec(State::Queued),
             Event::Started {
                 identity: ident(),
+                sandbox: SandboxLevel::Full,
+                uid: Some(0x7000_0000),
                 now: 200,
             },
         )
@@ -410,6 +433,8 @@ mod tests {
             &no_limit,
             Event::Started {
                 identity: ident(),
+                sandbox: SandboxLevel::Full,
+                uid: Some(0x7000_0000),
                 now: 1,
             },
         )
@@ -644,6 +669,8 @@ mod tests {
                 &rec(State::Idle),
                 Event::Started {
                     identity: ident(),
+                    sandbox: SandboxLevel::Full,
+                    uid: Some(0x7000_0000),
                     now: 0
                 }
             )

@@ -16,10 +16,10 @@
 pub mod machine;
 mod run;
 mod starter;
+mod uids;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -32,11 +32,13 @@ use crate::events::Hub;
 pub use crate::model::Timeout;
 use crate::model::{Change, ChangeKind, ProcIdentity, ProcessId, Record, State};
 use crate::proc::cgroup::{CgroupRoot, RunCgroup};
+use crate::proc::sandbox::{Policy, RunFolder};
 use crate::proc::{self, Leader, Rlimit, Tracked};
 use crate::store::{Batch, Store, StoreError};
 use machine::{decide, Effect, Event, Reject};
 use run::{Finished, RunContext};
 use starter::{Job, Started, Starter};
+use uids::UidPool;
 
 /// Capacity of the API command channel: callers wait (backpressure) when
 /// the actor is this far behind.
@@ -59,8 +61,13 @@ pub struct Settings {
     pub shell: String,
     pub env: Vec<(String, String)>,
     pub max_output_bytes: u64,
-    /// Where code is staged: `<run_dir>/<id>/`.
-    pub run_dir: PathBuf,
+    /// How runs are isolated, and where their folders are made.
+    pub sandbox: Arc<Policy>,
+    /// Level `full` without a configured user: the block of uids runs get
+    /// one of each, `(base, count)`.
+    pub run_uids: Option<(u32, u32)>,
+    /// `options.network` when a create does not say.
+    pub network: bool,
     /// Events kept in the store for resuming clients (at least this many).
     pub event_retention: u64,
     /// Where runs get their own cgroups; `None`: process groups only.
@@ -82,6 +89,8 @@ pub struct CreateRequest {
     pub r#ref: Option<String>,
     pub timeout: Timeout,
     pub kill_grace_ms: Option<u64>,
+    /// `options.network`; `None`: the configured default.
+    pub network: Option<bool>,
     pub autorun: bool,
 }
 
@@ -159,6 +168,9 @@ impl Supervisor {
             .map_err(StartError::Thread)?;
         let mut actor = Actor {
             starter,
+            uids: settings
+                .run_uids
+                .map(|(base, count)| UidPool::new(base, count)),
             next_id: store.next_id()?,
             next_seq: store.last_seq()? + 1,
             hub,
@@ -269,14 +281,18 @@ struct Run {
     /// the leader's process group: reported as `killed` and `escaped`.
     signalled: HashSet<i32>,
     escaped: HashSet<i32>,
+    /// The uid it holds from the pool (level `full`), given back when it
+    /// has settled.
+    uid: Option<u32>,
 }
 
 impl Run {
-    fn new(gen: u64, kind: RunKind, holds_slot: bool) -> Run {
+    fn new(gen: u64, kind: RunKind, holds_slot: bool, uid: Option<u32>) -> Run {
         Run {
             gen,
             kind,
             holds_slot,
+            uid,
             timeout: None,
             escalation: None,
             signalled: HashSet::new(),
@@ -369,7 +385,6 @@ enum After {
         reply: Reply<Record>,
         rec: Record,
         enqueue: bool,
-        remove_dir: bool,
     },
     /// Send SIGTERM to the run (generation `gen`) if asked, then answer.
     Terminate {
@@ -407,6 +422,8 @@ struct Actor {
     pending: HashMap<u64, Pending>,
     /// Stages and spawns runs off the actor.
     starter: Starter,
+    /// Level `full`'s per-run uids.
+    uids: Option<UidPool>,
     shutting_down: bool,
     shutdown_waiters: Vec<oneshot::Sender<()>>,
 }
@@ -431,10 +448,6 @@ impl Actor {
             self.try_start();
             self.check_shutdown();
         }
-    }
-
-    fn run_dir(&self, id: ProcessId) -> PathBuf {
-        self.settings.run_dir.join(id.to_string())
     }
 
     /// Finds the record: in memory if active, else in the store.
@@ -597,25 +610,22 @@ impl Actor {
                     let _ = reply.send(Err(SupervisorError::TooManyQueued));
                     return;
                 }
-                self.decide_and_reply(id, Event::Run { force }, reply, true, false);
+                self.decide_and_reply(id, Event::Run { force }, reply, true);
             }
             Command::Kill(id, reply) => self.kill(id, reply),
-            Command::Delete(id, reply) => {
-                self.decide_and_reply(id, Event::Delete, reply, false, true)
-            }
+            Command::Delete(id, reply) => self.decide_and_reply(id, Event::Delete, reply, false),
             Command::Shutdown(done) => self.begin_shutdown(done),
         }
     }
 
     /// A client's request that answers with the record once the
-    /// transition is durable (then enqueues it, or removes its folder).
+    /// transition is durable (then enqueues it).
     fn decide_and_reply(
         &mut self,
         id: ProcessId,
         event: Event,
         reply: Reply<Record>,
         enqueue: bool,
-        remove_dir: bool,
     ) {
         match self.apply(id, event) {
             Ok((rec, fx)) => {
@@ -623,7 +633,6 @@ impl Actor {
                     reply,
                     rec: rec.clone(),
                     enqueue,
-                    remove_dir,
                 };
                 self.persist(id, &rec, &fx, after);
             }
@@ -661,6 +670,7 @@ impl Actor {
             Timeout::Ms(ms) => Some(ms),
         };
         rec.kill_grace_ms = req.kill_grace_ms.unwrap_or(self.settings.kill_grace_ms);
+        rec.network = req.network.unwrap_or(self.settings.network);
         rec.state = if req.autorun {
             State::Queued
         } else {
@@ -697,7 +707,6 @@ impl Actor {
                         reply,
                         rec: rec.clone(),
                         enqueue: false,
-                        remove_dir: false,
                     };
                     self.persist(id, &rec, &fx, after);
                 } else {
@@ -864,13 +873,8 @@ impl Actor {
                 reply,
                 rec,
                 enqueue,
-                remove_dir,
             } => {
                 self.enqueue_if_queued(id, enqueue);
-                if remove_dir {
-                    let dir = self.run_dir(id);
-                    tokio::task::spawn_blocking(move || remove_dir_if_present(&dir));
-                }
                 let _ = reply.send(Ok(rec));
             }
             After::Terminate {
@@ -1001,14 +1005,44 @@ impl Actor {
     fn start(&mut self, id: ProcessId) {
         let gen = self.next_gen;
         self.next_gen += 1;
-        if self.starter.submit(Job { id, gen }).is_err() {
+        let uid = match &mut self.uids {
+            None => self.settings.credentials,
+            Some(pool) => match pool.take() {
+                Some(uid) => Some((uid, uid)),
+                None => {
+                    self.start_failed(
+                        id,
+                        "no free run uid (every uid of the block is held)".into(),
+                    );
+                    return;
+                }
+            },
+        };
+        let network = self
+            .entries
+            .get(&id)
+            .map_or(self.settings.network, |e| e.rec.network);
+        if let Err(job) = self.starter.submit(Job {
+            id,
+            gen,
+            uid,
+            network,
+        }) {
             tracing::error!(%id, "the starter thread has stopped");
+            self.release_uid(job.uid.map(|u| u.0));
             self.start_failed(id, "the daemon's starter thread has stopped".into());
             return;
         }
         self.active += 1;
         if let Some(e) = self.entries.get_mut(&id) {
             e.starting = true;
+        }
+    }
+
+    /// Gives a pool uid back (a run has settled or never started).
+    fn release_uid(&mut self, uid: Option<u32>) {
+        if let (Some(pool), Some(uid)) = (&mut self.uids, uid) {
+            pool.release(uid);
         }
     }
 
@@ -1029,9 +1063,10 @@ impl Actor {
         let Started {
             id,
             gen,
+            uid,
             result,
-            output_path,
         } = st;
+        let pool_uid = uid.map(|u| u.0).filter(|_| self.uids.is_some());
         let deferred = match self.entries.get_mut(&id) {
             Some(e) => {
                 e.starting = false;
@@ -1041,11 +1076,13 @@ impl Actor {
         };
         let now = now_ms();
         match result {
-            Ok((sp, scope)) => {
+            Ok((sp, scope, folder)) => {
                 let started = self.apply(
                     id,
                     Event::Started {
                         identity: sp.identity.clone(),
+                        sandbox: self.settings.sandbox.level,
+                        uid: uid.map(|u| u.0),
                         now,
                     },
                 );
@@ -1053,6 +1090,7 @@ impl Actor {
                 let tracked = Tracked {
                     pgid: leader.pid(),
                     tag: id.to_string(),
+                    uid: pool_uid,
                     scope,
                 };
                 let Ok((rec, fx)) = started else {
@@ -1060,12 +1098,15 @@ impl Actor {
                     // but a child must never be left behind: put it down.
                     tracing::error!(%id, "a started run's record was no longer queued; killing it");
                     self.active -= 1;
+                    // Its uid stays held: nothing tells the actor when the
+                    // run is gone, and a uid must not be shared.
                     tokio::spawn(async move {
                         let _ = tracked.signal(Signal::SIGKILL);
                         let _ = leader.exited().await;
                         tracked.wait_only_leader_left().await;
                         let _ = leader.reap();
                         tracked.cleanup();
+                        drop(folder);
                     });
                     return;
                 };
@@ -1076,6 +1117,7 @@ impl Actor {
                         tracked: tracked.clone(),
                     },
                     true,
+                    pool_uid,
                 );
                 for f in &fx {
                     if let Effect::ArmTimeout { after_ms } = f {
@@ -1089,7 +1131,7 @@ impl Actor {
                 }
                 self.entries.get_mut(&id).expect("started entry").run = Some(run);
                 tracing::info!(%id, pid = leader.pid(), "started");
-                let ctx = self.run_context(id, gen, output_path);
+                let ctx = self.run_context(id, gen, Some(folder));
                 tokio::spawn(run::watch_child(ctx, leader, tracked, sp.stdout, sp.stderr));
                 self.persist(id, &rec, &fx, After::Nothing);
                 if self.shutting_down {
@@ -1105,6 +1147,7 @@ impl Actor {
             }
             Err(e) => {
                 self.active -= 1;
+                self.release_uid(pool_uid);
                 tracing::warn!(%id, error = %e, "failed to start");
                 self.start_failed(id, e.to_string());
             }
@@ -1114,13 +1157,13 @@ impl Actor {
         }
     }
 
-    fn run_context(&self, id: ProcessId, gen: u64, output_path: PathBuf) -> RunContext {
+    fn run_context(&self, id: ProcessId, gen: u64, folder: Option<RunFolder>) -> RunContext {
         RunContext {
             id,
             gen,
             store: self.store.clone(),
             max_output_bytes: self.settings.max_output_bytes,
-            output_path,
+            folder,
             tx: self.int_tx.clone(),
             hub: self.hub.clone(),
         }
@@ -1178,6 +1221,9 @@ impl Actor {
         if run.holds_slot {
             self.active -= 1;
         }
+        // Nothing of the run is alive and its folder is gone: its uid may
+        // go to another run.
+        self.release_uid(run.uid);
         tracing::info!(%id, exit_state = ?rec.exit_state, "settled");
         self.persist(id, &rec, &fx, After::Nothing);
     }
@@ -1228,6 +1274,7 @@ impl Actor {
             let id = rec.id;
             let state = rec.state;
             let identity = rec.identity.clone();
+            let run_uid = rec.run_uid;
             self.entries.insert(id, Entry::new(rec));
             if state == State::Queued {
                 self.queue.push_back(id);
@@ -1252,8 +1299,12 @@ impl Actor {
                     identity: identity.clone(),
                     cgroup: cgroup.clone(),
                 };
-                self.entries.get_mut(&id).expect("entry").run = Some(Run::new(gen, kind, false));
-                let ctx = self.run_context(id, gen, self.run_dir(id).join("output"));
+                // Its uid stays held until it has settled.
+                let uid = run_uid.filter(|u| self.uids.as_mut().is_some_and(|p| p.hold(*u)));
+                self.entries.get_mut(&id).expect("entry").run =
+                    Some(Run::new(gen, kind, false, uid));
+                let folder = self.settings.sandbox.adopt_folder(id.0);
+                let ctx = self.run_context(id, gen, folder);
                 tokio::spawn(run::watch_orphan(ctx, identity, cgroup));
                 self.terminate(id, rec, fx, None);
             } else {
@@ -1265,6 +1316,11 @@ impl Actor {
         }
         self.remove_stale_cgroups();
         self.kill_untracked();
+        self.settings.sandbox.remove_stale_folders(|id| {
+            self.entries
+                .get(&ProcessId(id))
+                .is_some_and(|e| e.run.is_some())
+        });
         Ok(())
     }
 
@@ -1273,7 +1329,24 @@ impl Actor {
     /// durable (its record says queued, and it will run again). Runs being
     /// put down as orphans are left to their own termination.
     fn kill_untracked(&self) {
-        let run_dir = &self.settings.run_dir;
+        if let Some(pool) = &self.uids {
+            // Level full: every process with a uid of this daemon's block
+            // is a run's; those of runs no record tracks are killed.
+            let (base, count) = pool.range();
+            let tracked: HashSet<u32> = self
+                .entries
+                .values()
+                .filter(|e| e.run.is_some())
+                .filter_map(|e| e.rec.run_uid)
+                .collect();
+            for pid in proc::kill_uid_range(base, count, &tracked) {
+                tracing::warn!(
+                    pid,
+                    "killed a process left from a run that never became durable"
+                );
+            }
+        }
+        let run_dir = self.settings.sandbox.runs_base();
         for (pid, id) in proc::processes_of_run_dir(run_dir) {
             if self
                 .entries
@@ -1324,14 +1397,6 @@ impl Actor {
                 let _ = cg.kill();
             }
             cg.remove();
-        }
-    }
-}
-
-fn remove_dir_if_present(dir: &Path) {
-    if let Err(e) = fs::remove_dir_all(dir) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            tracing::warn!(dir = %dir.display(), error = %e, "removing a run directory failed");
         }
     }
 }

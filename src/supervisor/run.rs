@@ -4,7 +4,6 @@
 //! the pipes, reads the structured output, and reports one `Finished` to the
 //! actor. It never signals or reaps: the actor owns those decisions.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::net::unix::pipe;
@@ -14,15 +13,13 @@ use super::machine::{OutputOutcome, StreamStats};
 use super::Internal;
 use crate::events::Hub;
 use crate::model::{ProcIdentity, ProcessId, Stream};
-use crate::output::read_output_file;
+use crate::output::parse_output;
 use crate::proc::cgroup::RunCgroup;
+use crate::proc::sandbox::RunFolder;
 use crate::proc::{self, ExitStatus, Leader, Tracked};
 use crate::store::{Batch, Store};
 
 const READ_BUF: usize = 64 * 1024;
-
-/// Output files up to this size are read on the run's task.
-const INLINE_OUTPUT_READ: u64 = 64 * 1024;
 
 pub struct Finished {
     pub id: ProcessId,
@@ -37,7 +34,9 @@ pub struct RunContext {
     pub gen: u64,
     pub store: Store,
     pub max_output_bytes: u64,
-    pub output_path: PathBuf,
+    /// The run's folder: its output file is read from it, then it is
+    /// removed (`None`: a run from before a restart whose folder is gone).
+    pub folder: Option<RunFolder>,
     pub tx: mpsc::UnboundedSender<Internal>,
     pub hub: Arc<Hub>,
 }
@@ -82,19 +81,27 @@ pub async fn watch_orphan(
     finish(ctx, None, (0, 0), (0, 0)).await;
 }
 
-async fn finish(ctx: RunContext, status: Option<ExitStatus>, out: (u64, u64), err: (u64, u64)) {
-    let path = ctx.output_path.clone();
+async fn finish(mut ctx: RunContext, status: Option<ExitStatus>, out: (u64, u64), err: (u64, u64)) {
     let max = ctx.max_output_bytes;
-    // Most output files are empty or a few lines: read those right here (a
-    // page-cache read of microseconds) rather than paying a hand-off to the
-    // blocking pool per run.
-    let small = std::fs::metadata(&path).map_or(true, |m| m.len() <= INLINE_OUTPUT_READ);
-    let output = if small {
-        read_output_file(&path, max)
-    } else {
-        tokio::task::spawn_blocking(move || read_output_file(&path, max))
-            .await
-            .unwrap_or(OutputOutcome::None)
+    let output = match ctx.folder.take() {
+        None => parse_output(None, max),
+        Some(folder) => {
+            // Most output files are empty or a few lines, on a tmpfs: read
+            // them right here rather than paying a hand-off to the blocking
+            // pool per run. Dropping the folder removes it: the run has
+            // settled and its output is read.
+            let bytes = match folder.read_output(max) {
+                Ok(b) => Some(b),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => {
+                    tracing::warn!(id = %ctx.id, error = %e, "cannot read the output file");
+                    None
+                }
+            };
+            let outcome = parse_output(bytes.as_deref(), max);
+            drop(folder);
+            outcome
+        }
     };
     let _ = ctx.tx.send(Internal::Finished(Finished {
         id: ctx.id,

@@ -1,6 +1,6 @@
-//! The starter: one thread that stages a run's code, prepares its cgroup
-//! and spawns it, so the actor never waits for a file to be created or a
-//! child to exec. The actor hands it a run and goes on; the result comes
+//! The starter: one thread that prepares a run's folder and isolation
+//! (`proc::sandbox`), stages its code, prepares its cgroup and spawns it,
+//! so the actor never waits for a folder to be made or a child to exec. The actor hands it a run and goes on; the result comes
 //! back as [`Internal::Started`].
 //!
 //! One thread, so runs start in the order the queue hands them out; a
@@ -8,33 +8,34 @@
 //! it and must never be handed to the main thread (the orphan reaper, see
 //! `proc::OrphanReaper`).
 
-use std::fs;
-use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::io;
 use std::sync::mpsc as std_mpsc;
 
 use tokio::sync::mpsc;
 
 use super::{Internal, Settings};
 use crate::model::ProcessId;
+use crate::proc::sandbox::RunFolder;
 use crate::proc::{self, Scope, SpawnSpec, Spawned};
 use crate::store::Store;
 
-/// A run to start: record `id`, as generation `gen` of its runs.
+/// A run to start: record `id`, as generation `gen` of its runs, as `uid`
+/// (a uid of its own at level `full`), with or without network.
 pub(crate) struct Job {
     pub id: ProcessId,
     pub gen: u64,
+    pub uid: Option<(u32, u32)>,
+    pub network: bool,
 }
 
 /// What became of a [`Job`].
 pub(crate) struct Started {
     pub id: ProcessId,
     pub gen: u64,
-    /// The child and how it is tracked, or why it could not start (its
-    /// cgroup, if one was made, is already removed).
-    pub result: io::Result<(Spawned, Scope)>,
-    pub output_path: PathBuf,
+    pub uid: Option<(u32, u32)>,
+    /// The child and how it is tracked, with its folder, or why it could
+    /// not start (its cgroup and folder, if made, are already removed).
+    pub result: io::Result<(Spawned, Scope, RunFolder)>,
 }
 
 /// The actor's handle on the starter thread. Dropping it ends the thread
@@ -60,14 +61,12 @@ impl Starter {
             .spawn(move || {
                 let _entered = runtime.enter();
                 while let Ok(job) = rx.recv() {
-                    let dir = settings.run_dir.join(job.id.to_string());
-                    let output_path = dir.join("output");
-                    let result = start(&store, &settings, job.id, &dir, &output_path);
+                    let result = start(&store, &settings, &job);
                     let started = Started {
                         id: job.id,
                         gen: job.gen,
+                        uid: job.uid,
                         result,
-                        output_path,
                     };
                     if done.send(Internal::Started(started)).is_err() {
                         // The actor is gone; dropping the result drops the
@@ -100,17 +99,19 @@ impl Drop for Starter {
     }
 }
 
-/// Stages the code and spawns it in its own cgroup when the host offers
-/// them (a cgroup that cannot be created degrades the run to process-group
+/// Stages the code in the run's folder and spawns it, isolated as the
+/// daemon's sandbox level says, in its own cgroup when the host offers them
+/// (a cgroup that cannot be created degrades the run to process-group
 /// tracking).
-fn start(
-    store: &Store,
-    settings: &Settings,
-    id: ProcessId,
-    dir: &Path,
-    output_path: &Path,
-) -> io::Result<(Spawned, Scope)> {
-    let staged = stage(store, settings, id, dir, output_path);
+fn start(store: &Store, settings: &Settings, job: &Job) -> io::Result<(Spawned, Scope, RunFolder)> {
+    let id = job.id;
+    let code = store
+        .code(id)
+        .map_err(io::Error::other)?
+        .ok_or_else(|| io::Error::other("the stored code is missing"))?;
+    let prepared = settings
+        .sandbox
+        .prepare(id.0, &code, job.uid, job.network)?;
     let cgroup = settings.cgroups.as_ref().map(|root| root.run(id.0));
     let joiner = cgroup.as_ref().and_then(|cg| match cg.prepare(&settings.cgroup_limits) {
         Ok(j) => Some(j),
@@ -123,23 +124,27 @@ fn start(
         (Some(cg), Some(_)) => Scope::Cgroup(cg.clone()),
         _ => Scope::Group,
     };
-    let spawned = staged.and_then(|(code_path, direct)| {
-        let mut env = settings.env.clone();
-        env.push(("CYRNEL_PROCESS_ID".into(), id.to_string()));
-        env.push(("CYRNEL_OUTPUT".into(), output_path.display().to_string()));
-        proc::spawn(&SpawnSpec {
-            code_path: &code_path,
-            direct,
-            shell: &settings.shell,
-            env: &env,
-            cwd: dir,
-            cgroup: joiner.as_ref(),
-            rlimits: &settings.rlimits,
-            credentials: settings.credentials,
-        })
+    let mut env = settings.env.clone();
+    env.extend(prepared.env.iter().cloned());
+    env.push(("CYRNEL_PROCESS_ID".into(), id.to_string()));
+    env.push((
+        "CYRNEL_OUTPUT".into(),
+        prepared.output_path.display().to_string(),
+    ));
+    let code_path = prepared.cwd.join("code");
+    let spawned = proc::spawn(&SpawnSpec {
+        code_path: &code_path,
+        direct: code.starts_with(b"#!"),
+        shell: &settings.shell,
+        env: &env,
+        cwd: &prepared.cwd,
+        cgroup: joiner.as_ref(),
+        rlimits: &settings.rlimits,
+        credentials: job.uid,
+        sandbox: &prepared.steps,
     });
     match spawned {
-        Ok(sp) => Ok((sp, scope)),
+        Ok(sp) => Ok((sp, scope, prepared.folder)),
         Err(e) => {
             if let Scope::Cgroup(cg) = &scope {
                 cg.remove();
@@ -147,46 +152,4 @@ fn start(
             Err(e)
         }
     }
-}
-
-/// Writes the code to `<dir>/code` (0700) and an empty output file.
-/// Returns the code path and whether it runs directly (`#!`).
-fn stage(
-    store: &Store,
-    settings: &Settings,
-    id: ProcessId,
-    dir: &Path,
-    output_path: &Path,
-) -> io::Result<(PathBuf, bool)> {
-    let code = store
-        .code(id)
-        .map_err(io::Error::other)?
-        .ok_or_else(|| io::Error::other("the stored code is missing"))?;
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
-    let code_path = dir.join("code");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o700)
-        .open(&code_path)?;
-    f.write_all(&code)?;
-    drop(f);
-    fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(output_path)?;
-    if let Some((uid, gid)) = settings.credentials {
-        // The run's own folder, code and output file belong to the user
-        // it runs as; the data dir above stays the daemon's.
-        for p in [dir, code_path.as_path(), output_path] {
-            std::os::unix::fs::chown(p, Some(uid), Some(gid))?;
-        }
-    }
-    Ok((code_path, code.starts_with(b"#!")))
 }
