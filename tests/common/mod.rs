@@ -77,9 +77,22 @@ pub struct DaemonOptions {
     api_key: Option<String>,
     args: Vec<String>,
     data_dir: Option<PathBuf>,
+    unprivileged: bool,
 }
 
+/// The uid (and gid) an unprivileged daemon runs as: `nobody`.
+pub const UNPRIVILEGED: u32 = 65_534;
+
 impl DaemonOptions {
+    /// Runs the daemon as `nobody` with no capability at all (through
+    /// `setpriv`, from a copy of the binary that uid may execute), the way
+    /// an operator without root would: its runs get sandbox level
+    /// `landlock`.
+    pub fn unprivileged(mut self) -> Self {
+        self.unprivileged = true;
+        self
+    }
+
     pub fn new() -> Self {
         Self::default()
     }
@@ -161,7 +174,19 @@ impl Daemon {
         DaemonOptions::new()
     }
 
-    fn start_with(opts: DaemonOptions) -> Daemon {
+    fn start_with(mut opts: DaemonOptions) -> Daemon {
+        if !opts.env.iter().any(|(k, _)| k == "CYRNEL_SANDBOX_UID_BASE") {
+            // Every daemon of this test binary gets its own block of run
+            // uids (level full), so its runs can be told from another
+            // daemon's by uid (`alive_of_run`).
+            static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 64;
+            let block = (std::process::id() % 60) * 64 + n;
+            opts = opts.env(
+                "CYRNEL_SANDBOX_UID_BASE",
+                &(0x7000_0000u32 + block * 65_536).to_string(),
+            );
+        }
         let root = tempfile::Builder::new()
             .prefix("cyrneld-test-")
             .tempdir()
@@ -205,7 +230,11 @@ impl Daemon {
         self.generation += 1;
         self.port = free_port();
         let log = fs::File::create(self.log_path(self.generation)).expect("create log file");
-        let mut cmd = base_command();
+        let mut cmd = if self.opts.unprivileged {
+            self.unprivileged_command()
+        } else {
+            base_command()
+        };
         cmd.env("CYRNEL_KILL_GRACE_MS", "300");
         // Tests create many processes quickly; rate limits have their own
         // tests, which set these.
@@ -244,6 +273,40 @@ impl Daemon {
         });
     }
 
+    /// `setpriv … cyrneld` as `nobody` without capabilities: the binary is
+    /// copied where that uid can execute it (the build tree may live under
+    /// a 0700 home), and the data dir is handed to it.
+    fn unprivileged_command(&self) -> Command {
+        use std::os::unix::fs::PermissionsExt;
+        let root = self.root.path();
+        fs::set_permissions(root, fs::Permissions::from_mode(0o711)).unwrap();
+        let bin = root.join("cyrneld");
+        if !bin.exists() {
+            fs::copy(BIN, &bin).expect("copy cyrneld");
+            fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        std::os::unix::fs::chown(&self.data_dir, Some(UNPRIVILEGED), Some(UNPRIVILEGED))
+            .expect("chown data dir");
+        let mut cmd = Command::new("setpriv");
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("CYRNEL_") {
+                cmd.env_remove(&key);
+            }
+        }
+        let id = UNPRIVILEGED.to_string();
+        cmd.args([
+            &format!("--reuid={id}"),
+            &format!("--regid={id}"),
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "--",
+        ])
+        .arg(&bin)
+        .stdin(Stdio::null());
+        cmd
+    }
+
     /// Starts the daemon again on the same data directory (and a new port),
     /// after it was stopped with `kill9` or `sigterm_and_wait`.
     pub fn restart_same_dir(&mut self) {
@@ -259,6 +322,27 @@ impl Daemon {
 
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
+    }
+
+    /// The block of uids this daemon's runs get at sandbox level `full`.
+    pub fn uid_block(&self) -> (u32, u32) {
+        let base = self
+            .opts
+            .env
+            .iter()
+            .find(|(k, _)| k == "CYRNEL_SANDBOX_UID_BASE")
+            .and_then(|(_, v)| v.parse().ok())
+            .expect("the harness sets a uid base");
+        (base, 65_536)
+    }
+
+    /// Where this daemon makes run folders at levels `landlock` and `none`,
+    /// as its start-up log line says (`runs_base=…`).
+    pub fn runs_base(&self) -> Option<PathBuf> {
+        let logs = self.logs();
+        let at = logs.find("runs_base=")? + "runs_base=".len();
+        let end = logs[at..].find([' ', '\n']).map_or(logs.len(), |e| at + e);
+        Some(PathBuf::from(&logs[at..end]))
     }
 
     /// The daemon's OS pid; panics if it is not running.
@@ -1302,34 +1386,42 @@ pub fn sq(path: &Path) -> String {
 // A run's processes, wherever they went
 // ---------------------------------------------------------------------------
 
-/// Every live process whose environment carries the run's CYRNEL_OUTPUT
-/// path: the run and all its descendants, wherever they moved (a process
-/// may change its group or session, not its inherited environment).
+/// Every live process of run `id` of daemon `d`: its environment carries
+/// `CYRNEL_PROCESS_ID=<id>` (a process may change its group, session or
+/// parent, not its inherited environment), and it is this daemon's: at
+/// sandbox level `full` its uid is in the daemon's block; otherwise its
+/// `CYRNEL_OUTPUT` lies in the daemon's run folder base.
 pub fn alive_of_run(d: &Daemon, id: i64) -> Vec<i32> {
-    let want = format!("CYRNEL_OUTPUT={}", output_path(d.data_dir(), id).display());
+    use std::os::unix::fs::MetadataExt;
+    let tag = format!("CYRNEL_PROCESS_ID={id}");
+    let (base, count) = d.uid_block();
+    let output = d
+        .runs_base()
+        .map(|b| format!("CYRNEL_OUTPUT={}/{id}/output", b.display()));
     let mut out = Vec::new();
     for e in fs::read_dir("/proc").unwrap().flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
         };
-        let Ok(env) = fs::read(format!("/proc/{pid}/environ")) else {
+        let (Ok(env), Ok(meta)) = (
+            fs::read(format!("/proc/{pid}/environ")),
+            fs::metadata(format!("/proc/{pid}")),
+        ) else {
             continue;
         };
-        if env.split(|b| *b == 0).any(|kv| kv == want.as_bytes())
+        let vars: Vec<&[u8]> = env.split(|b| *b == 0).collect();
+        let ours = (meta.uid() >= base && meta.uid() - base < count)
+            || output
+                .as_ref()
+                .is_some_and(|o| vars.contains(&o.as_bytes()));
+        if ours
+            && vars.contains(&tag.as_bytes())
             && proc_stat(pid).is_some_and(|(state, _)| state != 'Z')
         {
             out.push(pid);
         }
     }
     out
-}
-
-pub fn output_path(data_dir: &Path, id: i64) -> PathBuf {
-    fs::canonicalize(data_dir)
-        .unwrap()
-        .join("run")
-        .join(id.to_string())
-        .join("output")
 }
 
 /// A tiny deterministic generator, so "random" choices (crash points,
