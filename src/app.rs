@@ -261,7 +261,20 @@ fn detect_sandbox(config: &Config, data_dir: &Path, dir_mode: u32) -> Result<Pol
         data_dir: data_dir.to_path_buf(),
         secret_files: config.secret_files.clone(),
         runs_base,
+        shared_dirs: config.shared_dirs.clone(),
     };
+    for shared in &paths.shared_dirs {
+        let clash = std::iter::once(data_dir)
+            .chain(paths.secret_files.iter().map(PathBuf::as_path))
+            .find(|p| p.starts_with(shared) || shared.starts_with(p));
+        if let Some(p) = clash {
+            return Err(AppError::Config(format!(
+                "shared_dirs: {} would give runs access to {}",
+                shared.display(),
+                p.display()
+            )));
+        }
+    }
     let limits = sandbox::FolderLimits {
         bytes: config.run_folder_bytes,
         inodes: config.run_folder_inodes,

@@ -57,6 +57,7 @@ pub const KEYS: &[&str] = &[
     "run_folder_bytes",
     "run_folder_inodes",
     "network",
+    "shared_dirs",
 ];
 
 /// Request limits per client address and one-minute window (0 disables),
@@ -96,6 +97,7 @@ pub const OPTIONAL_KEYS: &[&str] = &[
     "memory_max",
     "pids_max",
     "sandbox_uid_base",
+    "shared_dirs",
 ];
 
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -153,6 +155,8 @@ pub struct Config {
     pub run_folder_inodes: u64,
     /// `options.network` when a create does not say.
     pub network: bool,
+    /// Host directories every run may read and write (absolute paths).
+    pub shared_dirs: Vec<PathBuf>,
     /// The files holding secrets (the config file when it sets `api_key`,
     /// and `api_key_file`): masked from runs.
     pub secret_files: Vec<PathBuf>,
@@ -195,6 +199,7 @@ impl fmt::Debug for Config {
             .field("run_folder_bytes", &self.run_folder_bytes)
             .field("run_folder_inodes", &self.run_folder_inodes)
             .field("network", &self.network)
+            .field("shared_dirs", &self.shared_dirs)
             .field("secret_files", &self.secret_files)
             .finish()
     }
@@ -581,8 +586,60 @@ fn build(raw: &BTreeMap<&'static str, Raw>) -> Result<Config, ConfigError> {
                 ))
             }
         },
+        shared_dirs: shared_dirs(raw.get("shared_dirs"))?,
         secret_files: Vec::new(),
     })
+}
+
+/// `shared_dirs`: a TOML array of paths, or `:`-separated in
+/// `CYRNEL_SHARED_DIRS`. Each must be an absolute path to a directory that
+/// is not private to a run (`/tmp`, `/dev/shm`).
+fn shared_dirs(v: Option<&Raw>) -> Result<Vec<PathBuf>, ConfigError> {
+    let key = "shared_dirs";
+    let list: Vec<String> = match v {
+        None => return Ok(Vec::new()),
+        Some(Raw::Text(t)) => t
+            .split(':')
+            .filter(|p| !p.is_empty())
+            .map(str::to_string)
+            .collect(),
+        Some(Raw::Toml(toml::Value::Array(a))) => a
+            .iter()
+            .map(|v| match v {
+                toml::Value::String(s) => Ok(s.clone()),
+                other => Err(err(key, format!("entries must be strings (got {other})"))),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(other) => {
+            return Err(err(
+                key,
+                format!("must be an array of paths (got {})", other.show()),
+            ))
+        }
+    };
+    let mut out = Vec::new();
+    for p in list {
+        let path = Path::new(&p);
+        if !path.is_absolute() || !path.is_dir() {
+            return Err(err(
+                key,
+                format!("{p} is not an absolute path to a directory"),
+            ));
+        }
+        let path = std::fs::canonicalize(path).map_err(|e| err(key, format!("{p}: {e}")))?;
+        if path == Path::new("/")
+            || path.starts_with("/tmp")
+            || path.starts_with("/dev/shm")
+            || path.starts_with("/proc")
+        {
+            return Err(err(
+                key,
+                format!("{p} cannot be shared: runs get their own /tmp, /dev/shm and /proc"),
+            ));
+        }
+        out.push(path);
+    }
+    Ok(out)
 }
 
 fn usize_key(

@@ -78,6 +78,9 @@ pub struct Paths {
     /// Where run folders are made at levels `landlock` and `none` (a tmpfs
     /// when one is writable, else inside the data dir).
     pub runs_base: PathBuf,
+    /// Host directories every run may read and write (`shared_dirs`): the
+    /// operator's explicit exception to "writes only in its own folder".
+    pub shared_dirs: Vec<PathBuf>,
 }
 
 /// Per-run limits of the folder and temporary space.
@@ -100,12 +103,16 @@ pub struct Policy {
     devices: Vec<(OwnedFd, bool)>,
     /// `/` for level `full`'s read rule.
     root: Option<OwnedFd>,
+    /// `shared_dirs`, for their read-write rules.
+    shared: Vec<(OwnedFd, bool)>,
     /// Filters for runs with and without network.
     seccomp_net: Vec<libc::sock_filter>,
     seccomp_no_net: Vec<libc::sock_filter>,
     /// Directories (data dir) and files (config, key) masked at `full`.
     mask_dirs: Vec<CString>,
     mask_files: Vec<CString>,
+    /// `shared_dirs`, made writable again in a run's read-only view.
+    shared_paths: Vec<CString>,
     /// Whether `/dev/shm` exists to be replaced (level `full`).
     has_dev_shm: bool,
     /// Features missing on this kernel, for the start-up log.
@@ -206,6 +213,8 @@ pub struct Mounts {
     pub private_tmp: RawFd,
     pub mask_dirs: Vec<*const libc::c_char>,
     pub mask_files: Vec<*const libc::c_char>,
+    /// Bound onto themselves read-write after the read-only pass.
+    pub shared: Vec<*const libc::c_char>,
     pub dev_shm: bool,
 }
 
@@ -441,7 +450,11 @@ impl Policy {
         let mut read_roots = Vec::new();
         let mut devices = Vec::new();
         let mut root = None;
+        let mut shared = Vec::new();
         if landlock_abi >= 1 {
+            for d in &paths.shared_dirs {
+                shared.push(open_path(d)?);
+            }
             for d in DEVICES {
                 if let Ok(fd) = open_path(Path::new(d)) {
                     devices.push(fd);
@@ -478,11 +491,15 @@ impl Policy {
             (Vec::new(), Vec::new())
         };
         let cstr = |p: &Path| CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other);
-        let (mut mask_dirs, mut mask_files) = (Vec::new(), Vec::new());
+        let (mut mask_dirs, mut mask_files, mut shared_paths) =
+            (Vec::new(), Vec::new(), Vec::new());
         if level == SandboxLevel::Full {
             mask_dirs.push(cstr(&paths.data_dir)?);
             for f in &paths.secret_files {
                 mask_files.push(cstr(f)?);
+            }
+            for d in &paths.shared_dirs {
+                shared_paths.push(cstr(d)?);
             }
         } else {
             fs::DirBuilder::new()
@@ -498,10 +515,12 @@ impl Policy {
             read_roots,
             devices,
             root,
+            shared,
             seccomp_net,
             seccomp_no_net,
             mask_dirs,
             mask_files,
+            shared_paths,
             has_dev_shm: Path::new("/dev/shm").is_dir(),
             degraded,
         })
@@ -590,6 +609,7 @@ impl Policy {
                     private_tmp: mount.as_raw_fd(),
                     mask_dirs: self.mask_dirs.iter().map(|c| c.as_ptr()).collect(),
                     mask_files: self.mask_files.iter().map(|c| c.as_ptr()).collect(),
+                    shared: self.shared_paths.iter().map(|c| c.as_ptr()).collect(),
                     dev_shm: self.has_dev_shm,
                 });
                 steps.drop_bounding = true;
@@ -690,6 +710,9 @@ impl Policy {
             add(fd, *is_dir, device)?;
         }
         if let Some((fd, is_dir)) = own {
+            add(fd, *is_dir, all)?;
+        }
+        for (fd, is_dir) in &self.shared {
             add(fd, *is_dir, all)?;
         }
         Ok(ruleset)

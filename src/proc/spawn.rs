@@ -124,6 +124,8 @@ struct ChildMounts {
     n_mask_dirs: usize,
     mask_files: *const *const libc::c_char,
     n_mask_files: usize,
+    shared: *const *const libc::c_char,
+    n_shared: usize,
     dev_shm: bool,
 }
 
@@ -259,6 +261,8 @@ pub fn spawn(exec: &Exec<'_>) -> io::Result<Child> {
             n_mask_dirs: m.mask_dirs.len(),
             mask_files: m.mask_files.as_ptr(),
             n_mask_files: m.mask_files.len(),
+            shared: m.shared.as_ptr(),
+            n_shared: m.shared.len(),
             dev_shm: m.dev_shm,
         }),
         loopback_up: exec.sandbox.loopback_up,
@@ -500,7 +504,8 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
 /// Level `full`'s view of the file system, in the run's new mount
 /// namespace: nothing propagates back to the host; the data dir is hidden
 /// under an empty read-only tmpfs and the config and key files under
-/// `/dev/null`; everything is read-only and nosuid; the run's own tmpfs
+/// `/dev/null`; everything is read-only and nosuid but the operator's
+/// `shared_dirs`; the run's own tmpfs
 /// becomes `/tmp` (and `/dev/shm`); `/proc` shows only processes the run
 /// may trace, i.e. its own. Called in the child: system calls only.
 ///
@@ -569,6 +574,28 @@ unsafe fn private_view(m: &ChildMounts) -> bool {
     ) != 0
     {
         return false;
+    }
+    // The operator's shared directories: a new bind of each, writable.
+    let writable = MountAttr {
+        attr_set: 0,
+        attr_clr: MOUNT_ATTR_RDONLY,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    for i in 0..m.n_shared {
+        let p = *m.shared.add(i);
+        if libc::mount(p, p, null, libc::MS_BIND | libc::MS_REC, std::ptr::null()) != 0
+            || libc::syscall(
+                libc::SYS_mount_setattr,
+                libc::AT_FDCWD,
+                p,
+                libc::AT_RECURSIVE as libc::c_uint,
+                &writable as *const MountAttr,
+                std::mem::size_of::<MountAttr>(),
+            ) != 0
+        {
+            return false;
+        }
     }
     if libc::syscall(
         libc::SYS_move_mount,
