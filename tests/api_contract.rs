@@ -174,6 +174,12 @@ fn config_file_key_applies_and_env_overrides_it() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("cyrneld.toml");
     fs::write(&config, "api_key = \"from-file\"\n").unwrap();
+    // Owner-only, or the daemon refuses a file holding the key.
+    fs::set_permissions(
+        &config,
+        <fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+    )
+    .unwrap();
     let config_arg = config.to_str().unwrap();
 
     let d = Daemon::options().arg("--config").arg(config_arg).start();

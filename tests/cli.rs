@@ -451,7 +451,9 @@ fn rerun_needs_force_when_there_are_outputs() {
     let d = Daemon::start();
     let dir = marker_dir();
     let count = dir.path().join("count");
-    let id = d.create_code(&format!("echo run >> {}; echo again", sq(&count)));
+    // umask 0: each run has a uid of its own, and the second must append
+    // to the file the first created.
+    let id = d.create_code(&format!("umask 0; echo run >> {}; echo again", sq(&count)));
     d.wait_idle(id);
     ctl(&d, &["rerun", &id.to_string()]).fails_with("Set force: true to overwrite. (HTTP 400)");
     let out = ctl(&d, &["rerun", "--force", &id.to_string()]).ok();

@@ -343,12 +343,7 @@ fn a_bounded_fork_bomb_is_contained_and_killed() {
         .env("CYRNEL_RLIMIT_NPROC", "40")
         .env("CYRNEL_DEFAULT_TIMEOUT_MS", "0")
         .start();
-    let m = tempfile::tempdir().unwrap();
-    fs::set_permissions(
-        m.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o777),
-    )
-    .unwrap();
+    let m = marker_dir();
     let marker = m.path().join("done");
     let code = format!(
         "i=0; while [ $i -lt 200 ]; do (sleep 300 &) 2>/dev/null; i=$((i+1)); done; : > {}; sleep 300",
@@ -372,6 +367,8 @@ fn the_api_key_can_come_from_a_file() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("key");
     fs::write(&file, "s3cret\n").unwrap();
+    // Owner-only, or the daemon refuses it.
+    fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let d = Daemon::options()
         .env("CYRNEL_API_KEY_FILE", file.to_str().unwrap())
         .start();
@@ -392,7 +389,7 @@ fn pids_max_is_enforced_where_delegated_and_reported_where_not() {
         .env("CYRNEL_PIDS_MAX", "20")
         .env("CYRNEL_DEFAULT_TIMEOUT_MS", "0")
         .start();
-    let m = tempfile::tempdir().unwrap();
+    let m = marker_dir();
     let marker = m.path().join("done");
     let code = format!(
         "i=0; while [ $i -lt 100 ]; do (sleep 300 &) 2>/dev/null; i=$((i+1)); done; : > {}; sleep 300",

@@ -63,7 +63,7 @@ fn zoo(cgroups: &str, how: How) {
         .env("CYRNEL_KILL_GRACE_MS", "300")
         .env("CYRNEL_DEFAULT_TIMEOUT_MS", "0")
         .start();
-    let markers = tempfile::tempdir().unwrap();
+    let markers = marker_dir();
     let mut runs = Vec::new();
     for (i, case) in ZOO.iter().enumerate() {
         let marker = markers.path().join(format!("m{i}"));
@@ -188,7 +188,7 @@ fn a_daemonized_descendant_keeps_the_run_open_under_cgroups() {
     let d = Daemon::options()
         .env("CYRNEL_DEFAULT_TIMEOUT_MS", "0")
         .start();
-    let m = tempfile::tempdir().unwrap();
+    let m = marker_dir();
     let pidfile = m.path().join("pid");
     let code = format!(
         "setsid sh -c 'echo $$ > {}; exec sleep 300' & exit 0",
@@ -234,7 +234,7 @@ fn crash_consistency(cgroups: &str, seed: u64) {
         .env("CYRNEL_KILL_GRACE_MS", "400")
         .env("CYRNEL_DEFAULT_TIMEOUT_MS", "0")
         .start();
-    let markers = tempfile::tempdir().unwrap();
+    let markers = marker_dir();
     let mut issued: Vec<i64> = Vec::new();
     let mut crashes = 0;
     for round in 0..rounds {

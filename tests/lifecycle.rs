@@ -617,7 +617,9 @@ fn queued_processes_start_in_fifo_order_within_the_limit() {
     d.wait_running_pid(b1);
     d.wait_running_pid(b2);
     let queued: Vec<i64> = (0..5)
-        .map(|i| d.create_code(&format!("echo {i} >> {}\n", sq(&order))))
+        // umask 0: every run has a uid of its own and appends to the file
+        // the first one created.
+        .map(|i| d.create_code(&format!("umask 0; echo {i} >> {}\n", sq(&order))))
         .collect();
     for id in &queued {
         let rec = d.record(*id);
@@ -675,7 +677,9 @@ fn single_slot_runs_queued_processes_one_by_one_in_order() {
     d.wait_running_pid(blocker);
     wait_for_file(&ready);
     let queued: Vec<i64> = (0..5)
-        .map(|i| d.create_code(&format!("echo {i} >> {}\n", sq(&order))))
+        // umask 0: every run has a uid of its own and appends to the file
+        // the first one created.
+        .map(|i| d.create_code(&format!("umask 0; echo {i} >> {}\n", sq(&order))))
         .collect();
     for id in &queued {
         assert_eq!(d.record(*id)["state"].as_str(), Some("queued"));

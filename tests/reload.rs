@@ -28,9 +28,12 @@ impl ConfigFile {
     }
 
     /// Replaces the file atomically, so a reload never reads half of it.
+    /// Mode 0600: a file that holds api_key must not be readable by others.
     fn write(&self, text: &str) {
+        use std::os::unix::fs::PermissionsExt;
         let tmp = self.path.with_extension("tmp");
         fs::write(&tmp, text).expect("write config");
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600)).expect("chmod config");
         fs::rename(&tmp, &self.path).expect("rename config");
     }
 

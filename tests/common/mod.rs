@@ -187,6 +187,10 @@ impl Daemon {
                 &(0x7000_0000u32 + block * 65_536).to_string(),
             );
         }
+        if !opts.env.iter().any(|(k, _)| k == "CYRNEL_SHARED_DIRS") {
+            fs::create_dir_all(MARKER_ROOT).expect("marker root");
+            opts = opts.env("CYRNEL_SHARED_DIRS", MARKER_ROOT);
+        }
         let root = tempfile::Builder::new()
             .prefix("cyrneld-test-")
             .tempdir()
@@ -1371,11 +1375,22 @@ pub fn assert_timestamp(ts: &Json, what: &str) {
 
 /// A directory the test owns for marker files its scripts write or wait for.
 pub fn marker_dir() -> tempfile::TempDir {
-    tempfile::Builder::new()
+    use std::os::unix::fs::PermissionsExt;
+    fs::create_dir_all(MARKER_ROOT).expect("marker root");
+    fs::set_permissions(MARKER_ROOT, fs::Permissions::from_mode(0o1777)).expect("chmod");
+    let dir = tempfile::Builder::new()
         .prefix("cyrneld-markers-")
-        .tempdir()
-        .expect("marker dir")
+        .tempdir_in(MARKER_ROOT)
+        .expect("marker dir");
+    // Runs have uids of their own (level full) or nobody's (landlock).
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).expect("chmod");
+    dir
 }
+
+/// Where marker files live: a directory every test daemon shares with its
+/// runs (`shared_dirs`), since a sandboxed run can write nowhere else on
+/// the host. Not under /tmp: runs get a /tmp of their own.
+pub const MARKER_ROOT: &str = "/var/tmp/cyrneld-test-markers";
 
 /// Shell-quotes a path for embedding in a script.
 pub fn sq(path: &Path) -> String {
