@@ -361,6 +361,8 @@ fn show_prints_the_record() {
     assert_eq!(f["exitState"], "failed", "{out:?}");
     assert_eq!(f["exitCode"], "4", "{out:?}");
     assert_eq!(f["error"], "Process exited with code 4.", "{out:?}");
+    // The isolation level the run got (the suite runs as root: full).
+    assert_eq!(f["sandbox"], "full", "{out:?}");
 
     let out = ctl(&d, &["show", "--json", &id.to_string()]).ok();
     let j = parse_json(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
