@@ -11,10 +11,23 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
+/// Whether the cgroup v2 line of a `/proc/<pid>/cgroup` text names exactly
+/// `dir` (the whole path under `mount`: a process in the root cgroup has an
+/// empty path, which every directory "ends with").
+fn names_cgroup(proc_cgroup: &str, mount: &Path, dir: &Path) -> bool {
+    proc_cgroup
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .is_some_and(|path| mount.join(path.trim().trim_start_matches('/')) == dir)
+}
+
 /// The directory under which runs get their cgroups (`run-<id>`).
 #[derive(Clone, Debug)]
 pub struct CgroupRoot {
     dir: PathBuf,
+    /// Where the cgroup2 hierarchy is mounted: a member's path in
+    /// `/proc/<pid>/cgroup` is relative to it.
+    mount: PathBuf,
     /// Controllers enabled for run cgroups (of "memory" and "pids": what
     /// the host delegates).
     controllers: Vec<String>,
@@ -88,7 +101,11 @@ impl CgroupRoot {
             .filter(|c| fs::write(dir.join("cgroup.subtree_control"), format!("+{c}")).is_ok())
             .map(str::to_string)
             .collect();
-        Ok(CgroupRoot { dir, controllers })
+        Ok(CgroupRoot {
+            dir,
+            mount,
+            controllers,
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -105,6 +122,7 @@ impl CgroupRoot {
     pub fn run(&self, id: u64) -> RunCgroup {
         RunCgroup {
             dir: self.dir.join(format!("run-{id}")),
+            mount: self.mount.clone(),
         }
     }
 
@@ -118,6 +136,7 @@ impl CgroupRoot {
 #[derive(Clone, Debug)]
 pub struct RunCgroup {
     dir: PathBuf,
+    mount: PathBuf,
 }
 
 /// Opened before spawning: the child writes "0" to this fd between clone
@@ -256,13 +275,8 @@ impl RunCgroup {
 
     /// Whether `pid` is (still) in this cgroup, from /proc/<pid>/cgroup.
     pub fn contains(&self, pid: i32) -> bool {
-        let Ok(s) = fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
-            return false;
-        };
-        let Some(path) = s.lines().find_map(|l| l.strip_prefix("0::")) else {
-            return false;
-        };
-        self.dir.ends_with(path.trim().trim_start_matches('/'))
+        fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .is_ok_and(|s| names_cgroup(&s, &self.mount, &self.dir))
     }
 
     /// Removes the (empty) cgroup.
@@ -272,5 +286,32 @@ impl RunCgroup {
                 tracing::warn!(cgroup = %self.dir.display(), error = %e, "removing a run cgroup failed");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn membership_compares_the_whole_path() {
+        let mount = Path::new("/sys/fs/cgroup");
+        let dir = Path::new("/sys/fs/cgroup/svc/cyrnel-1/run-7");
+        assert!(names_cgroup("0::/svc/cyrnel-1/run-7\n", mount, dir));
+        assert!(names_cgroup(
+            "1:name=systemd:/x\n0::/svc/cyrnel-1/run-7\n",
+            mount,
+            dir
+        ));
+        // The root cgroup (an empty path) and other cgroups are not it.
+        assert!(!names_cgroup("0::/\n", mount, dir));
+        assert!(!names_cgroup("0::\n", mount, dir));
+        assert!(!names_cgroup("0::/run-7\n", mount, dir));
+        assert!(!names_cgroup("0::/svc/cyrnel-1/run-70\n", mount, dir));
+        assert!(!names_cgroup(
+            "1:name=systemd:/svc/cyrnel-1/run-7\n",
+            mount,
+            dir
+        ));
     }
 }
