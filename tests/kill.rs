@@ -320,3 +320,67 @@ fn crash_consistency(cgroups: &str, seed: u64) {
         issued.len()
     );
 }
+
+/// A run that trapped SIGTERM and then stopped itself: it can act on the
+/// SIGTERM only once continued, so every SIGTERM is followed by SIGCONT.
+/// The grace is ten minutes: without SIGCONT the run would stay
+/// `terminating` until SIGKILL, far past the test's deadline, and its
+/// handler would never run.
+fn a_stopped_run_gets_sigcont_after_sigterm(cgroups: &str, by_timeout: bool) {
+    let d = Daemon::options()
+        .env("CYRNEL_CGROUPS", cgroups)
+        .env("CYRNEL_DEFAULT_TIMEOUT_MS", "0")
+        .start();
+    let code =
+        "trap 'echo handled; exit 0' TERM; echo ready; kill -STOP $$; echo resumed-without-term";
+    let timeout = if by_timeout { "5000" } else { "null" };
+    let id = d.create_with(
+        code,
+        &format!(r#""options":{{"killGrace":600000,"timeout":{timeout}}}"#),
+    );
+    let pid = d.wait_running_pid(id);
+    d.follow_until(&format!("/processes/{id}/stdout?follow=true"), "ready");
+    poll("the run to stop itself", || match proc_stat(pid) {
+        Some(('T', _)) => Ok(()),
+        other => Err(format!("{other:?}")),
+    });
+    if !by_timeout {
+        assert_eq!(d.kill(id).status, 200);
+    }
+    let rec = d.wait_idle(id);
+    let want = if by_timeout { "timeout" } else { "canceled" };
+    assert_eq!(rec["exitState"].as_str(), Some(want), "{rec}");
+    assert_eq!(d.stdout_text(id), "ready\nhandled\n", "{rec}");
+    assert!(
+        rec["signal"].is_null(),
+        "ended by its handler, not SIGKILL: {rec}"
+    );
+    assert_group_gone(pid);
+    let cgroup_line = "each run gets its own cgroup";
+    assert_eq!(
+        d.logs().contains(cgroup_line),
+        cgroups == "auto",
+        "{}",
+        d.logs()
+    );
+}
+
+#[test]
+fn a_stopped_run_gets_sigcont_after_a_kill_with_cgroups() {
+    a_stopped_run_gets_sigcont_after_sigterm("auto", false);
+}
+
+#[test]
+fn a_stopped_run_gets_sigcont_after_a_timeout_with_cgroups() {
+    a_stopped_run_gets_sigcont_after_sigterm("auto", true);
+}
+
+#[test]
+fn a_stopped_run_gets_sigcont_after_a_kill_without_cgroups() {
+    a_stopped_run_gets_sigcont_after_sigterm("off", false);
+}
+
+#[test]
+fn a_stopped_run_gets_sigcont_after_a_timeout_without_cgroups() {
+    a_stopped_run_gets_sigcont_after_sigterm("off", true);
+}

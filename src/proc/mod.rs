@@ -494,12 +494,17 @@ fn reap_own_children() -> usize {
     }
 }
 
-/// Signals `pid` only if, after pinning it with a pidfd, `still_ours` holds.
-fn signal_pinned(pid: i32, sig: Signal, still_ours: impl Fn(i32) -> bool) -> bool {
+/// Signals `pid` only if, after pinning it with a pidfd, `still_ours` holds;
+/// with `then_cont`, SIGCONT follows through the same pidfd.
+fn signal_pinned(pid: i32, sig: Signal, then_cont: bool, still_ours: impl Fn(i32) -> bool) -> bool {
     let Ok(fd) = pidfd_open(pid) else {
         return false;
     };
-    still_ours(pid) && pidfd_send_signal(&fd, sig as i32, 0).is_ok()
+    let sent = still_ours(pid) && pidfd_send_signal(&fd, sig as i32, 0).is_ok();
+    if sent && then_cont {
+        let _ = pidfd_send_signal(&fd, libc::SIGCONT, 0);
+    }
+    sent
 }
 
 /// How a run's processes are tracked.
@@ -651,7 +656,14 @@ impl Tracked {
                 (group, v)
             }
         };
+        // A stopped process cannot act on SIGTERM until it is continued:
+        // every SIGTERM is followed by SIGCONT to the same processes, as
+        // systemd does.
+        let cont = sig == Signal::SIGTERM;
         let group_result = killpg(Pid::from_raw(self.pgid), sig).map_err(io::Error::from);
+        if cont {
+            let _ = killpg(Pid::from_raw(self.pgid), Signal::SIGCONT);
+        }
         for pid in everyone {
             if group.contains(&pid) {
                 out.pids.push(pid);
@@ -661,8 +673,8 @@ impl Tracked {
             let sent = match &self.scope {
                 // cgroup.kill below reaches it.
                 Scope::Cgroup(_) if sig == Signal::SIGKILL => true,
-                Scope::Cgroup(cg) => signal_pinned(pid, sig, |p| cg.contains(p)),
-                Scope::Group => signal_pinned(pid, sig, |p| {
+                Scope::Cgroup(cg) => signal_pinned(pid, sig, cont, |p| cg.contains(p)),
+                Scope::Group => signal_pinned(pid, sig, cont, |p| {
                     has_tag(p, &self.tag) || self.uid.is_some_and(|u| uid_of(p) == Some(u))
                 }),
             };
@@ -748,6 +760,9 @@ pub fn signal_orphans(id: &ProcIdentity, sig: Signal) -> usize {
         let still_ours =
             stat(pid).is_some_and(|s| s.pgrp == id.pid && s.start_time >= id.start_time);
         if still_ours && pidfd_send_signal(&fd, sig as i32, 0).is_ok() {
+            if sig == Signal::SIGTERM {
+                let _ = pidfd_send_signal(&fd, libc::SIGCONT, 0);
+            }
             n += 1;
         }
     }
@@ -765,7 +780,11 @@ pub fn signal_orphan_group(id: &ProcIdentity, sig: Signal) -> bool {
         return false;
     };
     let same = stat(id.pid).is_some_and(|s| s.start_time == id.start_time);
-    same && pidfd_send_signal(&fd, sig as i32, PIDFD_SIGNAL_PROCESS_GROUP).is_ok()
+    let sent = same && pidfd_send_signal(&fd, sig as i32, PIDFD_SIGNAL_PROCESS_GROUP).is_ok();
+    if sent && sig == Signal::SIGTERM {
+        let _ = pidfd_send_signal(&fd, libc::SIGCONT, PIDFD_SIGNAL_PROCESS_GROUP);
+    }
+    sent
 }
 
 /// After a restart: live processes started by a daemon on this data dir
@@ -801,7 +820,7 @@ pub fn kill_uid_range(base: u32, count: u32, tracked: &HashSet<u32>) -> Vec<i32>
     all_pids()
         .into_iter()
         .filter(|&pid| uid_of(pid).is_some_and(ours))
-        .filter(|&pid| signal_pinned(pid, Signal::SIGKILL, |p| uid_of(p).is_some_and(ours)))
+        .filter(|&pid| signal_pinned(pid, Signal::SIGKILL, false, |p| uid_of(p).is_some_and(ours)))
         .collect()
 }
 
@@ -809,7 +828,7 @@ pub fn kill_uid_range(base: u32, count: u32, tracked: &HashSet<u32>) -> Vec<i32>
 /// of run `id` under `run_dir`.
 pub fn kill_untracked(pid: i32, run_dir: &Path, id: u64) -> bool {
     let want = format!("CYRNEL_OUTPUT={}/{id}/output", run_dir.display());
-    signal_pinned(pid, Signal::SIGKILL, |p| {
+    signal_pinned(pid, Signal::SIGKILL, false, |p| {
         fs::read(format!("/proc/{p}/environ"))
             .is_ok_and(|env| env.split(|b| *b == 0).any(|kv| kv == want.as_bytes()))
     })
@@ -843,7 +862,7 @@ pub fn signal_orphan_run(
             out.extend(
                 members
                     .into_iter()
-                    .filter(|&p| signal_pinned(p, sig, |q| cg.contains(q))),
+                    .filter(|&p| signal_pinned(p, sig, sig == Signal::SIGTERM, |q| cg.contains(q))),
             );
         }
     }
