@@ -159,14 +159,19 @@ server_errors = sum(v for k, v in statuses.items() if int(k) >= 500)
 print("fuzz: %d test cases, %d requests; statuses: %s; failed checks: %d; 5xx: %d" % (
     cases, sum(statuses.values()),
     ", ".join("%s x%d" % (k, v) for k, v in sorted(statuses.items())), failed, server_errors))
-open(sys.argv[2], "w").write("%d %d\n" % (failed, server_errors))
+open(sys.argv[2], "w").write("%d %d %d\n" % (failed, server_errors, cases))
 EOF
 
 daemon_rc=0
 stop_daemon || daemon_rc=$?
 rc=0
-read -r failed_checks server_errors < "$verdict" 2>/dev/null || { failed_checks=1; server_errors=0; }
-if [ "$failed_checks" -ne 0 ] || [ "$server_errors" -ne 0 ]; then
+read -r failed_checks server_errors cases < "$verdict" 2>/dev/null || { failed_checks=1; server_errors=0; cases=0; }
+if [ "${cases:-0}" -eq 0 ]; then
+  # A run that generated nothing (schemathesis crashed at start) proves
+  # nothing: it is a failure, not a pass.
+  echo "fuzz: FAILED: schemathesis generated no test case (exit $st_rc)" >&2
+  rc=1
+elif [ "$failed_checks" -ne 0 ] || [ "$server_errors" -ne 0 ]; then
   echo "fuzz: FAILED: $failed_checks failed checks, $server_errors 5xx responses (schemathesis exit $st_rc)" >&2
   rc=1
 elif [ "$st_rc" -ne 0 ]; then
