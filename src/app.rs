@@ -84,8 +84,7 @@ pub async fn run_with(
 ) -> Result<(), AppError> {
     let credentials = match &config.user {
         None => None,
-        // SAFETY: geteuid has no preconditions.
-        Some(_) if unsafe { libc::geteuid() } != 0 => {
+        Some(_) if proc::effective_uid() != 0 => {
             return Err(AppError::Config(
                 "user: switching users needs cyrneld to run as root".into(),
             ))
@@ -299,7 +298,7 @@ fn detect_sandbox(config: &Config, data_dir: &Path, dir_mode: u32) -> Result<Pol
 
 fn owned_by_me(p: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
-    fs::symlink_metadata(p).is_ok_and(|m| m.is_dir() && m.uid() == nix::unistd::geteuid().as_raw())
+    fs::symlink_metadata(p).is_ok_and(|m| m.is_dir() && m.uid() == proc::effective_uid())
 }
 
 /// Applies the reloadable part of each new configuration until the sender

@@ -126,6 +126,22 @@ impl CgroupRoot {
         }
     }
 
+    /// The ids of the run cgroups that exist under this root (`run-<id>`).
+    pub fn existing_runs(&self) -> Vec<u64> {
+        let Ok(dir) = fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        dir.flatten()
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()?
+                    .strip_prefix("run-")?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .collect()
+    }
+
     /// Whether `controller` ("memory", "pids") is enabled for run cgroups.
     pub fn has(&self, controller: &str) -> bool {
         self.controllers.iter().any(|c| c == controller)

@@ -32,7 +32,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::OnceLock;
 
-use nix::sys::signal::{killpg, Signal};
+use nix::sys::signal::{killpg, Signal as NixSignal};
 use nix::unistd::Pid;
 use tokio::io::unix::AsyncFd;
 use tokio::net::unix::pipe;
@@ -42,6 +42,30 @@ use cgroup::{Joiner, RunCgroup};
 
 /// `PIDFD_SIGNAL_PROCESS_GROUP` from linux/pidfd.h (Linux 6.9+).
 const PIDFD_SIGNAL_PROCESS_GROUP: libc::c_uint = 1 << 2;
+
+/// The signals the supervisor sends to a run; signal numbers and nix's
+/// types stay inside `proc`. (SIGCONT follows every `Term` on its own.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Signal {
+    Term,
+    Kill,
+}
+
+impl Signal {
+    fn number(self) -> i32 {
+        match self {
+            Signal::Term => libc::SIGTERM,
+            Signal::Kill => libc::SIGKILL,
+        }
+    }
+
+    fn nix(self) -> NixSignal {
+        match self {
+            Signal::Term => NixSignal::SIGTERM,
+            Signal::Kill => NixSignal::SIGKILL,
+        }
+    }
+}
 
 /// How the leader ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,6 +114,11 @@ impl Rlimit {
             Rlimit::CpuSeconds => libc::RLIMIT_CPU,
         }
     }
+}
+
+/// The daemon's effective uid.
+pub fn effective_uid() -> u32 {
+    nix::unistd::geteuid().as_raw()
 }
 
 /// Raises the daemon's own open-file limit to its hard limit (a supervisor
@@ -500,7 +529,7 @@ fn signal_pinned(pid: i32, sig: Signal, then_cont: bool, still_ours: impl Fn(i32
     let Ok(fd) = pidfd_open(pid) else {
         return false;
     };
-    let sent = still_ours(pid) && pidfd_send_signal(&fd, sig as i32, 0).is_ok();
+    let sent = still_ours(pid) && pidfd_send_signal(&fd, sig.number(), 0).is_ok();
     if sent && then_cont {
         let _ = pidfd_send_signal(&fd, libc::SIGCONT, 0);
     }
@@ -659,10 +688,10 @@ impl Tracked {
         // A stopped process cannot act on SIGTERM until it is continued:
         // every SIGTERM is followed by SIGCONT to the same processes, as
         // systemd does.
-        let cont = sig == Signal::SIGTERM;
-        let group_result = killpg(Pid::from_raw(self.pgid), sig).map_err(io::Error::from);
+        let cont = sig == Signal::Term;
+        let group_result = killpg(Pid::from_raw(self.pgid), sig.nix()).map_err(io::Error::from);
         if cont {
-            let _ = killpg(Pid::from_raw(self.pgid), Signal::SIGCONT);
+            let _ = killpg(Pid::from_raw(self.pgid), NixSignal::SIGCONT);
         }
         for pid in everyone {
             if group.contains(&pid) {
@@ -672,7 +701,7 @@ impl Tracked {
             out.escaped.push(pid);
             let sent = match &self.scope {
                 // cgroup.kill below reaches it.
-                Scope::Cgroup(_) if sig == Signal::SIGKILL => true,
+                Scope::Cgroup(_) if sig == Signal::Kill => true,
                 Scope::Cgroup(cg) => signal_pinned(pid, sig, cont, |p| cg.contains(p)),
                 Scope::Group => signal_pinned(pid, sig, cont, |p| {
                     has_tag(p, &self.tag) || self.uid.is_some_and(|u| uid_of(p) == Some(u))
@@ -682,7 +711,7 @@ impl Tracked {
                 out.pids.push(pid);
             }
         }
-        if let (Scope::Cgroup(cg), Signal::SIGKILL) = (&self.scope, sig) {
+        if let (Scope::Cgroup(cg), Signal::Kill) = (&self.scope, sig) {
             if let Err(e) = cg.kill() {
                 tracing::warn!(cgroup = %cg.path().display(), error = %e, "cgroup.kill failed");
             }
@@ -759,8 +788,8 @@ pub fn signal_orphans(id: &ProcIdentity, sig: Signal) -> usize {
         let Ok(fd) = pidfd_open(pid) else { continue };
         let still_ours =
             stat(pid).is_some_and(|s| s.pgrp == id.pid && s.start_time >= id.start_time);
-        if still_ours && pidfd_send_signal(&fd, sig as i32, 0).is_ok() {
-            if sig == Signal::SIGTERM {
+        if still_ours && pidfd_send_signal(&fd, sig.number(), 0).is_ok() {
+            if sig == Signal::Term {
                 let _ = pidfd_send_signal(&fd, libc::SIGCONT, 0);
             }
             n += 1;
@@ -780,8 +809,8 @@ pub fn signal_orphan_group(id: &ProcIdentity, sig: Signal) -> bool {
         return false;
     };
     let same = stat(id.pid).is_some_and(|s| s.start_time == id.start_time);
-    let sent = same && pidfd_send_signal(&fd, sig as i32, PIDFD_SIGNAL_PROCESS_GROUP).is_ok();
-    if sent && sig == Signal::SIGTERM {
+    let sent = same && pidfd_send_signal(&fd, sig.number(), PIDFD_SIGNAL_PROCESS_GROUP).is_ok();
+    if sent && sig == Signal::Term {
         let _ = pidfd_send_signal(&fd, libc::SIGCONT, PIDFD_SIGNAL_PROCESS_GROUP);
     }
     sent
@@ -820,7 +849,7 @@ pub fn kill_uid_range(base: u32, count: u32, tracked: &HashSet<u32>) -> Vec<i32>
     all_pids()
         .into_iter()
         .filter(|&pid| uid_of(pid).is_some_and(ours))
-        .filter(|&pid| signal_pinned(pid, Signal::SIGKILL, false, |p| uid_of(p).is_some_and(ours)))
+        .filter(|&pid| signal_pinned(pid, Signal::Kill, false, |p| uid_of(p).is_some_and(ours)))
         .collect()
 }
 
@@ -828,7 +857,7 @@ pub fn kill_uid_range(base: u32, count: u32, tracked: &HashSet<u32>) -> Vec<i32>
 /// of run `id` under `run_dir`.
 pub fn kill_untracked(pid: i32, run_dir: &Path, id: u64) -> bool {
     let want = format!("CYRNEL_OUTPUT={}/{id}/output", run_dir.display());
-    signal_pinned(pid, Signal::SIGKILL, false, |p| {
+    signal_pinned(pid, Signal::Kill, false, |p| {
         fs::read(format!("/proc/{p}/environ"))
             .is_ok_and(|env| env.split(|b| *b == 0).any(|kv| kv == want.as_bytes()))
     })
@@ -853,7 +882,7 @@ pub fn signal_orphan_run(
     let mut out = Vec::new();
     if let Some(cg) = cg.filter(|cg| cg.exists()) {
         let members = cg.members();
-        if sig == Signal::SIGKILL {
+        if sig == Signal::Kill {
             if let Err(e) = cg.kill() {
                 tracing::warn!(cgroup = %cg.path().display(), error = %e, "cgroup.kill failed");
             }
@@ -862,7 +891,7 @@ pub fn signal_orphan_run(
             out.extend(
                 members
                     .into_iter()
-                    .filter(|&p| signal_pinned(p, sig, sig == Signal::SIGTERM, |q| cg.contains(q))),
+                    .filter(|&p| signal_pinned(p, sig, sig == Signal::Term, |q| cg.contains(q))),
             );
         }
     }

@@ -19,12 +19,10 @@ mod starter;
 mod uids;
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::fs;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use nix::sys::signal::Signal;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 
@@ -33,7 +31,7 @@ pub use crate::model::Timeout;
 use crate::model::{Change, ChangeKind, ProcIdentity, ProcessId, Record, State};
 use crate::proc::cgroup::{CgroupRoot, RunCgroup};
 use crate::proc::sandbox::{Policy, RunFolder};
-use crate::proc::{self, Leader, Rlimit, Tracked};
+use crate::proc::{self, Leader, Rlimit, Signal, Tracked};
 use crate::store::{Batch, Store, StoreError};
 use machine::{decide, Effect, Event, Reject};
 use run::{Finished, RunContext};
@@ -890,7 +888,7 @@ impl Actor {
                     .filter(|r| send_term && r.gen == gen);
                 // A run that already settled needs no signal; one that is
                 // still there gets SIGTERM now that "terminating" is durable.
-                let sent = run.map(|r| r.signal(Signal::SIGTERM)).unwrap_or(Ok(()));
+                let sent = run.map(|r| r.signal(Signal::Term)).unwrap_or(Ok(()));
                 if let Err(e) = &sent {
                     tracing::warn!(%id, error = %e, "SIGTERM to the process group failed");
                 }
@@ -1101,7 +1099,7 @@ impl Actor {
                     // Its uid stays held: nothing tells the actor when the
                     // run is gone, and a uid must not be shared.
                     tokio::spawn(async move {
-                        let _ = tracked.signal(Signal::SIGKILL);
+                        let _ = tracked.signal(Signal::Kill);
                         let _ = leader.exited().await;
                         tracked.wait_only_leader_left().await;
                         let _ = leader.reap();
@@ -1240,7 +1238,7 @@ impl Actor {
             TimerKind::Escalate => {
                 if terminating {
                     tracing::info!(%id, "grace period over: SIGKILL to the run");
-                    if let Err(e) = run.signal(Signal::SIGKILL) {
+                    if let Err(e) = run.signal(Signal::Kill) {
                         tracing::warn!(%id, error = %e, "SIGKILL to the run failed");
                     }
                     // Until the run settles, SIGKILL again now and then:
@@ -1372,18 +1370,7 @@ impl Actor {
         let Some(root) = &self.settings.cgroups else {
             return;
         };
-        let Ok(dir) = fs::read_dir(root.dir()) else {
-            return;
-        };
-        for entry in dir.flatten() {
-            let name = entry.file_name();
-            let Some(id) = name
-                .to_str()
-                .and_then(|n| n.strip_prefix("run-"))
-                .and_then(|n| n.parse::<u64>().ok())
-            else {
-                continue;
-            };
+        for id in root.existing_runs() {
             if self
                 .entries
                 .get(&ProcessId(id))
