@@ -9,11 +9,14 @@
 # cached under $CACHE_DIR/debootstrap (each run works on a fresh copy):
 #   - "container": minbase, no systemd at all. apt install, then files,
 #     modes, owners, the user, the packaged config, --version, the daemon
-#     started the way the unit's ExecStart starts it (as the unit's User=,
-#     with no capabilities and no_new_privs, as systemd would) answering
-#     /health and running a process; an upgrade keeps data and a modified
-#     config; remove keeps /var/lib/cyrnel and the config; a reinstall over
-#     existing data shows the old records; purge removes the data.
+#     started the way the unit starts it (ExecStart= as its User=/Group=,
+#     with its AmbientCapabilities=, CapabilityBoundingSet=, no_new_privs
+#     and UMask=, as systemd would) answering /health, isolating its runs
+#     at level full (a uid of their own, the data dir masked, /tmp/cyrnel),
+#     also when sandbox = "full" is required; an upgrade keeps data and a
+#     modified config; remove keeps /var/lib/cyrnel and the config; a
+#     reinstall over existing data shows the old records; purge removes the
+#     data.
 #   - "systemd": minbase plus systemd (installed, not running, as in an
 #     image build): the user comes from sysusers.d, the data dir from
 #     tmpfiles.d, the unit is enabled, and `systemd-analyze verify` passes.
@@ -23,9 +26,11 @@
 #
 # The machine running this has no running systemd, so nothing is started
 # by systemctl; the daemon is started by hand from the installed unit's
-# ExecStart=, User= and Group=. It listens on 127.0.0.1:0 (CYRNEL_LISTEN,
-# the only setting that differs from the unit) so that runs never collide
-# on a port.
+# ExecStart=, User=, Group=, AmbientCapabilities=, CapabilityBoundingSet=,
+# NoNewPrivileges= and UMask= (see start_daemon), in a mount namespace of
+# its own where the root is a mount point (as "/" is under systemd). It
+# listens on 127.0.0.1:0 (CYRNEL_LISTEN, the only setting that differs
+# from the unit) so that runs never collide on a port.
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -74,6 +79,8 @@ need_apt debootstrap debootstrap
 need_apt rpm rpm
 need_apt curl curl
 need_apt readelf binutils
+need_apt unshare util-linux
+need_apt capsh libcap2-bin
 
 shopt -s nullglob
 debs=("$dist"/cyrnel_*.deb)
@@ -208,25 +215,63 @@ unit_value() { # ROOT KEY: the value of KEY= in the installed unit
 	sed -n "s/^$2=//p" "$1/usr/lib/systemd/system/cyrneld.service" | tail -n1
 }
 
-# start_daemon ROOT: runs the unit's ExecStart as its User=/Group= inside
-# ROOT, with the unit's UMask=, no capabilities and no_new_privs (as the
-# unit's CapabilityBoundingSet= and NoNewPrivileges= give), and waits for it
-# to listen. Sets daemon_pid and port.
+# unit_caps ROOT KEY: the capabilities listed in the unit's KEY= as
+# setpriv(1) names, one per line (CAP_SYS_ADMIN -> sys_admin).
+unit_caps() {
+	local c
+	for c in $(unit_value "$1" "$2"); do
+		c=${c,,}
+		echo "${c#cap_}"
+	done
+}
+
+# start_daemon ROOT [NAME=VALUE...]: runs the unit's ExecStart inside ROOT
+# as systemd would: as its User=/Group= (with initgroups), with its UMask=,
+# its AmbientCapabilities= (raised in the inheritable and ambient sets, so
+# they survive the uid change and the execve), its CapabilityBoundingSet=
+# and no_new_privs (NoNewPrivileges=yes); NAME=VALUE are added to the
+# daemon's environment. Waits for it to listen; sets daemon_pid and port.
+#
+# The daemon starts in a mount namespace of its own (unshare), where ROOT
+# is bound onto itself before the chroot: level full's runs make their
+# "/" private and read-only (mount propagation, mount_setattr), which
+# needs "/" to be a mount point, as it is under systemd and not in a plain
+# chroot. That namespace also gets /proc, the host's /dev (as the unit,
+# without PrivateDevices=, sees it) with a /dev/shm of its own, and a
+# /tmp of its own (PrivateTmp=). None of these mounts is visible outside
+# it, and they go with it: the namespace ends with its last process, the
+# daemon or one of its runs, which cleanup kills.
 start_daemon() {
-	local root=$1 exec_start user group umask_value log_file
+	local root=$1 exec_start user group umask_value log_file ambient bounding
+	shift
 	exec_start=$(unit_value "$root" ExecStart)
 	user=$(unit_value "$root" User)
 	group=$(unit_value "$root" Group)
 	umask_value=$(unit_value "$root" UMask)
+	ambient=$(unit_caps "$root" AmbientCapabilities | sed 's/^/+/' | paste -sd,)
+	bounding=$(unit_caps "$root" CapabilityBoundingSet | sed 's/^/+/' | paste -sd,)
+	[ -n "$ambient" ] || fail "the unit has no AmbientCapabilities="
+	[ "$(grep -c '^NoNewPrivileges=yes$' "$root/usr/lib/systemd/system/cyrneld.service")" = 1 ] ||
+		fail "the unit does not say NoNewPrivileges=yes once"
 	log_file=$work/daemon.log
 	: >"$log_file"
+	# shellcheck disable=SC2016 # $1 and $@ belong to the inner shell
 	# shellcheck disable=SC2086 # ExecStart is split into words, as systemd does
 	(
 		umask "${umask_value:-0022}"
-		exec chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin \
-			CYRNEL_LISTEN=127.0.0.1:0 \
+		exec unshare --mount --propagation private -- /bin/sh -ec '
+			root=$1
+			shift
+			mount --bind "$root" "$root"
+			mount -t proc -o nosuid,nodev,noexec proc "$root/proc"
+			mount --rbind /dev "$root/dev"
+			mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs "$root/dev/shm"
+			mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs "$root/tmp"
+			exec chroot "$root" "$@"' sh "$root" \
+			/usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin CYRNEL_LISTEN=127.0.0.1:0 "$@" \
 			/usr/bin/setpriv --reuid="$user" --regid="$group" --init-groups \
-			--inh-caps=-all --bounding-set=-all --no-new-privs -- $exec_start
+			--inh-caps="-all,$ambient" --ambient-caps="-all,$ambient" \
+			--bounding-set="-all${bounding:+,$bounding}" --no-new-privs -- $exec_start
 	) >>"$log_file" 2>&1 &
 	daemon_pid=$!
 	local waited=0
@@ -246,7 +291,7 @@ start_daemon() {
 			waited=$((waited + 1))
 		fi
 	done
-	ok "cyrneld started as in ExecStart ($exec_start) as $user:$group, listening on port $port"
+	ok "cyrneld started as in ExecStart ($exec_start) as $user:$group${1:+ with $*}, listening on port $port"
 }
 
 stop_daemon() {
@@ -266,19 +311,64 @@ api() { # PATH: GET from the running daemon
 	curl -fsS --max-time "$deadline" "http://127.0.0.1:$port$1"
 }
 
-# exercise_daemon ROOT: health, identity, a run as the unit's user.
+# logged_level_full: the daemon's start-up log says level full (else the
+# log's sandbox lines go to stderr).
+logged_level_full() {
+	grep -q 'sandbox: runs are isolated level="full"' "$work/daemon.log" || {
+		grep -i 'sandbox' "$work/daemon.log" >&2
+		return 1
+	}
+}
+
+# caps_of PID SET: the capabilities in SET (Eff, Prm, Bnd, Amb, Inh) of
+# PID, as setpriv(1) names, sorted, one per line.
+caps_of() {
+	local mask
+	mask=$(awk -v k="Cap$2:" '$1 == k {print $2}' "/proc/$1/status")
+	capsh --decode="$mask" | sed 's/^0x[0-9a-f]*=\{0,1\}//' | tr ',' '\n' | sed -n 's/^cap_//p' | sort
+}
+
+# exercise_daemon ROOT: health, the daemon's identity and capabilities,
+# the level it isolates runs at, and a run as level full makes it.
 exercise_daemon() {
-	local root=$1 uid expected_uid out
+	local root=$1 uid expected_uid out wanted set
 	check_eq "GET /health" '{"status":"ok"}' "$(api /health)"
 	uid=$(awk '/^Uid:/ {print $2}' "/proc/$daemon_pid/status")
 	expected_uid=$(in_root "$root" id -u cyrnel)
 	check_eq "the daemon runs as cyrnel" "$expected_uid" "$uid"
-	out=$(in_root "$root" cyrnelctl --url "http://127.0.0.1:$port" run -c 'id -un; pwd; umask') ||
+	wanted=$(unit_caps "$root" AmbientCapabilities | sort)
+	for set in Eff Prm Amb; do
+		check_eq "the daemon's Cap$set is the unit's AmbientCapabilities= ($(paste -sd' ' <<<"$wanted"))" \
+			"$wanted" "$(caps_of "$daemon_pid" "$set")"
+	done
+	check_eq "the daemon's CapBnd is the unit's CapabilityBoundingSet=" \
+		"$(unit_caps "$root" CapabilityBoundingSet | sort)" "$(caps_of "$daemon_pid" Bnd)"
+	check_eq "the daemon has no_new_privs" 1 "$(awk '/^NoNewPrivs:/ {print $2}' "/proc/$daemon_pid/status")"
+	check "the start-up log says runs are isolated at level full" logged_level_full
+	# What the run reports, one line each: uid, gid, working directory,
+	# umask, how many of its capability sets are empty (of 5), the file
+	# system mounted on the data dir in its view, whether it can list the
+	# data dir.
+	out=$(in_root "$root" cyrnelctl --url "http://127.0.0.1:$port" run -c '
+		id -u; id -g; pwd; umask
+		grep -cE "^Cap(Inh|Prm|Eff|Bnd|Amb):[[:space:]]+0+$" /proc/self/status
+		sed -n "s|^[^ ]* [^ ]* [^ ]* [^ ]* /var/lib/cyrnel [^ ]* .*- \([^ ]*\) .*|\1|p" /proc/self/mountinfo
+		if ls /var/lib/cyrnel >/dev/null 2>&1; then echo readable; else echo unreadable; fi') ||
 		fail "cyrnelctl run failed: $out"
-	local n
+	local n run_uid run_gid cwd run_umask empty_sets data_fs data_access rec
 	n=$(api /processes | grep -o '"id":[0-9]*' | cut -d: -f2 | sort -n | tail -n1)
-	check_eq "run $n (cyrnelctl run) executes as cyrnel in its own dir under /var/lib/cyrnel, umask 0077" \
-		"$(printf 'cyrnel\n/var/lib/cyrnel/run/%s\n0077' "$n")" "$out"
+	{ read -r run_uid; read -r run_gid; read -r cwd; read -r run_umask; read -r empty_sets
+	  read -r data_fs; read -r data_access; } <<<"$out"
+	rec=$(api "/processes/$n")
+	check_eq "run $n is recorded at level full" full "$(json_string sandbox "$rec")"
+	check "run $n has a uid of its own ($run_uid): not cyrnel's, not root, in the run uid range (>= 1879048192)" \
+		test "$run_uid" != "$expected_uid" -a "$run_uid" != 0 -a "$run_uid" -ge 1879048192
+	check_eq "run $n has its uid as its gid" "$run_uid" "$run_gid"
+	check_eq "run $n works in /tmp/cyrnel (its private tmpfs)" /tmp/cyrnel "$cwd"
+	check_eq "run $n has the unit's umask (inherited)" "$(unit_value "$root" UMask)" "$run_umask"
+	check_eq "run $n holds no capability (all 5 sets empty)" 5 "$empty_sets"
+	check_eq "run $n sees /var/lib/cyrnel masked (a tmpfs over it)" tmpfs "$data_fs"
+	check_eq "run $n cannot list /var/lib/cyrnel" unreadable "$data_access"
 	check_eq "run $n is recorded idle/success" "idle success" "$(record_state "$n")"
 	check_eq "the database belongs to cyrnel, 0700" "700 cyrnel:cyrnel" \
 		"$(in_root "$root" stat -c '%a %U:%G' /var/lib/cyrnel/db)"
@@ -450,11 +540,23 @@ check_eq "the record from before the upgrade is there" "idle success" "$(record_
 exercise_daemon "$R"
 stop_daemon
 
+log "sandbox = \"full\" required (CYRNEL_SANDBOX=full): the daemon does not refuse to start"
+start_daemon "$R" CYRNEL_SANDBOX=full
+check "the start-up log says runs are isolated at level full" logged_level_full
+required=$(create '{"code":"id -u"}')
+wait_state "$required" idle
+check_eq "run $required is recorded at level full, idle/success" "full idle success" \
+	"$(json_string sandbox "$(api "/processes/$required")") $(record_state "$required")"
+stop_daemon
+
 log "restart semantics: SIGTERM reaches the daemon alone (KillMode=mixed); it puts its runs down"
 start_daemon "$R"
 running=$(create '{"code":"sleep 300","options":{"timeout":null}}')
 wait_state "$running" running
 run_pid=$(api "/processes/$running" | grep -o '"pid":[0-9]*' | cut -d: -f2)
+run_uid=$(awk '/^Uid:/ {print $2}' "/proc/$run_pid/status")
+check "the running run ($run_pid), seen from the host, has a uid of its own ($run_uid), not cyrnel's or root's" \
+	test "$run_uid" -ge 1879048192 -a "$run_uid" != "$(in_root "$R" id -u cyrnel)"
 queued=$(create '{"code":"echo ran after the restart"}')
 check_eq "with max_running = 1 a second run waits queued" queued "$(json_string state "$(api "/processes/$queued")")"
 stop_daemon
@@ -520,6 +622,13 @@ for key in Type=notify User=cyrnel KillMode=mixed Delegate=yes Restart=on-failur
 	"ExecReload=/bin/sh -c 'kill -HUP \$\$MAINPID'" LimitNOFILE=65536 NoNewPrivileges=yes; do
 	check "the unit has $key" grep -qxF "$key" "$S/usr/lib/systemd/system/cyrneld.service"
 done
+full_caps=$(sed -n '/^pub const FULL_CAPS/,/^];/p' "$repo/src/proc/sandbox.rs" | grep -o '"CAP_[A-Z_]*"' |
+	sed 's/.*"CAP_\([A-Z_]*\)".*/\1/' | tr 'A-Z' 'a-z' | sort)
+[ -n "$full_caps" ] || fail "no FULL_CAPS found in src/proc/sandbox.rs"
+check_eq "the unit's AmbientCapabilities= is FULL_CAPS (src/proc/sandbox.rs)" \
+	"$full_caps" "$(unit_caps "$S" AmbientCapabilities | sort)"
+check_eq "the unit's CapabilityBoundingSet= is the same list" \
+	"$full_caps" "$(unit_caps "$S" CapabilityBoundingSet | sort)"
 stop_timeout=$(unit_value "$S" TimeoutStopSec)
 check "TimeoutStopSec ($stop_timeout) exceeds the default kill grace (5 s) plus the HTTP drain (5 s)" \
 	test "${stop_timeout%s}" -gt 10

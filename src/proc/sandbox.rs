@@ -825,14 +825,14 @@ fn check(r: libc::c_int) -> io::Result<()> {
 }
 
 /// Creates `cyrnel/` (0700), `cyrnel/code` (0700) and `cyrnel/output`
-/// (0600) in the private tmpfs, owned by the run's uid.
+/// (0600) in the private tmpfs, owned by the run's uid. The folder is
+/// handed over last: a daemon that is not root (the packaged unit's
+/// capabilities have no CAP_DAC_OVERRIDE) cannot create files in a 0700
+/// folder of another uid.
 fn stage_at(mount: RawFd, code: &[u8], uid: Option<(u32, u32)>) -> io::Result<()> {
     let (u, g) = uid.map_or((u32::MAX, u32::MAX), |(u, g)| (u, g));
-    // SAFETY: *at calls with C strings relative to a valid dirfd.
-    unsafe {
-        check(libc::mkdirat(mount, c"cyrnel".as_ptr(), 0o700))?;
-        check(libc::fchownat(mount, c"cyrnel".as_ptr(), u, g, 0))?;
-    }
+    // SAFETY: mkdirat with a C string relative to a valid dirfd.
+    check(unsafe { libc::mkdirat(mount, c"cyrnel".as_ptr(), 0o700) })?;
     for (name, mode, content) in [
         (c"cyrnel/code", 0o700, code),
         (c"cyrnel/output", 0o600, &b""[..]),
@@ -853,6 +853,8 @@ fn stage_at(mount: RawFd, code: &[u8], uid: Option<(u32, u32)>) -> io::Result<()
         // SAFETY: fchown on the file we just created.
         check(unsafe { libc::fchown(f.as_raw_fd(), u, g) })?;
     }
+    // SAFETY: fchownat with a C string relative to a valid dirfd.
+    check(unsafe { libc::fchownat(mount, c"cyrnel".as_ptr(), u, g, 0) })?;
     Ok(())
 }
 
