@@ -181,7 +181,7 @@ impl RunFolder {
 
 /// What the child does for one run, prepared by the parent. Borrowed by
 /// `spawn::Exec` for the duration of the clone.
-pub struct Prepared {
+pub struct Prepared<'p> {
     pub folder: RunFolder,
     /// The run's working directory as the run sees it.
     pub cwd: PathBuf,
@@ -189,13 +189,13 @@ pub struct Prepared {
     pub output_path: PathBuf,
     /// Extra environment (`TMPDIR` where `/tmp` is not private).
     pub env: Vec<(String, String)>,
-    pub steps: Steps,
+    pub steps: Steps<'p>,
 }
 
 /// The child's isolation steps: plain data and descriptors, applied
 /// without allocating (see `spawn.rs`).
 #[derive(Default)]
-pub struct Steps {
+pub struct Steps<'p> {
     /// `unshare(2)` flags (mount, IPC, network namespaces).
     pub unshare: libc::c_int,
     /// Level `full`: the mount work.
@@ -206,7 +206,8 @@ pub struct Steps {
     pub drop_bounding: bool,
     pub no_new_privs: bool,
     pub landlock: Option<OwnedFd>,
-    pub seccomp: Option<*const Vec<libc::sock_filter>>,
+    /// The filter program (it lives in the [`Policy`]).
+    pub seccomp: Option<&'p [libc::sock_filter]>,
 }
 
 pub struct Mounts {
@@ -549,7 +550,7 @@ impl Policy {
         code: &[u8],
         uid: Option<(u32, u32)>,
         network: bool,
-    ) -> io::Result<Prepared> {
+    ) -> io::Result<Prepared<'_>> {
         let (folder, cwd, output_path, env, own) = match self.level {
             SandboxLevel::Full => {
                 let mount = private_tmpfs(self.limits)?;
@@ -629,7 +630,7 @@ impl Policy {
                 &self.seccomp_no_net
             };
             if !prog.is_empty() {
-                steps.seccomp = Some(prog as *const Vec<libc::sock_filter>);
+                steps.seccomp = Some(prog);
             }
         }
         Ok(Prepared {

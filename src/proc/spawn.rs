@@ -44,7 +44,7 @@ pub struct Exec<'a> {
     /// `(uid, gid)`; supplementary groups are dropped.
     pub credentials: Option<(u32, u32)>,
     /// The run's isolation (`sandbox.rs`).
-    pub sandbox: &'a Steps,
+    pub sandbox: &'a Steps<'a>,
 }
 
 /// A child that has called execve: its pid, a pidfd on it, and the read
@@ -231,13 +231,9 @@ pub fn spawn(exec: &Exec<'_>) -> io::Result<Child> {
         .collect();
     let cwd = cstring(exec.cwd.as_os_str().as_bytes())?;
     let stdin = dev_null()?;
-    // SAFETY: the program pointer stays valid while the Policy lives,
-    // which outlives every spawn.
-    let seccomp = exec.sandbox.seccomp.map(|prog| unsafe {
-        libc::sock_fprog {
-            len: (*prog).len() as libc::c_ushort,
-            filter: (*prog).as_ptr().cast_mut(),
-        }
+    let seccomp = exec.sandbox.seccomp.map(|prog| libc::sock_fprog {
+        len: prog.len() as libc::c_ushort,
+        filter: prog.as_ptr().cast_mut(),
     });
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
