@@ -541,6 +541,30 @@ impl Http {
         Ok(serde_json::from_slice::<Created>(&bytes)?.id)
     }
 
+    /// `POST /processes` that waits and retries while the daemon answers
+    /// 429 because its start queue is full (`max_queued`): how a client
+    /// submitting more runs than the daemon starts keeps going.
+    async fn create_queued(&mut self, body: Bytes) -> Res<u64> {
+        loop {
+            let (status, bytes) = self
+                .call(Method::POST, "/processes", Some(body.clone()))
+                .await?;
+            match status {
+                StatusCode::CREATED => return Ok(serde_json::from_slice::<Created>(&bytes)?.id),
+                StatusCode::TOO_MANY_REQUESTS => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                _ => {
+                    return Err(format!(
+                        "POST /processes: {status} {}",
+                        String::from_utf8_lossy(&bytes)
+                    )
+                    .into())
+                }
+            }
+        }
+    }
+
     async fn kill(&mut self, id: u64) -> Res<()> {
         self.expect_ok(
             Method::POST,
@@ -2672,7 +2696,7 @@ async fn run_many(
                 if i >= total {
                     break;
                 }
-                ids.push(http.create(body(i)).await.expect("create"));
+                ids.push(http.create_queued(body(i)).await.expect("create"));
             }
             ids
         }));
