@@ -2084,7 +2084,7 @@ async fn bench_scale(k: &Knobs, bin: &Path, root: &Path, rep: &mut Report) {
         settled_footprint = Footprint::of(&d.data_dir);
         fds_settled = fd_count(d.pid());
         progress!(
-            "scale: {ran} runs idle after {ran_s:.1} s ({not_success} not success, level {ran_level}); before {empty_footprint:?}, {fds_empty} daemon fds; after {settled_footprint:?}, {fds_settled} daemon fds"
+            "scale: {ran} runs idle after {ran_s:.1} s ({not_success} not success, level {ran_level}); before {empty_footprint:?}, daemon fds (all, linking to `/` or `/tmp`) {fds_empty:?}; after {settled_footprint:?}, daemon fds {fds_settled:?}"
         );
     }
     let per_run = |f: fn(&Footprint) -> u64| {
@@ -2311,9 +2311,11 @@ async fn bench_scale(k: &Knobs, bin: &Path, root: &Path, rep: &mut Report) {
         "ran_sandbox": ran_level, "ran_clients": k.spawn_clients,
         "footprint_empty": empty_footprint.json(),
         "footprint_after_runs_settled": settled_footprint.json(),
-        "inodes_per_run": r3(inodes_per_run), "bytes_on_disk_per_run": r3(bytes_per_run),
+        "inodes_per_run": inodes_per_run, "bytes_on_disk_per_run": r3(bytes_per_run),
         "bytes_apparent_per_run": r3(apparent_per_run),
-        "daemon_open_fds_empty": fds_empty, "daemon_open_fds_after_runs_settled": fds_settled,
+        "daemon_open_fds_empty": fds_empty.0, "daemon_open_fds_after_runs_settled": fds_settled.0,
+        "daemon_fds_root_or_tmp_empty": fds_empty.1,
+        "daemon_fds_root_or_tmp_after_runs_settled": fds_settled.1,
     });
     rep.json.insert(
         "scale".into(),
@@ -2624,9 +2626,23 @@ impl Usage {
     }
 }
 
-/// Open descriptors of a process (its `/proc/<pid>/fd` entries).
-fn fd_count(pid: u32) -> usize {
-    fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+/// Open descriptors of a process (its `/proc/<pid>/fd` entries): all of
+/// them, and those whose link reads `/` or `/tmp`: the daemon's `O_PATH`
+/// descriptor on the root (level `full`'s Landlock rule) and every
+/// level-`full` run folder it holds (a tmpfs that reads `/` while
+/// detached and `/tmp` once the run mounted it there).
+fn fd_count(pid: u32) -> (usize, usize) {
+    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return (0, 0);
+    };
+    let (mut all, mut root) = (0, 0);
+    for e in dir.flatten() {
+        all += 1;
+        if fs::read_link(e.path()).is_ok_and(|l| l == Path::new("/") || l == Path::new("/tmp")) {
+            root += 1;
+        }
+    }
+    (all, root)
 }
 
 /// The run folder base a daemon on `data_dir` uses on `/dev/shm` (levels
