@@ -13,13 +13,15 @@
 //! event that shows its effect on an open `/events` stream.
 //!
 //! Knobs (environment variables, all optional):
-//! `BENCH_ONLY` (comma list of `spawn,latency,read,durable,memory,scale`),
+//! `BENCH_ONLY` (comma list of `spawn,latency,read,durable,memory,scale,steps,churn`),
 //! `BENCH_SPAWN_RUNS` (2000), `BENCH_SPAWN_CLIENTS` (16), `BENCH_SPAWN_ROUNDS` (3),
 //! `BENCH_LATENCY_SAMPLES` (500), `BENCH_KILL_GRACE_MS` (50),
 //! `BENCH_READ_CONNS` (64), `BENCH_READ_SECS` (5),
 //! `BENCH_DURABLE_CLIENTS` (64), `BENCH_DURABLE_SECS` (5),
 //! `BENCH_MEMORY_PROCS` (1000), `BENCH_SCALE_RECORDS` (see `DEFAULT_SCALE_RECORDS`),
-//! `BENCH_SCALE_CLIENTS` (64), `CYRNELD_BIN` (daemon binary to use),
+//! `BENCH_SCALE_CLIENTS` (64), `BENCH_SCALE_RAN` (100000: how many of the
+//! scale records are runs of `true` that ran), `BENCH_STEP_SPAWNS` (500),
+//! `BENCH_CHURN_RUNS` (100000), `CYRNELD_BIN` (daemon binary to use),
 //! `BENCH_RESULTS` (path of the JSON file, default `target/bench/results.json`
 //! under the package), `BENCH_KEEP` (keep the data dirs and daemon logs),
 //! `BENCH_COMMIT` (commit label when not run inside a git checkout).
@@ -95,6 +97,9 @@ struct Knobs {
     memory_procs: usize,
     scale_records: u64,
     scale_clients: usize,
+    scale_ran: u64,
+    step_spawns: usize,
+    churn_runs: u64,
 }
 
 impl Knobs {
@@ -117,6 +122,9 @@ impl Knobs {
             memory_procs: knob("BENCH_MEMORY_PROCS", 1000),
             scale_records: knob("BENCH_SCALE_RECORDS", DEFAULT_SCALE_RECORDS),
             scale_clients: knob("BENCH_SCALE_CLIENTS", 64),
+            scale_ran: knob("BENCH_SCALE_RAN", 100_000),
+            step_spawns: knob("BENCH_STEP_SPAWNS", 500),
+            churn_runs: knob("BENCH_CHURN_RUNS", 100_000),
         }
     }
 
@@ -533,6 +541,30 @@ impl Http {
         Ok(serde_json::from_slice::<Created>(&bytes)?.id)
     }
 
+    /// `POST /processes` that waits and retries while the daemon answers
+    /// 429 because its start queue is full (`max_queued`): how a client
+    /// submitting more runs than the daemon starts keeps going.
+    async fn create_queued(&mut self, body: Bytes) -> Res<u64> {
+        loop {
+            let (status, bytes) = self
+                .call(Method::POST, "/processes", Some(body.clone()))
+                .await?;
+            match status {
+                StatusCode::CREATED => return Ok(serde_json::from_slice::<Created>(&bytes)?.id),
+                StatusCode::TOO_MANY_REQUESTS => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                _ => {
+                    return Err(format!(
+                        "POST /processes: {status} {}",
+                        String::from_utf8_lossy(&bytes)
+                    )
+                    .into())
+                }
+            }
+        }
+    }
+
     async fn kill(&mut self, id: u64) -> Res<()> {
         self.expect_ok(
             Method::POST,
@@ -824,6 +856,8 @@ struct Report {
     rows: Vec<Row>,
     json: serde_json::Map<String, Value>,
     targets: Vec<Value>,
+    /// The isolation-step table (section `steps`), printed after the main one.
+    steps_table: String,
 }
 
 impl Report {
@@ -1082,15 +1116,19 @@ async fn bench_spawn(k: &Knobs, d: &Daemon, ev: &Events, rep: &mut Report) -> u6
     let base_rate = median(all.iter().map(|r| r.base_rate).collect());
     let ratio = median(all.iter().map(|r| r.rate / r.base_rate).collect());
     let not_success: usize = all.iter().map(|r| r.not_success).sum();
+    let level = sandbox_level(d.addr(), all[0].first_id).await;
     progress!(
-        "spawn: median of {rounds} rounds: daemon {rate:.0} runs/s, baseline {base_rate:.0} spawns/s, ratio {ratio:.2}; {not_success} not success"
+        "spawn: median of {rounds} rounds: daemon {rate:.0} runs/s, baseline {base_rate:.0} spawns/s, ratio {ratio:.2}; {not_success} not success; sandbox level of the runs: {level}"
     );
+    require_full("spawn", &level);
     rep.row(
-        "Spawn throughput: runs of `true`, 16 clients, until idle",
+        &format!(
+            "Spawn throughput: runs of `true`, level `{level}`, {clients} clients, until idle"
+        ),
         format!("{} runs/s", fmt_rate(rate)),
     )
     .baseline(format!(
-        "{} spawns/s (`/bin/sh -c true`, 16 threads)",
+        "{} spawns/s (`/bin/sh -c true`, {clients} threads)",
         fmt_rate(base_rate)
     ))
     .ratio(ratio)
@@ -1116,7 +1154,7 @@ async fn bench_spawn(k: &Knobs, d: &Daemon, ev: &Events, rep: &mut Report) -> u6
     rep.json.insert(
         "spawn".into(),
         json!({
-            "runs": runs, "clients": clients, "rounds": rounds,
+            "runs": runs, "clients": clients, "rounds": rounds, "sandbox": level,
             "daemon_runs_per_s": r3(rate), "baseline_spawns_per_s": r3(base_rate),
             "ratio": r3(ratio), "ratio_is": "median of the per-round ratios",
             "not_success": not_success,
@@ -1931,6 +1969,11 @@ async fn bench_memory(k: &Knobs, bin: &Path, root: &Path, rep: &mut Report) {
 // Section 4: scale
 // ---------------------------------------------------------------------------
 
+/// A scale record that runs: `true` with autorun, `ref` as in `scale_body`.
+fn scale_run_body(i: u64) -> Bytes {
+    Bytes::from(format!(r#"{{"code":"true","ref":"r{}"}}"#, i % 100))
+}
+
 fn scale_body(i: u64) -> Bytes {
     Bytes::from(format!(
         r#"{{"code":"true","autorun":false,"ref":"r{}"}}"#,
@@ -2014,11 +2057,48 @@ async fn bench_scale(k: &Knobs, bin: &Path, root: &Path, rep: &mut Report) {
     let mut d = Daemon::start(bin, root, "scale", &[]).await;
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
 
+    // First the records of runs that really ran (their folders made and
+    // removed), then the rest as plain records.
+    let ran = k.scale_ran.min(n);
+    let empty_footprint = Footprint::of(&d.data_dir);
+    // A level-full folder is a detached tmpfs held by a descriptor of the
+    // daemon: its open descriptors tell whether any is left.
+    let fds_empty = fd_count(d.pid());
+    let mut fds_settled = fds_empty;
+    let (mut ran_s, mut ran_not_success, mut ran_level) = (0.0, 0, String::new());
+    let mut settled_footprint = empty_footprint;
+    if ran > 0 {
+        let ev = Events::open(d.addr()).await;
+        progress!(
+            "scale: {ran} runs of `true` (autorun, ref r0..r99) from {} clients until all are idle",
+            k.spawn_clients
+        );
+        let t0 = Instant::now();
+        let (ids, not_success) =
+            run_many("scale", &d, &ev, k.spawn_clients, ran, scale_run_body).await;
+        ran_s = t0.elapsed().as_secs_f64();
+        ran_not_success = not_success;
+        drop(ev);
+        ran_level = sandbox_level(d.addr(), ids[0]).await;
+        require_full("scale", &ran_level);
+        settled_footprint = Footprint::of(&d.data_dir);
+        fds_settled = fd_count(d.pid());
+        progress!(
+            "scale: {ran} runs idle after {ran_s:.1} s ({not_success} not success, level {ran_level}); before {empty_footprint:?}, daemon fds (all, linking to `/` or `/tmp`) {fds_empty:?}; after {settled_footprint:?}, daemon fds {fds_settled:?}"
+        );
+    }
+    let per_run = |f: fn(&Footprint) -> u64| {
+        (f(&settled_footprint) as f64 - f(&empty_footprint) as f64) / ran.max(1) as f64
+    };
+    let inodes_per_run = per_run(Footprint::inodes);
+    let bytes_per_run = per_run(Footprint::allocated);
+    let apparent_per_run = per_run(Footprint::apparent);
+
     progress!(
-        "scale: filling an empty store with {n} records (autorun:false, ref r0..r99) from {} clients",
+        "scale: filling the store up to {n} records (autorun:false, ref r0..r99) from {} clients",
         k.scale_clients
     );
-    let next = Arc::new(AtomicU64::new(0));
+    let next = Arc::new(AtomicU64::new(ran));
     let done = Arc::new(AtomicU64::new(0));
     let t0 = Instant::now();
     let cpu0 = d.cpu_secs();
@@ -2044,10 +2124,10 @@ async fn bench_scale(k: &Knobs, bin: &Path, root: &Path, rep: &mut Report) {
                 tokio::time::sleep(Duration::from_secs(10)).await;
                 let now = (Instant::now(), done.load(Ordering::Relaxed));
                 let rate = (now.1 - last.1) as f64 / (now.0 - last.0).as_secs_f64();
-                let eta = (n - now.1) as f64 / rate.max(1.0);
+                let eta = (n - ran).saturating_sub(now.1) as f64 / rate.max(1.0);
                 progress!(
-                    "scale: {} / {n} created ({rate:.0}/s over the last 10 s, ETA {eta:.0} s)",
-                    now.1
+                    "scale: {} / {n} records ({rate:.0} creates/s over the last 10 s, ETA {eta:.0} s)",
+                    ran + now.1
                 );
                 last = now;
             }
@@ -2059,7 +2139,7 @@ async fn bench_scale(k: &Knobs, bin: &Path, root: &Path, rep: &mut Report) {
     reporter.abort();
     let fill_time = t0.elapsed();
     let cpu1 = d.cpu_secs();
-    let fill_rate = n as f64 / fill_time.as_secs_f64();
+    let fill_rate = (n - ran) as f64 / fill_time.as_secs_f64();
     let rss_filled_kb = d.rss_kb();
     progress!(
         "scale: filled {n} in {:.1} s ({fill_rate:.0} creates/s; daemon CPU {:.1} s; RSS {rss_filled_kb} kB)",
@@ -2137,10 +2217,30 @@ async fn bench_scale(k: &Knobs, bin: &Path, root: &Path, rep: &mut Report) {
     } else {
         n.to_string()
     };
+    if ran > 0 {
+        rep.row(
+            &format!(
+                "Scale: {ran} of the {label} records ran `true` (level `{ran_level}`); host footprint per run once settled"
+            ),
+            format!(
+                "{bytes_per_run:.0} bytes on disk ({apparent_per_run:.0} apparent), {inodes_per_run:.4} inodes"
+            ),
+        )
+        .baseline(format!(
+            "data dir + `/dev/shm` base: {} inodes, {:.1} MB on disk ({:.2} MB apparent) empty; {} inodes, {:.1} MB ({:.2} MB) after",
+            empty_footprint.inodes(),
+            empty_footprint.allocated() as f64 / 1e6,
+            empty_footprint.apparent() as f64 / 1e6,
+            settled_footprint.inodes(),
+            settled_footprint.allocated() as f64 / 1e6,
+            settled_footprint.apparent() as f64 / 1e6,
+        ));
+    }
     rep.row(
         &format!(
-            "Scale: fill {label} records via the API ({} clients)",
-            k.scale_clients
+            "Scale: fill {label} records via the API ({} clients; the {} autorun:false ones)",
+            k.scale_clients,
+            n - ran
         ),
         format!(
             "{} creates/s ({:.0} s)",
@@ -2206,10 +2306,22 @@ async fn bench_scale(k: &Knobs, bin: &Path, root: &Path, rep: &mut Report) {
         "<= 1.5",
         create_ratio_p50 <= 1.5,
     );
+    let ran_json = json!({
+        "records_that_ran": ran, "ran_s": r3(ran_s), "ran_not_success": ran_not_success,
+        "ran_sandbox": ran_level, "ran_clients": k.spawn_clients,
+        "footprint_empty": empty_footprint.json(),
+        "footprint_after_runs_settled": settled_footprint.json(),
+        "inodes_per_run": inodes_per_run, "bytes_on_disk_per_run": r3(bytes_per_run),
+        "bytes_apparent_per_run": r3(apparent_per_run),
+        "daemon_open_fds_empty": fds_empty.0, "daemon_open_fds_after_runs_settled": fds_settled.0,
+        "daemon_fds_root_or_tmp_empty": fds_empty.1,
+        "daemon_fds_root_or_tmp_after_runs_settled": fds_settled.1,
+    });
     rep.json.insert(
         "scale".into(),
         json!({
             "records": n, "fill_clients": k.scale_clients,
+            "runs_that_ran": ran_json,
             "fill_s": r3(fill_time.as_secs_f64()), "fill_creates_per_s": r3(fill_rate),
             "fill_daemon_cpu_s": r3(cpu1.0 - cpu0.0), "rss_after_fill_kb": rss_filled_kb,
             "stop_ms": r3(ms(stop)), "restart_to_ready_ms": r3(ms(ready)),
@@ -2228,6 +2340,540 @@ async fn bench_scale(k: &Knobs, bin: &Path, root: &Path, rep: &mut Report) {
             "data_dir_bytes_apparent_before_restart": bytes_live,
             "bytes_per_record": r3(per_record),
             "rss_after_restart_and_reads_kb": rss_kb,
+        }),
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Section 7: what each isolation step costs per spawn
+// ---------------------------------------------------------------------------
+
+/// The rows of the step table: each adds one isolation step to the row
+/// above it (the last one is level `full` with `network: false`).
+const STEP_ROWS: &[&str] = &[
+    "raw `/bin/sh -c true` (`std::process::Command`, no folder)",
+    "none: level `none` (folder on `/dev/shm` with `code` and `output`, clone + exec `sh code`)",
+    "+ private tmpfs folder (`fsopen`/`fsmount`, staged through the mount fd; no namespace: the child reaches it via `/proc/<pid>/fd`)",
+    "+ mount and IPC namespaces and the mount view (data dir masked, host read-only, tmpfs on `/tmp` and `/dev/shm`, own `/proc`)",
+    "+ per-run uid, bounding set emptied, capabilities cleared, `no_new_privs`",
+    "+ Landlock",
+    "+ seccomp (= level `full`, `network: true`, the default)",
+    "+ network namespace with `lo` up (= level `full`, `network: false`)",
+];
+
+/// Per-row samples, in µs: parent-side preparation (folder, staging,
+/// ruleset), spawn until the child was reaped, and the folder's removal.
+#[derive(Default)]
+struct StepSamples {
+    prepare: Vec<f64>,
+    spawn: Vec<f64>,
+    drop: Vec<f64>,
+    total: Vec<f64>,
+}
+
+/// Times `iterations` children per row, rows interleaved (each iteration
+/// runs every row once, so a change in the machine's speed hits all rows).
+/// Runs on the calling thread: `Steps` holds raw pointers.
+fn step_costs(dir: &Path, iterations: usize) -> Result<Vec<StepSamples>, String> {
+    use cyrnel::proc::sandbox::{self, FolderLimits, Paths, Policy, Requested};
+    let data_dir = dir.join("steps-data");
+    fs::create_dir_all(&data_dir).map_err(|e| e.to_string())?;
+    // Level none's folders go where the daemon puts them: a folder of its
+    // own on /dev/shm (a tmpfs), else inside the data dir.
+    let shm = PathBuf::from(format!(
+        "/dev/shm/cyrnel-bench-steps-{}",
+        std::process::id()
+    ));
+    let runs_base = if fs::create_dir_all(&shm).is_ok() {
+        shm.clone()
+    } else {
+        data_dir.join("run")
+    };
+    let paths = Paths {
+        data_dir: data_dir.clone(),
+        secret_files: Vec::new(),
+        runs_base,
+    };
+    // The daemon's defaults (run_folder_bytes, run_folder_inodes).
+    let limits = FolderLimits {
+        bytes: 64 << 20,
+        inodes: 16_384,
+    };
+    let shell = "/bin/sh";
+    let none = Policy::detect(Requested::Off, paths.clone(), limits, shell)?;
+    let full = Policy::detect(Requested::Full, paths, limits, shell)?;
+    let base = sandbox::default_uid_base(&data_dir);
+    let uid = (base + 1, base + 1);
+    let code = b"true\n";
+    let pid = std::process::id();
+    let mut out: Vec<StepSamples> = STEP_ROWS.iter().map(|_| StepSamples::default()).collect();
+    let warmup = 20;
+    for i in 0..warmup + iterations {
+        for (row, samples) in out.iter_mut().enumerate() {
+            let t0 = Instant::now();
+            if row == 0 {
+                let status = Command::new("/bin/sh")
+                    .args(["-c", "true"])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .map_err(|e| e.to_string())?;
+                if !status.success() {
+                    return Err(format!("`sh -c true` exited with {status}"));
+                }
+                if i >= warmup {
+                    let t = t0.elapsed().as_secs_f64() * 1e6;
+                    samples.spawn.push(t);
+                    samples.total.push(t);
+                    samples.prepare.push(0.0);
+                    samples.drop.push(0.0);
+                }
+                continue;
+            }
+            let id = (i * STEP_ROWS.len() + row) as u64;
+            let mut prepared = if row == 1 {
+                none.prepare(id, code, None, true)
+            } else {
+                full.prepare(id, code, Some(uid), row < 7)
+            }
+            .map_err(|e| format!("{}: prepare: {e}", STEP_ROWS[row]))?;
+            let s = std::mem::take(&mut prepared.steps);
+            if row == 2 {
+                // The folder exists but no namespace: the child (still
+                // root) enters it through this process's mount descriptor.
+                let fd = s
+                    .mounts
+                    .as_ref()
+                    .map(|m| m.private_tmp)
+                    .ok_or("level full prepared no mount")?;
+                prepared.cwd = PathBuf::from(format!("/proc/{pid}/fd/{fd}/cyrnel"));
+            }
+            prepared.steps = sandbox::Steps {
+                unshare: if row >= 3 { s.unshare } else { 0 },
+                mounts: if row >= 3 { s.mounts } else { None },
+                loopback_up: row >= 7 && s.loopback_up,
+                drop_bounding: row >= 4 && s.drop_bounding,
+                no_new_privs: row >= 4 && s.no_new_privs,
+                landlock: if row >= 5 { s.landlock } else { None },
+                seccomp: if row >= 6 { s.seccomp } else { None },
+            };
+            let credentials = (row >= 4).then_some(uid);
+            let t1 = Instant::now();
+            let exit = cyrnel::proc::probe_spawn(shell, &prepared, credentials)
+                .map_err(|e| format!("{}: spawn: {e}", STEP_ROWS[row]))?;
+            if exit != Some(0) {
+                return Err(format!("{}: the child ended with {exit:?}", STEP_ROWS[row]));
+            }
+            let t2 = Instant::now();
+            drop(prepared);
+            let t3 = Instant::now();
+            if i >= warmup {
+                let us = |d: Duration| d.as_secs_f64() * 1e6;
+                samples.prepare.push(us(t1 - t0));
+                samples.spawn.push(us(t2 - t1));
+                samples.drop.push(us(t3 - t2));
+                samples.total.push(us(t3 - t0));
+            }
+        }
+    }
+    let _ = fs::remove_dir_all(&shm);
+    Ok(out)
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+async fn bench_steps(k: &Knobs, root: &Path, rep: &mut Report) {
+    let n = k.step_spawns;
+    // SAFETY: geteuid has no preconditions.
+    let is_root = unsafe { libc::geteuid() } == 0;
+    progress!(
+        "steps: {n} children per row after 20 warm-ups, {} rows interleaved, one thread",
+        STEP_ROWS.len()
+    );
+    let dir = root.to_path_buf();
+    let res = tokio::task::spawn_blocking(move || step_costs(&dir, n))
+        .await
+        .expect("step thread");
+    let rows = match res {
+        Ok(rows) => rows,
+        Err(e) if !is_root => {
+            progress!("steps: level full is not available without root ({e}); no step table");
+            rep.json
+                .insert("isolation_steps".into(), json!({"skipped": e}));
+            return;
+        }
+        Err(e) => panic!("steps: {e}"),
+    };
+    let mut table = String::new();
+    table.push_str(
+        "| Step (cumulative) | per spawn p50 µs | mean µs | step's cost (p50 Δ) µs | prepare p50 µs | spawn + wait p50 µs | folder removal p50 µs |\n",
+    );
+    table.push_str("| --- | --- | --- | --- | --- | --- | --- |\n");
+    let mut json_rows = Vec::new();
+    let mut prev: Option<f64> = None;
+    for (name, s) in STEP_ROWS.iter().zip(&rows) {
+        let p50 = |v: &[f64]| summarize(v).p50;
+        let total = summarize(&s.total);
+        let delta = prev.map(|p| total.p50 - p);
+        let _ = writeln!(
+            table,
+            "| {name} | {:.0} | {:.0} | {} | {:.0} | {:.0} | {:.0} |",
+            total.p50,
+            total.mean,
+            delta.map_or("–".to_string(), |d| format!("{d:+.0}")),
+            p50(&s.prepare),
+            p50(&s.spawn),
+            p50(&s.drop),
+        );
+        progress!(
+            "steps: {name}: p50 {:.0} µs, mean {:.0} µs, p99 {:.0} µs",
+            total.p50,
+            total.mean,
+            total.p99
+        );
+        json_rows.push(json!({
+            "step": name, "n": total.n,
+            "total_us": {"p50": r3(total.p50), "mean": r3(total.mean), "p99": r3(total.p99), "max": r3(total.max)},
+            "delta_p50_us": delta.map(r3),
+            "prepare_us": {"p50": r3(p50(&s.prepare)), "mean": r3(mean(&s.prepare))},
+            "spawn_wait_us": {"p50": r3(p50(&s.spawn)), "mean": r3(mean(&s.spawn))},
+            "folder_drop_us": {"p50": r3(p50(&s.drop)), "mean": r3(mean(&s.drop))},
+        }));
+        prev = Some(total.p50);
+    }
+    rep.steps_table = table;
+    rep.json.insert(
+        "isolation_steps".into(),
+        json!({
+            "children_per_row": n, "warmup_per_row": 20,
+            "method": "one thread; every iteration runs each row once (interleaved); a row is Policy::prepare + probe_spawn (clone, the steps, exec `/bin/sh <cwd>/code` with `true`, waitid) + dropping the Prepared (the folder); the steps of level full are switched off one by one in the Prepared's Steps",
+            "rows": json_rows,
+        }),
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Section 8: spawn throughput after many runs were created, ran and deleted
+// ---------------------------------------------------------------------------
+
+/// `GET /processes/{id}`'s `sandbox` field: the isolation level the run got.
+async fn sandbox_level(addr: SocketAddr, id: u64) -> String {
+    let mut http = Http::connect(addr).await.expect("connect");
+    let body = http
+        .expect_ok(Method::GET, &format!("/processes/{id}"), None)
+        .await
+        .expect("GET a record");
+    let v: Value = serde_json::from_slice(&body).expect("record JSON");
+    v["sandbox"].as_str().unwrap_or("(absent)").to_string()
+}
+
+/// Fails loudly when a root harness measured runs that were not at level
+/// `full`: the figures would not be those of the isolated daemon.
+fn require_full(section: &str, level: &str) {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 && level != "full" {
+        panic!(
+            "{section}: the runs measured got sandbox level {level:?}, not \"full\", although the harness runs as root"
+        );
+    }
+}
+
+/// What a directory tree holds: inodes (every entry, directories and the
+/// top one included), allocated bytes (on disk) and apparent bytes.
+#[derive(Clone, Copy, Default, Debug)]
+struct Usage {
+    inodes: u64,
+    allocated: u64,
+    apparent: u64,
+}
+
+impl Usage {
+    fn of(path: &Path) -> Usage {
+        let Ok(md) = fs::symlink_metadata(path) else {
+            return Usage::default();
+        };
+        let mut u = Usage::default();
+        u.add(&md);
+        let mut stack = vec![path.to_path_buf()];
+        while let Some(dir) = stack.pop() {
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let Ok(md) = fs::symlink_metadata(e.path()) else {
+                    continue;
+                };
+                u.add(&md);
+                if md.is_dir() {
+                    stack.push(e.path());
+                }
+            }
+        }
+        u
+    }
+
+    fn add(&mut self, md: &fs::Metadata) {
+        self.inodes += 1;
+        self.allocated += md.blocks() * 512;
+        self.apparent += md.len();
+    }
+
+    fn json(&self) -> Value {
+        json!({"inodes": self.inodes, "bytes_on_disk": self.allocated, "bytes_apparent": self.apparent})
+    }
+}
+
+/// Open descriptors of a process (its `/proc/<pid>/fd` entries): all of
+/// them, and those whose link reads `/` or `/tmp`: the daemon's `O_PATH`
+/// descriptor on the root (level `full`'s Landlock rule) and every
+/// level-`full` run folder it holds (a tmpfs that reads `/` while
+/// detached and `/tmp` once the run mounted it there).
+fn fd_count(pid: u32) -> (usize, usize) {
+    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return (0, 0);
+    };
+    let (mut all, mut root) = (0, 0);
+    for e in dir.flatten() {
+        all += 1;
+        if fs::read_link(e.path()).is_ok_and(|l| l == Path::new("/") || l == Path::new("/tmp")) {
+            root += 1;
+        }
+    }
+    (all, root)
+}
+
+/// The run folder base a daemon on `data_dir` uses on `/dev/shm` (levels
+/// `landlock` and `none`; created at every level): `/dev/shm/cyrnel-<tag>`.
+fn shm_runs_base(data_dir: &Path) -> PathBuf {
+    let data_dir = fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+    let tag = format!(
+        "{:08x}",
+        cyrnel::proc::sandbox::default_uid_base(&data_dir) >> 16
+    );
+    Path::new("/dev/shm").join(format!("cyrnel-{tag}"))
+}
+
+/// What a daemon leaves on the host: its data dir, and its `/dev/shm` run
+/// folder base.
+#[derive(Clone, Copy, Debug)]
+struct Footprint {
+    data: Usage,
+    shm: Usage,
+}
+
+impl Footprint {
+    fn of(data_dir: &Path) -> Footprint {
+        Footprint {
+            data: Usage::of(data_dir),
+            shm: Usage::of(&shm_runs_base(data_dir)),
+        }
+    }
+
+    fn inodes(&self) -> u64 {
+        self.data.inodes + self.shm.inodes
+    }
+
+    fn allocated(&self) -> u64 {
+        self.data.allocated + self.shm.allocated
+    }
+
+    fn apparent(&self) -> u64 {
+        self.data.apparent + self.shm.apparent
+    }
+
+    fn json(&self) -> Value {
+        json!({"data_dir": self.data.json(), "shm_runs_base": self.shm.json()})
+    }
+}
+
+/// Creates `total` runs (autorun; `body(i)` for the i-th) from `clients` connections,
+/// waits until every one is idle; returns the ids and how many did not end
+/// in `success`. Progress every 10 s.
+async fn run_many(
+    section: &'static str,
+    d: &Daemon,
+    ev: &Events,
+    clients: usize,
+    total: u64,
+    body: fn(u64) -> Bytes,
+) -> (Vec<u64>, usize) {
+    let idle0 = ev.count("idle");
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for mut http in connect_many(d.addr(), clients).await {
+        let next = next.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total {
+                    break;
+                }
+                ids.push(http.create_queued(body(i)).await.expect("create"));
+            }
+            ids
+        }));
+    }
+    let reporter = {
+        let shared = ev.shared.clone();
+        tokio::spawn(async move {
+            let t0 = Instant::now();
+            loop {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                let idle = {
+                    let st = shared.st.lock().expect("events lock");
+                    st.counts.get("idle").copied().unwrap_or(0) - idle0
+                };
+                progress!(
+                    "{section}: {idle} / {total} runs idle after {:.0} s",
+                    t0.elapsed().as_secs_f64()
+                );
+            }
+        })
+    };
+    let mut ids = Vec::with_capacity(total as usize);
+    for t in tasks {
+        ids.extend(t.await.expect("client task"));
+    }
+    ev.wait_count("idle", idle0 + total, Duration::from_secs(3600))
+        .await;
+    reporter.abort();
+    let not_success = {
+        let st = ev.shared.st.lock().expect("events lock");
+        ids.iter()
+            .filter(|id| {
+                st.seen
+                    .get(&(**id, "idle".to_string()))
+                    .is_none_or(|s| s.exit_state.as_deref() != Some("success"))
+            })
+            .count()
+    };
+    ev.clear_seen();
+    ids.sort_unstable();
+    (ids, not_success)
+}
+
+async fn bench_churn(k: &Knobs, bin: &Path, root: &Path, rep: &mut Report) {
+    let n = k.churn_runs;
+    let clients = k.spawn_clients;
+    let grace = k.kill_grace_ms.to_string();
+    let mut d = Daemon::start(
+        bin,
+        root,
+        "churn",
+        &[
+            ("CYRNEL_KILL_GRACE_MS", grace.as_str()),
+            ("CYRNEL_EVENT_BUFFER", "8192"),
+        ],
+    )
+    .await;
+    let ev = Events::open(d.addr()).await;
+    let before = Footprint::of(&d.data_dir);
+    progress!(
+        "churn: {n} runs of `true` (autorun) from {clients} clients until all are idle, then DELETE each"
+    );
+    let t0 = Instant::now();
+    let (ids, not_success) = run_many("churn", &d, &ev, clients, n, |_| {
+        Bytes::from_static(br#"{"code":"true"}"#)
+    })
+    .await;
+    let ran_s = t0.elapsed().as_secs_f64();
+    let level = sandbox_level(d.addr(), ids[0]).await;
+    require_full("churn", &level);
+    progress!(
+        "churn: {n} runs idle after {ran_s:.1} s ({:.0}/s; {not_success} not success; level {level})",
+        n as f64 / ran_s
+    );
+    let t1 = Instant::now();
+    let next = Arc::new(AtomicUsize::new(0));
+    let ids = Arc::new(ids);
+    let mut tasks = Vec::new();
+    for mut http in connect_many(d.addr(), clients).await {
+        let (next, ids) = (next.clone(), ids.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(id) = ids.get(i) else { break };
+                http.expect_ok(Method::DELETE, &format!("/processes/{id}"), None)
+                    .await
+                    .expect("DELETE");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("delete task");
+    }
+    let deleted_s = t1.elapsed().as_secs_f64();
+    ev.clear_seen();
+    let after = Footprint::of(&d.data_dir);
+    progress!(
+        "churn: deleted {n} in {deleted_s:.1} s; data dir {} → {} inodes, /dev/shm base {} → {} inodes",
+        before.data.inodes,
+        after.data.inodes,
+        before.shm.inodes,
+        after.shm.inodes
+    );
+    let rounds = k.spawn_rounds.max(1);
+    let runs = k.spawn_runs;
+    let mut all = Vec::new();
+    for round in 1..=rounds {
+        let r = spawn_round(runs, clients, &d, &ev).await;
+        progress!(
+            "churn: round {round}/{rounds}: baseline {:.0} spawns/s; daemon {:.0} runs/s ({} not success); ratio {:.2}; machine {:.0} % busy",
+            r.base_rate,
+            r.rate,
+            r.not_success,
+            r.rate / r.base_rate,
+            r.machine_busy * 100.0
+        );
+        all.push(r);
+    }
+    let level_after = sandbox_level(d.addr(), all[0].first_id).await;
+    require_full("churn", &level_after);
+    drop(ev);
+    d.stop().await;
+    let rate = median(all.iter().map(|r| r.rate).collect());
+    let base_rate = median(all.iter().map(|r| r.base_rate).collect());
+    let ratio = median(all.iter().map(|r| r.rate / r.base_rate).collect());
+    let label = if n >= 1000 && n.is_multiple_of(1000) {
+        format!("{}k", n / 1000)
+    } else {
+        n.to_string()
+    };
+    rep.row(
+        &format!(
+            "Spawn throughput right after {label} runs were created, ran and deleted, level `{level_after}`, {clients} clients"
+        ),
+        format!("{} runs/s", fmt_rate(rate)),
+    )
+    .baseline(format!(
+        "{} spawns/s (`/bin/sh -c true`, {clients} threads)",
+        fmt_rate(base_rate)
+    ))
+    .ratio(ratio)
+    .target("ratio ≥ 0.5", ratio >= 0.5);
+    rep.target(
+        &format!("spawn throughput ratio after {label} deleted runs"),
+        ratio,
+        ">= 0.5",
+        ratio >= 0.5,
+    );
+    rep.json.insert(
+        "churn".into(),
+        json!({
+            "runs_created_ran_deleted": n, "clients": clients, "sandbox": level_after,
+            "ran_s": r3(ran_s), "ran_not_success": not_success, "delete_s": r3(deleted_s),
+            "footprint_before": before.json(), "footprint_after_delete": after.json(),
+            "daemon_runs_per_s": r3(rate), "baseline_spawns_per_s": r3(base_rate),
+            "ratio": r3(ratio), "ratio_is": "median of the per-round ratios",
+            "per_round": all.iter().map(|r| json!({
+                "baseline_spawns_per_s": r3(r.base_rate), "daemon_runs_per_s": r3(r.rate),
+                "ratio": r3(r.rate / r.base_rate), "not_success": r.not_success,
+                "daemon_cpu_s": r3(r.daemon_cpu_s), "machine_busy": r3(r.machine_busy),
+            })).collect::<Vec<_>>(),
         }),
     );
 }
@@ -2472,6 +3118,14 @@ async fn run(k: Knobs) {
         load(&mut rep, "memory");
         bench_memory(&k, &bin, &root, &mut rep).await;
     }
+    if k.wants("steps") {
+        load(&mut rep, "steps");
+        bench_steps(&k, &root, &mut rep).await;
+    }
+    if k.wants("churn") {
+        load(&mut rep, "churn");
+        bench_churn(&k, &bin, &root, &mut rep).await;
+    }
     if k.wants("scale") {
         load(&mut rep, "scale");
         bench_scale(&k, &bin, &root, &mut rep).await;
@@ -2494,6 +3148,9 @@ async fn run(k: Knobs) {
     out.insert("duration_s".into(), json!(r3(total.as_secs_f64())));
     out.insert("targets".into(), Value::Array(rep.targets.clone()));
     out.insert("table_markdown".into(), json!(table));
+    if !rep.steps_table.is_empty() {
+        out.insert("steps_table_markdown".into(), json!(rep.steps_table));
+    }
     let path = results_path();
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir).expect("create results dir");
@@ -2517,6 +3174,12 @@ async fn run(k: Knobs) {
     println!();
     print!("{table}");
     println!();
+    if !rep.steps_table.is_empty() {
+        println!("Isolation steps, cost per spawn (one thread, rows interleaved):");
+        println!();
+        print!("{}", rep.steps_table);
+        println!();
+    }
     println!(
         "Targets met: {met} of {}. Total {:.0} s. Results: {}",
         rep.targets.len(),
