@@ -2393,6 +2393,7 @@ fn step_costs(dir: &Path, iterations: usize) -> Result<Vec<StepSamples>, String>
         data_dir: data_dir.clone(),
         secret_files: Vec::new(),
         runs_base,
+        shared_dirs: Vec::new(),
     };
     // The daemon's defaults (run_folder_bytes, run_folder_inodes).
     let limits = FolderLimits {
