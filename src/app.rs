@@ -54,6 +54,29 @@ fn private_dir(dir: &Path, mode: u32) -> Result<(), AppError> {
     fs::set_permissions(dir, fs::Permissions::from_mode(mode)).map_err(wrap)
 }
 
+/// `cyrneld --check`: reads every log and table of the data dir's
+/// database and reports what is readable; changes nothing. Returns the
+/// report's lines and whether anything is damaged.
+pub fn check(config: &Config) -> Result<(Vec<String>, bool), AppError> {
+    let report = crate::store::check(&config.data_dir.join("db"))?;
+    Ok((report.lines, report.damaged))
+}
+
+/// `cyrneld --salvage`: keeps what is readable, moves the damaged
+/// database aside whole, raises the id counter and the event sequence
+/// above anything it can have held. Returns the report's lines.
+pub fn salvage(config: &Config) -> Result<Vec<String>, AppError> {
+    let report = crate::store::salvage(&config.data_dir)?;
+    match &report.aside {
+        Some(aside) => tracing::warn!(
+            aside = %aside.display(),
+            "salvaged the database; what was kept and lost is in SALVAGE.txt there"
+        ),
+        None => tracing::info!("salvage: nothing is damaged, nothing changed"),
+    }
+    Ok(report.lines)
+}
+
 /// How the process around the daemon (`main`) takes part while it runs:
 /// it hears when the daemon is ready and hands it reloaded configurations.
 #[derive(Default)]

@@ -167,3 +167,241 @@ fn a_full_disk_refuses_new_work_keeps_reads_and_recovers_by_itself() {
     assert_eq!(d.stdout_text(after), "after\n");
     d.stop_gracefully();
 }
+
+// ---------------------------------------------------------------------------
+// Damaged files: the daemon refuses to start and names the file; `--check`
+// reports and changes nothing; `--salvage` keeps what is readable, moves
+// the damaged database aside and never lets an id be handed out twice.
+// ---------------------------------------------------------------------------
+
+/// Every file of a RocksDB directory but its own info logs and lock, with
+/// its size and a hash of its bytes: what "nothing changed" compares.
+fn db_files(db: &std::path::Path) -> std::collections::BTreeMap<String, (usize, u64)> {
+    fs::read_dir(db)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_type().unwrap().is_file())
+        .map(|e| e.file_name().into_string().unwrap())
+        .filter(|n| !n.starts_with("LOG") && n != "LOCK")
+        .map(|n| {
+            let bytes = fs::read(db.join(&n)).unwrap();
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            std::hash::Hasher::write(&mut h, &bytes);
+            (n, (bytes.len(), std::hash::Hasher::finish(&h)))
+        })
+        .collect()
+}
+
+/// The files of `db` whose names end with `suffix` (or start with it, for
+/// `MANIFEST`), oldest first.
+fn files_named(db: &std::path::Path, suffix: &str) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = fs::read_dir(db)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let n = p.file_name().unwrap().to_str().unwrap();
+            n.ends_with(suffix) || n.starts_with(suffix)
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn flip(path: &std::path::Path, range: std::ops::Range<usize>) {
+    let mut bytes = fs::read(path).unwrap();
+    assert!(
+        bytes.len() >= range.end,
+        "{} has {} bytes, fewer than {}",
+        path.display(),
+        bytes.len(),
+        range.end
+    );
+    for b in &mut bytes[range] {
+        *b ^= 0xff;
+    }
+    fs::write(path, bytes).unwrap();
+}
+
+fn cyrneld_on(data: &std::path::Path, extra: &[&str]) -> (std::process::ExitStatus, String) {
+    let mut args = start_args(&data.display().to_string());
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_to_exit(&args, &[])
+}
+
+/// Three processes, each printing 40 KB (so the write-ahead log spans
+/// several 32 KiB blocks), all settled; the daemon is stopped.
+fn three_settled_processes(restart_between: bool) -> (Daemon, Vec<i64>) {
+    let mut d = Daemon::start();
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let id = d.create_code(&format!("head -c 40000 /dev/zero | tr '\\0' {i}"));
+        d.wait_idle(id);
+        ids.push(id);
+    }
+    if restart_between {
+        // A start flushes the recovered log into tables.
+        d.restart_same_dir();
+    }
+    d.stop_gracefully();
+    (d, ids)
+}
+
+/// Start refuses with a message naming `needle` (a refusal at open changes
+/// nothing; one at the first read of a damaged table comes after RocksDB
+/// opened, which replays and flushes the log, but leaves the damaged file as
+/// it was); `--check` reports the damage and changes nothing; `--salvage`
+/// succeeds and moves the old database aside unchanged. Returns the
+/// salvage's output.
+fn refuse_check_salvage(d: &Daemon, needle: &str, refused_at_open: bool) -> String {
+    let data = d.data_dir().to_path_buf();
+    let db = data.join("db");
+    let before = db_files(&db);
+
+    let (status, out) = cyrneld_on(&data, &[]);
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "a damaged database must stop the daemon: {out}"
+    );
+    assert!(out.contains(needle), "the refusal names {needle}: {out}");
+    assert!(out.contains("damaged"), "{out}");
+    assert!(
+        out.contains("cyrneld --check") && out.contains("cyrneld --salvage"),
+        "{out}"
+    );
+    let damaged = db_files(&db);
+    if refused_at_open {
+        assert_eq!(damaged, before, "a refused start changes nothing");
+    } else {
+        assert_eq!(
+            damaged.get(needle),
+            before.get(needle),
+            "the damaged file is untouched"
+        );
+    }
+
+    let (status, out) = cyrneld_on(&data, &["--check"]);
+    assert_eq!(status.code(), Some(1), "--check exits 1 on damage: {out}");
+    assert!(out.contains(needle) && out.contains("DAMAGED"), "{out}");
+    assert_eq!(db_files(&db), damaged, "--check changes nothing");
+
+    let (status, out) = cyrneld_on(&data, &["--salvage"]);
+    assert_eq!(status.code(), Some(0), "--salvage: {out}");
+    let aside: Vec<_> = fs::read_dir(&data)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("damaged-")
+        })
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    assert_eq!(
+        db_files(&aside[0].join("db")),
+        damaged,
+        "the damaged files are kept, byte for byte"
+    );
+    assert!(aside[0].join("SALVAGE.txt").is_file());
+
+    let (status, out2) = cyrneld_on(&data, &["--check"]);
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "the salvaged database reads whole: {out2}"
+    );
+    out
+}
+
+/// After a salvage: every listed record is one of `ids` and a new create
+/// gets an id above all of them.
+fn ids_continue_above(d: &mut Daemon, ids: &[i64]) -> Vec<i64> {
+    d.restart_same_dir();
+    let listed = d.list_ids("");
+    for id in &listed {
+        assert!(
+            ids.contains(id),
+            "record {id} was never created: {listed:?}"
+        );
+    }
+    let new = d.create_code("echo new");
+    assert!(
+        new > *ids.iter().max().unwrap(),
+        "id {new} handed out again (old ids {ids:?})"
+    );
+    d.wait_idle(new);
+    assert_eq!(d.stdout_text(new), "new\n");
+    d.stop_gracefully();
+    listed
+}
+
+#[test]
+fn a_log_damaged_in_the_middle_refuses_start_and_salvage_keeps_the_rest() {
+    let (mut d, ids) = three_settled_processes(false);
+    let db = d.data_dir().join("db");
+    let wal = files_named(&db, ".log").pop().expect("a write-ahead log");
+    flip(&wal, 100..400);
+    let name = wal.file_name().unwrap().to_str().unwrap().to_string();
+    let out = refuse_check_salvage(&d, &name, true);
+    assert!(out.contains("checksum mismatch"), "{out}");
+    let listed = ids_continue_above(&mut d, &ids);
+    // What followed the damaged block was replayed.
+    assert!(listed.contains(&ids[2]), "{listed:?}\n{out}");
+}
+
+#[test]
+fn a_torn_log_tail_is_dropped_and_the_daemon_starts() {
+    let (mut d, ids) = three_settled_processes(false);
+    let db = d.data_dir().join("db");
+    let wal = files_named(&db, ".log").pop().expect("a write-ahead log");
+    let len = fs::metadata(&wal).unwrap().len();
+    // The last write never completed: its record is cut short.
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&wal)
+        .unwrap()
+        .set_len(len - 5)
+        .unwrap();
+    d.restart_same_dir();
+    let listed = d.list_ids("");
+    assert!(
+        listed.contains(&ids[0]) && listed.contains(&ids[1]),
+        "{listed:?}"
+    );
+    let new = d.create_code("echo new");
+    assert!(new > ids[2], "id {new} reused");
+    d.stop_gracefully();
+}
+
+#[test]
+fn a_damaged_table_refuses_start_and_salvage_never_reuses_an_id() {
+    let (mut d, ids) = three_settled_processes(true);
+    let db = d.data_dir().join("db");
+    // The records table: the one whose properties name that column family.
+    let table = files_named(&db, ".sst")
+        .into_iter()
+        .find(|p| {
+            let b = fs::read(p).unwrap();
+            b.windows(7).any(|w| w == b"records")
+        })
+        .expect("a table of the records column family");
+    flip(&table, 10..30);
+    let name = table.file_name().unwrap().to_str().unwrap().to_string();
+    refuse_check_salvage(&d, &name, false);
+    ids_continue_above(&mut d, &ids);
+}
+
+#[test]
+fn a_damaged_manifest_refuses_start_and_salvage_rebuilds_from_the_tables() {
+    let (mut d, ids) = three_settled_processes(true);
+    let db = d.data_dir().join("db");
+    let current = fs::read_to_string(db.join("CURRENT")).unwrap();
+    let manifest = db.join(current.trim());
+    flip(&manifest, 20..60);
+    refuse_check_salvage(&d, current.trim(), true);
+    let listed = ids_continue_above(&mut d, &ids);
+    assert_eq!(listed.len(), 3, "the tables held every record: {listed:?}");
+}

@@ -9,15 +9,19 @@
 //! HTTP, JSON or processes.
 
 mod codec;
+mod logfile;
+mod repair;
 
 pub use codec::{decode_change, decode_record, encode_change, encode_record, DecodeError};
+pub use repair::{check, salvage, CheckReport, SalvageReport};
 
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc};
 use std::thread;
 
 use rocksdb::{
-    ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
+    ColumnFamilyDescriptor, DBRecoveryMode, Direction, ErrorKind, IteratorMode, Options,
+    WriteBatch, WriteOptions, DB,
 };
 use tokio::sync::oneshot;
 
@@ -40,6 +44,60 @@ const KEY_FORMAT_VERSION: &[u8] = b"format_version";
 const KEY_NEXT_ID: &[u8] = b"next_id";
 const KEY_LAST_SEQ: &[u8] = b"last_seq";
 
+/// What an operator does about a damaged database (README, Operations).
+const WAY_OUT: &str =
+    "`cyrneld --check` lists what is readable and what is not (changing nothing); \
+`cyrneld --salvage` keeps what is readable, moves the damaged files aside (never deleting them) \
+and never reuses an id";
+
+impl StoreError {
+    /// A failed read: damage gets the operator's way out, anything else
+    /// stays a read error.
+    fn read(e: rocksdb::Error) -> StoreError {
+        if e.kind() == ErrorKind::Corruption {
+            StoreError::DamagedRead(e.into_string())
+        } else {
+            StoreError::Read(e)
+        }
+    }
+}
+
+/// The database options every open of cyrnel's database uses.
+fn db_options() -> Options {
+    let mut opts = Options::default();
+    opts.create_if_missing(true);
+    opts.create_missing_column_families(true);
+    // Replay stops only at an incomplete last record (a write that never
+    // completed, so was never acknowledged); a damaged record anywhere
+    // else fails the open instead of silently dropping everything after
+    // it, which RocksDB's default (point-in-time recovery) would do.
+    opts.set_wal_recovery_mode(DBRecoveryMode::TolerateCorruptedTailRecords);
+    opts.set_paranoid_checks(true);
+    // Bound the memory RocksDB keeps per column family; defaults are
+    // sized for much larger write rates than a supervisor produces.
+    opts.set_write_buffer_size(8 << 20);
+    opts.set_max_write_buffer_number(2);
+    opts.set_keep_log_file_num(4);
+    // Flush column families once the WAL passes this, so a restart
+    // replays at most this much (the default, 0, lets it grow with the
+    // memtables of every family).
+    opts.set_max_total_wal_size(64 << 20);
+    opts
+}
+
+fn cf_descriptors() -> Vec<ColumnFamilyDescriptor> {
+    ALL_CFS
+        .map(|name| {
+            // Each family's memtables are bounded; defaults are sized for
+            // much larger write rates than a supervisor produces.
+            let mut cf = Options::default();
+            cf.set_write_buffer_size(8 << 20);
+            cf.set_max_write_buffer_number(2);
+            ColumnFamilyDescriptor::new(name, cf)
+        })
+        .into()
+}
+
 /// Most batches merged into one RocksDB write.
 const MAX_GROUP: usize = 1024;
 
@@ -54,6 +112,12 @@ pub enum StoreError {
     FormatVersion { path: PathBuf, found: String },
     #[error("the database in {0} holds data but no format version: it is not a cyrnel data dir or it is damaged (refusing to touch it)")]
     NoVersion(PathBuf),
+    #[error("cannot open the database in {path}: it is damaged: {found}. Nothing was changed. {WAY_OUT}")]
+    Damaged { path: PathBuf, found: String },
+    #[error("storage read failed: the database is damaged: {0}. {WAY_OUT}")]
+    DamagedRead(String),
+    #[error("{0}")]
+    Salvage(String),
     #[error("corrupt record {key}: {source}")]
     Corrupt { key: String, source: DecodeError },
     #[error("storage read failed: {0}")]
@@ -258,28 +322,23 @@ impl Store {
     /// never runs out of space (which would leave it read-only until
     /// restart); writes succeed again by themselves once space returns.
     pub fn open(dir: &Path, reserve: u64) -> Result<Store, StoreError> {
-        let mut opts = Options::default();
-        opts.create_if_missing(true);
-        opts.create_missing_column_families(true);
-        // Bound the memory RocksDB keeps per column family; defaults are
-        // sized for much larger write rates than a supervisor produces.
-        opts.set_write_buffer_size(8 << 20);
-        opts.set_max_write_buffer_number(2);
-        opts.set_keep_log_file_num(4);
-        // Flush column families once the WAL passes this, so a restart
-        // replays at most this much (the default, 0, lets it grow with the
-        // memtables of every family).
-        opts.set_max_total_wal_size(64 << 20);
-        let cfs = ALL_CFS.map(|name| {
-            let mut cf = Options::default();
-            cf.set_write_buffer_size(8 << 20);
-            cf.set_max_write_buffer_number(2);
-            ColumnFamilyDescriptor::new(name, cf)
-        });
-        let db = DB::open_cf_descriptors(&opts, dir, cfs).map_err(|source| StoreError::Open {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+        let db =
+            DB::open_cf_descriptors(&db_options(), dir, cf_descriptors()).map_err(|source| {
+                if source.kind() != ErrorKind::Corruption {
+                    return StoreError::Open {
+                        path: dir.to_path_buf(),
+                        source,
+                    };
+                }
+                // RocksDB names a damaged table but not a damaged log:
+                // read the logs to say which one and where.
+                let mut found = repair::damaged_logs(dir);
+                found.push(format!("RocksDB says: {source}"));
+                StoreError::Damaged {
+                    path: dir.to_path_buf(),
+                    found: found.join("; "),
+                }
+            })?;
         check_format(&db, dir)?;
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel();
@@ -353,7 +412,7 @@ impl Store {
         let v = self
             .db()
             .get_cf(self.cf(CF_META), key)
-            .map_err(StoreError::Read)?;
+            .map_err(StoreError::read)?;
         Ok(match v {
             Some(b) if b.len() == 8 => u64::from_be_bytes(b[..].try_into().unwrap()),
             _ => default,
@@ -379,7 +438,7 @@ impl Store {
         {
             None => Ok(None),
             Some(item) => {
-                let (k, _) = item.map_err(StoreError::Read)?;
+                let (k, _) = item.map_err(StoreError::read)?;
                 Ok(<[u8; 8]>::try_from(&k[..]).ok().map(u64::from_be_bytes))
             }
         }
@@ -397,7 +456,7 @@ impl Store {
             )
             .take(max)
         {
-            let (k, v) = item.map_err(StoreError::Read)?;
+            let (k, v) = item.map_err(StoreError::read)?;
             let seq = <[u8; 8]>::try_from(&k[..])
                 .map(u64::from_be_bytes)
                 .unwrap_or(0);
@@ -414,7 +473,7 @@ impl Store {
         let v = self
             .db()
             .get_pinned_cf(self.cf(CF_RECORDS), id_key(id))
-            .map_err(StoreError::Read)?;
+            .map_err(StoreError::read)?;
         v.map(|b| {
             decode_record(&b).map_err(|source| StoreError::Corrupt {
                 key: id.to_string(),
@@ -427,13 +486,13 @@ impl Store {
     pub fn code(&self, id: ProcessId) -> Result<Option<Vec<u8>>, StoreError> {
         self.db()
             .get_cf(self.cf(CF_CODE), id_key(id))
-            .map_err(StoreError::Read)
+            .map_err(StoreError::read)
     }
 
     pub fn output(&self, id: ProcessId) -> Result<Option<Vec<u8>>, StoreError> {
         self.db()
             .get_cf(self.cf(CF_OUTPUT), id_key(id))
-            .map_err(StoreError::Read)
+            .map_err(StoreError::read)
     }
 
     /// All captured bytes of one stream of the last run, in order.
@@ -446,7 +505,7 @@ impl Store {
             IteratorMode::From(prefix, Direction::Forward),
         );
         for item in iter {
-            let (k, v) = item.map_err(StoreError::Read)?;
+            let (k, v) = item.map_err(StoreError::read)?;
             if !k.starts_with(prefix) {
                 break;
             }
@@ -472,7 +531,7 @@ impl Store {
             IteratorMode::From(&start, Direction::Forward),
         );
         for item in iter {
-            let (k, v) = item.map_err(StoreError::Read)?;
+            let (k, v) = item.map_err(StoreError::read)?;
             if !k.starts_with(prefix) || (!out.is_empty() && out.len() + v.len() > max) {
                 break;
             }
@@ -498,7 +557,7 @@ impl Store {
             None => IteratorMode::End,
         };
         for item in self.db().iterator_cf(self.cf(CF_RECORDS), mode) {
-            let (k, v) = item.map_err(StoreError::Read)?;
+            let (k, v) = item.map_err(StoreError::read)?;
             let rec = decode_record(&v).map_err(|source| StoreError::Corrupt {
                 key: format!("{k:02x?}"),
                 source,
@@ -528,7 +587,7 @@ fn check_format(db: &DB, dir: &Path) -> Result<(), StoreError> {
     let meta = db.cf_handle(CF_META).expect("meta cf");
     let found = db
         .get_cf(meta, KEY_FORMAT_VERSION)
-        .map_err(StoreError::Read)?;
+        .map_err(StoreError::read)?;
     match found {
         Some(v) if v[..] == FORMAT_VERSION.to_be_bytes() => Ok(()),
         Some(v) => Err(StoreError::FormatVersion {
