@@ -211,6 +211,17 @@ pub async fn run_with(
         },
         hub.clone(),
     )?;
+    let policy = crate::retention::Policy {
+        max_records: config.retention_max_records,
+        max_age_ms: config.retention_max_age_ms,
+    };
+    let retention = policy.is_active().then(|| {
+        tokio::spawn(crate::retention::run(
+            store.clone(),
+            supervisor.clone(),
+            policy,
+        ))
+    });
     let state = Arc::new(ApiState {
         store,
         supervisor: supervisor.clone(),
@@ -241,6 +252,9 @@ pub async fn run_with(
     }
     shutdown.await;
     tracing::info!("shutting down: terminating running processes");
+    if let Some(task) = retention {
+        task.abort();
+    }
     supervisor.shutdown().await;
     if let Some(root) = &cgroups {
         root.remove_if_empty();

@@ -49,6 +49,8 @@ pub const KEYS: &[&str] = &[
     "rlimit_cpu",
     "memory_max",
     "pids_max",
+    "retention_max_records",
+    "retention_max_age_ms",
 ];
 
 /// Request limits per client address and one-minute window (0 disables),
@@ -87,6 +89,8 @@ pub const OPTIONAL_KEYS: &[&str] = &[
     "rlimit_cpu",
     "memory_max",
     "pids_max",
+    "retention_max_records",
+    "retention_max_age_ms",
 ];
 
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -132,6 +136,10 @@ pub struct Config {
     /// Per-run cgroup limits, where the host delegates the controllers.
     pub memory_max: Option<u64>,
     pub pids_max: Option<u64>,
+    /// Retention: idle records beyond this count (oldest first) or idle
+    /// for longer than this age are deleted, as DELETE would. Unset: kept.
+    pub retention_max_records: Option<u64>,
+    pub retention_max_age_ms: Option<u64>,
 }
 
 impl fmt::Debug for Config {
@@ -165,6 +173,8 @@ impl fmt::Debug for Config {
             .field("child_limits", &self.child_limits)
             .field("memory_max", &self.memory_max)
             .field("pids_max", &self.pids_max)
+            .field("retention_max_records", &self.retention_max_records)
+            .field("retention_max_age_ms", &self.retention_max_age_ms)
             .finish()
     }
 }
@@ -458,6 +468,8 @@ fn build(raw: &BTreeMap<&'static str, Raw>) -> Result<Config, ConfigError> {
         },
         memory_max: optional_integer(raw, "memory_max")?,
         pids_max: optional_integer(raw, "pids_max")?,
+        retention_max_records: optional_integer(raw, "retention_max_records")?,
+        retention_max_age_ms: optional_integer(raw, "retention_max_age_ms")?,
     })
 }
 

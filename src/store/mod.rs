@@ -10,6 +10,7 @@
 
 mod codec;
 mod logfile;
+mod reclaim;
 mod repair;
 
 pub use codec::{decode_change, decode_record, encode_change, encode_record, DecodeError};
@@ -64,7 +65,13 @@ impl StoreError {
 
 /// The database options every open of cyrnel's database uses.
 fn db_options() -> Options {
-    let mut opts = Options::default();
+    // No preallocation of write-ahead logs: each new log would otherwise
+    // take a write buffer's size at once, which on a nearly full disk is
+    // the difference between a flush that fits in the reserve and one that
+    // fails (after which RocksDB refuses writes until reopened).
+    let mut opts = Options::default()
+        .get_options_from_string("allow_fallocate=false")
+        .expect("a valid RocksDB option string");
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
     // Replay stops only at an incomplete last record (a write that never
@@ -145,6 +152,10 @@ pub struct Batch {
     sync: bool,
     /// May use the free-space reserve (see [`Store::open`]).
     essential: bool,
+    /// Ids whose stored data this batch removes, and the event range it
+    /// trims: compacted afterwards so their space comes back.
+    deleted_ids: Vec<u64>,
+    events_below: Option<u64>,
 }
 
 fn id_key(id: ProcessId) -> [u8; 8] {
@@ -163,9 +174,8 @@ impl Batch {
     /// A batch that is durable (synced WAL) when its completion fires.
     pub fn durable() -> Batch {
         Batch {
-            ops: Vec::new(),
             sync: true,
-            essential: false,
+            ..Batch::default()
         }
     }
 
@@ -220,6 +230,7 @@ impl Batch {
             0u64.to_be_bytes().to_vec(),
             seq.to_be_bytes().to_vec(),
         ));
+        self.events_below = Some(self.events_below.map_or(seq, |s| s.max(seq)));
     }
 
     pub fn put_code(&mut self, id: ProcessId, code: &[u8]) {
@@ -246,6 +257,7 @@ impl Batch {
             id_key(id).to_vec(),
             id_key(next).to_vec(),
         ));
+        self.deleted_ids.push(id.0);
     }
 
     /// Removes everything stored for a process.
@@ -298,6 +310,9 @@ struct Inner {
     db: Arc<DB>,
     jobs: Option<mpsc::Sender<Job>>,
     writer: Option<thread::JoinHandle<()>>,
+    /// Dropped after the writer (which holds the other handle): stops the
+    /// reclaim thread before the database closes.
+    reclaimer: Option<Arc<reclaim::Reclaimer>>,
 }
 
 impl Drop for Inner {
@@ -309,6 +324,7 @@ impl Drop for Inner {
         if let Some(w) = self.writer.take() {
             let _ = w.join();
         }
+        self.reclaimer.take();
     }
 }
 
@@ -317,10 +333,11 @@ impl Store {
     /// a database it cannot read is an error for the operator.
     ///
     /// `reserve`: free bytes kept on the data dir's filesystem for
-    /// essential batches. Below it, other batches fail with
-    /// [`StoreError::Full`] before RocksDB is touched, so RocksDB itself
-    /// never runs out of space (which would leave it read-only until
-    /// restart); writes succeed again by themselves once space returns.
+    /// essential batches, beyond what the memtables hold. Below it, other
+    /// batches fail with [`StoreError::Full`] before RocksDB is touched, so
+    /// RocksDB itself never runs out of space (which would leave it
+    /// read-only until restart); writes succeed again by themselves once
+    /// space returns.
     pub fn open(dir: &Path, reserve: u64) -> Result<Store, StoreError> {
         let db =
             DB::open_cf_descriptors(&db_options(), dir, cf_descriptors()).map_err(|source| {
@@ -347,15 +364,18 @@ impl Store {
             dir: dir.to_path_buf(),
             reserve,
         };
+        let reclaimer = Arc::new(reclaim::Reclaimer::start(db.clone(), dir.to_path_buf()));
+        let writer_reclaimer = reclaimer.clone();
         let writer = thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer_loop(&writer_db, &space, rx))
+            .spawn(move || writer_loop(&writer_db, &space, &writer_reclaimer, rx))
             .expect("spawn store writer thread");
         Ok(Store {
             inner: Arc::new(Inner {
                 db,
                 jobs: Some(tx),
                 writer: Some(writer),
+                reclaimer: Some(reclaimer),
             }),
         })
     }
@@ -624,25 +644,31 @@ struct Space {
     reserve: u64,
 }
 
+/// Free bytes on the filesystem of `dir` (`None` if it cannot be asked).
+fn free_bytes(dir: &Path) -> Option<u64> {
+    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: statvfs fills the struct for a NUL-terminated path.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
 impl Space {
-    /// Whether free space is below the reserve (checked once per group).
-    fn low(&self) -> bool {
-        if self.reserve == 0 {
-            return false;
-        }
-        let Ok(path) = std::ffi::CString::new(self.dir.as_os_str().as_encoded_bytes()) else {
-            return false;
-        };
-        // SAFETY: statvfs fills the struct for a NUL-terminated path.
-        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-        if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
-            return false;
-        }
-        (st.f_bavail as u64).saturating_mul(st.f_frsize as u64) < self.reserve
+    /// Whether free space is below the reserve plus what the memtables
+    /// hold (checked once per group): new work stops while a flush of
+    /// everything in memory still fits beside the reserve, so RocksDB never
+    /// runs out of space flushing (which would stop its writes until the
+    /// database is reopened).
+    fn low(&self, db: &DB) -> bool {
+        self.reserve != 0
+            && free_bytes(&self.dir)
+                .is_some_and(|free| free < self.reserve.saturating_add(reclaim::memtable_bytes(db)))
     }
 }
 
-fn writer_loop(db: &DB, space: &Space, rx: mpsc::Receiver<Job>) {
+fn writer_loop(db: &DB, space: &Space, reclaimer: &reclaim::Reclaimer, rx: mpsc::Receiver<Job>) {
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         while jobs.len() < MAX_GROUP {
@@ -651,7 +677,9 @@ fn writer_loop(db: &DB, space: &Space, rx: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        if space.low() {
+        if space.low(db) {
+            // Old logs pinned by rarely flushed families are space too.
+            reclaimer.flush();
             let (keep, refuse): (Vec<Job>, Vec<Job>) =
                 jobs.into_iter().partition(|j| j.batch.essential);
             if !refuse.is_empty() {
@@ -670,8 +698,14 @@ fn writer_loop(db: &DB, space: &Space, rx: mpsc::Receiver<Job>) {
         }
         let mut wb = WriteBatch::default();
         let mut sync = false;
+        let mut deleted_ids = Vec::new();
+        let mut events_below: Option<u64> = None;
         for job in &mut jobs {
             sync |= job.batch.sync;
+            deleted_ids.append(&mut job.batch.deleted_ids);
+            if let Some(seq) = job.batch.events_below {
+                events_below = Some(events_below.map_or(seq, |s| s.max(seq)));
+            }
             for op in job.batch.ops.drain(..) {
                 match op {
                     Op::Put(cf, k, v) => wb.put_cf(db.cf_handle(cf).expect("cf"), k, v),
@@ -685,8 +719,12 @@ fn writer_loop(db: &DB, space: &Space, rx: mpsc::Receiver<Job>) {
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
         let res = db.write_opt(wb, &wo);
-        if let Err(e) = &res {
-            tracing::error!(error = %e, "storage write failed");
+        match &res {
+            Err(e) => tracing::error!(error = %e, "storage write failed"),
+            Ok(()) if !deleted_ids.is_empty() || events_below.is_some() => {
+                reclaimer.deleted(&deleted_ids, events_below);
+            }
+            Ok(()) => {}
         }
         for job in jobs {
             let r = res
