@@ -521,3 +521,100 @@ fn retention_deletes_the_oldest_idle_records_beyond_the_count() {
     let r = d.get(&format!("/processes/{}", ids[0]));
     assert_eq!(r.status, 404, "{r}");
 }
+
+// ---------------------------------------------------------------------------
+// Online backup: a consistent copy while runs go on, that a daemon starts
+// from with every record that was durable, and ids continuing above them.
+// ---------------------------------------------------------------------------
+
+const CTL: &str = env!("CARGO_BIN_EXE_cyrnelctl");
+
+#[test]
+fn an_online_backup_holds_every_durable_record_and_ids_continue_above_them() {
+    let key = "backup-test-key";
+    let mut d = Daemon::options().api_key(key).start();
+    let mut done = Vec::new();
+    for i in 0..3 {
+        let id = d.create_code(&format!("echo kept-{i}"));
+        d.wait_idle(id);
+        done.push(id);
+    }
+    // Runs go on while the backup is taken.
+    let running = d.create_code("while :; do echo tick; sleep 0.01; done");
+    d.wait_running_pid(running);
+
+    let parent = tempfile::tempdir().unwrap();
+    fs::set_permissions(
+        parent.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    let target = parent.path().join("copy");
+    // Authenticated like every route.
+    let r = d.raw(
+        "POST",
+        "/backup",
+        &[("Content-Type", "application/json")],
+        Some(format!(r#"{{"dir":{}}}"#, js(target.to_str().unwrap())).as_bytes()),
+    );
+    assert_eq!(r.status, 401, "{r}");
+    // A shared parent is refused.
+    let r = d.post("/backup", r#"{"dir":"/tmp/cyrnel-backup-refused"}"#);
+    assert_eq!(r.status, 400, "{r}");
+
+    let out = std::process::Command::new(CTL)
+        .env("CYRNEL_URL", format!("http://127.0.0.1:{}", d.port()))
+        .env("CYRNEL_API_KEY", key)
+        .arg("backup")
+        .arg(&target)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let next_id: i64 = stdout
+        .split_whitespace()
+        .skip_while(|w| *w != "id")
+        .nth(1)
+        .and_then(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("next id in {stdout:?}"));
+    assert_eq!(next_id, running + 1, "{stdout}");
+    // The same dir twice is refused: a backup never overwrites.
+    let r = d.post(
+        "/backup",
+        &format!(r#"{{"dir":{}}}"#, js(target.to_str().unwrap())),
+    );
+    assert_eq!(r.status, 400, "{r}");
+
+    // Work after the backup is not in it.
+    let later = d.create_code("echo later");
+    d.wait_idle(later);
+    d.kill(running);
+    d.wait_idle(running);
+    d.stop_gracefully();
+
+    let mut b = Daemon::options().api_key(key).data_dir(&target).start();
+    let listed = b.list_ids("");
+    let mut expected = done.clone();
+    expected.push(running);
+    expected.sort();
+    let mut got = listed.clone();
+    got.sort();
+    assert_eq!(
+        got, expected,
+        "every record durable at the backup, nothing later"
+    );
+    for (i, id) in done.iter().enumerate() {
+        assert_eq!(b.stdout_text(*id), format!("kept-{i}\n"));
+    }
+    // The run that was going on settles (its process is not the copy's).
+    let rec = b.wait_idle(running);
+    assert!(rec["exitState"].as_str().is_some(), "{rec}");
+    let new = b.create_code("echo on-the-copy");
+    assert_eq!(new, next_id, "ids continue above the copy's");
+    b.wait_idle(new);
+    b.stop_gracefully();
+}
