@@ -149,7 +149,11 @@ pub async fn run_with(
     .into_iter()
     .filter_map(|(r, v)| v.map(|v| (r, v)))
     .collect();
-    let store = Store::open(&data_dir.join("db"), config.storage_reserve_bytes)?;
+    let store = Store::open_with_budget(
+        &data_dir.join("db"),
+        config.storage_reserve_bytes,
+        config.storage_memory_bytes,
+    )?;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| AppError::Bind {

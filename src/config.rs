@@ -49,6 +49,7 @@ pub const KEYS: &[&str] = &[
     "rlimit_cpu",
     "memory_max",
     "pids_max",
+    "storage_memory_bytes",
     "retention_max_records",
     "retention_max_age_ms",
 ];
@@ -136,6 +137,9 @@ pub struct Config {
     /// Per-run cgroup limits, where the host delegates the controllers.
     pub memory_max: Option<u64>,
     pub pids_max: Option<u64>,
+    /// RocksDB's one memory budget: the shared block cache, which also
+    /// holds index and filter blocks and is charged for the memtables.
+    pub storage_memory_bytes: u64,
     /// Retention: idle records beyond this count (oldest first) or idle
     /// for longer than this age are deleted, as DELETE would. Unset: kept.
     pub retention_max_records: Option<u64>,
@@ -173,6 +177,7 @@ impl fmt::Debug for Config {
             .field("child_limits", &self.child_limits)
             .field("memory_max", &self.memory_max)
             .field("pids_max", &self.pids_max)
+            .field("storage_memory_bytes", &self.storage_memory_bytes)
             .field("retention_max_records", &self.retention_max_records)
             .field("retention_max_age_ms", &self.retention_max_age_ms)
             .finish()
@@ -468,6 +473,12 @@ fn build(raw: &BTreeMap<&'static str, Raw>) -> Result<Config, ConfigError> {
         },
         memory_max: optional_integer(raw, "memory_max")?,
         pids_max: optional_integer(raw, "pids_max")?,
+        storage_memory_bytes: integer(
+            "storage_memory_bytes",
+            raw.get("storage_memory_bytes"),
+            32 << 20,
+            4 << 20,
+        )?,
         retention_max_records: optional_integer(raw, "retention_max_records")?,
         retention_max_age_ms: optional_integer(raw, "retention_max_age_ms")?,
     })

@@ -21,8 +21,8 @@ use std::sync::{mpsc, Arc};
 use std::thread;
 
 use rocksdb::{
-    ColumnFamilyDescriptor, DBRecoveryMode, Direction, ErrorKind, IteratorMode, Options,
-    WriteBatch, WriteOptions, DB,
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBRecoveryMode, Direction, ErrorKind,
+    IteratorMode, Options, WriteBatch, WriteBufferManager, WriteOptions, DB,
 };
 use tokio::sync::oneshot;
 
@@ -63,6 +63,54 @@ impl StoreError {
     }
 }
 
+/// The default of `storage_memory_bytes`.
+pub const DEFAULT_MEMORY_BYTES: u64 = 32 << 20;
+
+/// RocksDB's one memory budget: a block cache shared by every column
+/// family, holding data, index and filter blocks, and charged for the
+/// memtables too (a write-buffer manager reserves their memory in it), so
+/// the total is chosen once instead of being the sum of per-family
+/// defaults.
+struct Memory {
+    budget: u64,
+    cache: Cache,
+    write_buffers: WriteBufferManager,
+}
+
+impl Memory {
+    fn new(budget: u64) -> Memory {
+        let budget = budget.max(4 << 20);
+        let cache = Cache::new_lru_cache(budget as usize);
+        // Memtables may take half the budget before the largest is
+        // flushed; their memory is charged to the cache, so the cache's
+        // capacity is the whole budget.
+        let write_buffers = WriteBufferManager::new_write_buffer_manager_with_cache(
+            (budget / 2) as usize,
+            false,
+            cache.clone(),
+        );
+        Memory {
+            budget,
+            cache,
+            write_buffers,
+        }
+    }
+
+    /// One memtable's size: small enough that every family's pair fits
+    /// the memtables' half of the budget comfortably.
+    fn write_buffer_size(&self) -> usize {
+        ((self.budget / 8) as usize).clamp(1 << 20, 8 << 20)
+    }
+
+    fn table_options(&self) -> BlockBasedOptions {
+        let mut t = BlockBasedOptions::default();
+        t.set_block_cache(&self.cache);
+        t.set_cache_index_and_filter_blocks(true);
+        t.set_pin_l0_filter_and_index_blocks_in_cache(true);
+        t
+    }
+}
+
 /// What a backup holds: the counters as the copy has them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BackupInfo {
@@ -72,8 +120,18 @@ pub struct BackupInfo {
     pub took_ms: u64,
 }
 
+/// What RocksDB's memory budget holds right now (bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryUsage {
+    pub budget: u64,
+    /// Everything the shared cache holds, memtable reservations included.
+    pub cache: u64,
+    pub cache_pinned: u64,
+    pub memtables: u64,
+}
+
 /// The database options every open of cyrnel's database uses.
-fn db_options() -> Options {
+fn db_options(mem: &Memory) -> Options {
     // No preallocation of write-ahead logs: each new log would otherwise
     // take a write buffer's size at once, which on a nearly full disk is
     // the difference between a flush that fits in the reserve and one that
@@ -81,6 +139,7 @@ fn db_options() -> Options {
     let mut opts = Options::default()
         .get_options_from_string("allow_fallocate=false")
         .expect("a valid RocksDB option string");
+    opts.set_write_buffer_manager(&mem.write_buffers);
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
     // Replay stops only at an incomplete last record (a write that never
@@ -89,10 +148,9 @@ fn db_options() -> Options {
     // it, which RocksDB's default (point-in-time recovery) would do.
     opts.set_wal_recovery_mode(DBRecoveryMode::TolerateCorruptedTailRecords);
     opts.set_paranoid_checks(true);
-    // Bound the memory RocksDB keeps per column family; defaults are
-    // sized for much larger write rates than a supervisor produces.
-    opts.set_write_buffer_size(8 << 20);
+    opts.set_write_buffer_size(mem.write_buffer_size());
     opts.set_max_write_buffer_number(2);
+    opts.set_block_based_table_factory(&mem.table_options());
     opts.set_keep_log_file_num(4);
     // Flush column families once the WAL passes this, so a restart
     // replays at most this much (the default, 0, lets it grow with the
@@ -101,14 +159,15 @@ fn db_options() -> Options {
     opts
 }
 
-fn cf_descriptors() -> Vec<ColumnFamilyDescriptor> {
+fn cf_descriptors(mem: &Memory) -> Vec<ColumnFamilyDescriptor> {
     ALL_CFS
         .map(|name| {
             // Each family's memtables are bounded; defaults are sized for
             // much larger write rates than a supervisor produces.
             let mut cf = Options::default();
-            cf.set_write_buffer_size(8 << 20);
+            cf.set_write_buffer_size(mem.write_buffer_size());
             cf.set_max_write_buffer_number(2);
+            cf.set_block_based_table_factory(&mem.table_options());
             ColumnFamilyDescriptor::new(name, cf)
         })
         .into()
@@ -324,6 +383,7 @@ struct Inner {
     /// Dropped after the writer (which holds the other handle): stops the
     /// reclaim thread before the database closes.
     reclaimer: Option<Arc<reclaim::Reclaimer>>,
+    memory: Memory,
 }
 
 impl Drop for Inner {
@@ -350,8 +410,14 @@ impl Store {
     /// read-only until restart); writes succeed again by themselves once
     /// space returns.
     pub fn open(dir: &Path, reserve: u64) -> Result<Store, StoreError> {
-        let db =
-            DB::open_cf_descriptors(&db_options(), dir, cf_descriptors()).map_err(|source| {
+        Store::open_with_budget(dir, reserve, DEFAULT_MEMORY_BYTES)
+    }
+
+    /// [`Store::open`] with RocksDB's memory budget (`storage_memory_bytes`).
+    pub fn open_with_budget(dir: &Path, reserve: u64, memory: u64) -> Result<Store, StoreError> {
+        let memory = Memory::new(memory);
+        let db = DB::open_cf_descriptors(&db_options(&memory), dir, cf_descriptors(&memory))
+            .map_err(|source| {
                 if source.kind() != ErrorKind::Corruption {
                     return StoreError::Open {
                         path: dir.to_path_buf(),
@@ -387,6 +453,7 @@ impl Store {
                 jobs: Some(tx),
                 writer: Some(writer),
                 reclaimer: Some(reclaimer),
+                memory,
             }),
         })
     }
@@ -440,8 +507,9 @@ impl Store {
             .and_then(|c| c.create_checkpoint(target))
             .map_err(fail)?;
         let took_ms = started.elapsed().as_millis() as u64;
-        let copy =
-            DB::open_cf_for_read_only(&db_options(), target, ALL_CFS, false).map_err(fail)?;
+        let memory = Memory::new(4 << 20);
+        let copy = DB::open_cf_for_read_only(&db_options(&memory), target, ALL_CFS, false)
+            .map_err(fail)?;
         let meta = copy.cf_handle(CF_META).expect("meta cf");
         let read = |key: &[u8], default: u64| -> Result<u64, StoreError> {
             Ok(match copy.get_cf(meta, key).map_err(fail)? {
@@ -454,6 +522,17 @@ impl Store {
             last_seq: read(KEY_LAST_SEQ, 0)?,
             took_ms,
         })
+    }
+
+    /// What RocksDB's memory budget holds now.
+    pub fn memory_usage(&self) -> MemoryUsage {
+        let m = &self.inner.memory;
+        MemoryUsage {
+            budget: m.budget,
+            cache: m.cache.get_usage() as u64,
+            cache_pinned: m.cache.get_pinned_usage() as u64,
+            memtables: m.write_buffers.get_usage() as u64,
+        }
     }
 
     /// Applies a batch and waits for it.

@@ -458,7 +458,8 @@ pub fn salvage(data_dir: &Path) -> Result<SalvageReport, StoreError> {
         .mode(0o700)
         .create(&fresh)
         .map_err(|e| err("creating the new database", &e))?;
-    let new = DB::open_cf_descriptors(&db_options(), &fresh, super::cf_descriptors())
+    let memory = super::Memory::new(super::DEFAULT_MEMORY_BYTES);
+    let new = DB::open_cf_descriptors(&db_options(&memory), &fresh, super::cf_descriptors(&memory))
         .map_err(|e| err("creating the new database", &e))?;
     let files = old.live_files().unwrap_or_default();
     let mut seen = Seen::default();
