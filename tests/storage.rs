@@ -475,9 +475,9 @@ fn deleting_records_below_the_reserve_gives_space_back_and_creates_succeed_again
     d.wait_idle(again);
     assert_eq!(d.stdout_text(again), "again\n");
     // The deleted records' tables are compacted away in the background.
-    let after = poll("the data dir to shrink to less than half", || {
+    let after = poll("the data dir to shrink to a tenth", || {
         let now = du(&data);
-        if now * 2 < full {
+        if now * 10 < full {
             Ok(now)
         } else {
             Err(format!("{full} bytes full, {now} now"))

@@ -8,19 +8,20 @@
 //! With a supervisor's write pattern (one busy family, `chunks`, and small
 //! ones that flush rarely) neither happens soon by itself, so DELETE gave
 //! nothing back until a restart. Here, after deletes, the touched id range
-//! of every id-keyed family (and the trimmed event range) is compacted,
-//! after a flush of every family so the tombstones are in tables and the
-//! logs are released; and while free space is below the reserve, the
-//! writer asks for that flush on its own. Work is coalesced (one covering
-//! range per family per round) and rounds are at least `MIN_ROUND` apart:
+//! of every id-keyed family (and the trimmed event range) is compacted (a
+//! manual compaction flushes the family's memtable first when it overlaps
+//! the range); and while free space is below the reserve, the writer asks
+//! for a flush of every family, which releases old logs (otherwise
+//! `max_total_wal_size` bounds them). Work is coalesced (one covering range
+//! per family per round) and rounds are at least `MIN_ROUND` apart:
 //! bounded, and never on the writer's thread, so writers never wait for it.
 //!
 //! Neither step may itself run the disk out of space (RocksDB stops
 //! writing after a failed flush until it is reopened): a flush waits until
 //! free space exceeds what the memtables hold, and a compaction until it
-//! exceeds what the compaction can write (the tables overlapping the range
-//! minus the deleted bytes in them); deferred work is retried every
-//! `RETRY` until it fits.
+//! exceeds what the compaction can write (the family's memtable, plus the
+//! tables overlapping the range minus the deleted bytes in them); deferred
+//! work is retried every `RETRY` until it fits.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -176,13 +177,19 @@ fn run(db: &DB, dir: &Path, shared: &Shared) {
 pub(super) fn memtable_bytes(db: &DB) -> u64 {
     super::ALL_CFS
         .iter()
-        .filter_map(|name| db.cf_handle(name))
-        .filter_map(|cf| {
+        .map(|name| cf_memtable_bytes(db, name))
+        .sum()
+}
+
+/// Bytes the memtables of one family hold.
+fn cf_memtable_bytes(db: &DB, name: &str) -> u64 {
+    db.cf_handle(name)
+        .and_then(|cf| {
             db.property_int_value_cf(cf, "rocksdb.cur-size-all-mem-tables")
                 .ok()
                 .flatten()
         })
-        .sum()
+        .unwrap_or(0)
 }
 
 /// What compacting `[from, to)` of a family can write: the tables that
@@ -213,25 +220,28 @@ fn compaction_output(
     input.saturating_sub(gone)
 }
 
-/// Flushes every family, then compacts the deleted ranges, each only if
-/// the disk has room for what it writes. Returns the work deferred.
+/// Flushes every family when asked to, then compacts the deleted ranges,
+/// each only if the disk has room for what it writes. Returns the work
+/// deferred.
 fn round(db: &DB, dir: &Path, mut work: Pending) -> Pending {
     let mut deferred = Pending::default();
     let free = || super::free_bytes(dir).unwrap_or(u64::MAX);
-    if free() > memtable_bytes(db).saturating_add(MARGIN) {
-        for name in super::ALL_CFS {
-            if let Some(cf) = db.cf_handle(name) {
-                if let Err(e) = db.flush_cf(cf) {
-                    tracing::warn!(error = %e, cf = name, "flushing to release old logs failed");
+    if work.flush {
+        if free() > memtable_bytes(db).saturating_add(MARGIN) {
+            for name in super::ALL_CFS {
+                if let Some(cf) = db.cf_handle(name) {
+                    if let Err(e) = db.flush_cf(cf) {
+                        tracing::warn!(error = %e, cf = name, "flushing to release old logs failed");
+                    }
                 }
             }
+        } else {
+            tracing::debug!("too little free space to flush the memtables now");
+            deferred.flush = true;
+            deferred.ids = std::mem::take(&mut work.ids);
+            deferred.events_below = work.events_below.take();
+            return deferred;
         }
-    } else {
-        tracing::debug!("too little free space to flush the memtables now");
-        deferred.flush = true;
-        deferred.ids = std::mem::take(&mut work.ids);
-        deferred.events_below = work.events_below.take();
-        return deferred;
     }
     if work.ids.len() > MAX_IDS_PER_ROUND {
         let cut = work
@@ -248,7 +258,10 @@ fn round(db: &DB, dir: &Path, mut work: Pending) -> Pending {
     // Automatic compactions keep running beside this one.
     opts.set_exclusive_manual_compaction(false);
     let compact = |cf_name: &str, from: Vec<u8>, to: Vec<u8>, deleted: &[(Vec<u8>, Vec<u8>)]| {
-        let need = compaction_output(db, &files, cf_name, &from, &to, deleted);
+        // A manual compaction first flushes the family's memtable if it
+        // overlaps the range.
+        let need = compaction_output(db, &files, cf_name, &from, &to, deleted)
+            .saturating_add(cf_memtable_bytes(db, cf_name));
         if free() <= need.saturating_add(MARGIN) {
             tracing::debug!(cf = cf_name, need, "too little free space to compact now");
             return false;
