@@ -15,7 +15,8 @@
 //! Knobs (environment variables, all optional):
 //! `BENCH_ONLY` (comma list of `spawn,latency,read,durable,memory,scale,reclaim,soak`;
 //! `soak` runs only when named: `make soak`), `BENCH_RECLAIM_RECORDS` (2000),
-//! `BENCH_SOAK_SECS` (900), `BENCH_SOAK_CLIENTS` (12),
+//! `BENCH_SOAK_SECS` (900), `BENCH_SOAK_CLIENTS` (12), `BENCH_SOAK_MEMORY_BYTES`
+//! (the daemon's `storage_memory_bytes`; default: its default),
 //! `BENCH_SPAWN_RUNS` (2000), `BENCH_SPAWN_CLIENTS` (16), `BENCH_SPAWN_ROUNDS` (3),
 //! `BENCH_LATENCY_SAMPLES` (500), `BENCH_KILL_GRACE_MS` (50),
 //! `BENCH_READ_CONNS` (64), `BENCH_READ_SECS` (5),
@@ -2613,16 +2614,16 @@ async fn bench_reclaim(bin: &Path, root: &Path, rep: &mut Report) {
 async fn bench_soak(bin: &Path, root: &Path, rep: &mut Report) {
     let secs: u64 = knob("BENCH_SOAK_SECS", 900);
     let clients: usize = knob("BENCH_SOAK_CLIENTS", 12);
-    let mut d = Daemon::start(
-        bin,
-        root,
-        "soak",
-        &[
-            ("CYRNEL_DEFAULT_TIMEOUT_MS", "0"),
-            ("CYRNEL_KILL_GRACE_MS", "200"),
-        ],
-    )
-    .await;
+    // Empty: the daemon's default budget.
+    let budget: String = knob("BENCH_SOAK_MEMORY_BYTES", String::new());
+    let mut env = vec![
+        ("CYRNEL_DEFAULT_TIMEOUT_MS", "0"),
+        ("CYRNEL_KILL_GRACE_MS", "200"),
+    ];
+    if !budget.is_empty() {
+        env.push(("CYRNEL_STORAGE_MEMORY_BYTES", budget.as_str()));
+    }
+    let mut d = Daemon::start(bin, root, "soak", &env).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let start_kb = d.rss_kb();
     progress!("soak: {clients} clients for {secs} s; RSS at start {start_kb} kB");

@@ -7,14 +7,19 @@
 //! stays on disk until every column family with data in it has flushed.
 //! With a supervisor's write pattern (one busy family, `chunks`, and small
 //! ones that flush rarely) neither happens soon by itself, so DELETE gave
-//! nothing back until a restart. Here, after deletes, the touched id range
-//! of every id-keyed family (and the trimmed event range) is compacted (a
-//! manual compaction flushes the family's memtable first when it overlaps
-//! the range); and while free space is below the reserve, the writer asks
-//! for a flush of every family, which releases old logs (otherwise
-//! `max_total_wal_size` bounds them). Work is coalesced (one covering range
-//! per family per round) and rounds are at least `MIN_ROUND` apart:
-//! bounded, and never on the writer's thread, so writers never wait for it.
+//! nothing back until a restart. Here, deleted ids are held and compacted
+//! together (one covering id range per id-keyed family; a manual
+//! compaction flushes the family's memtable first when it overlaps the
+//! range) once deletes pause for `QUIET`, once `MAX_HELD_BYTES` of table
+//! data or `MAX_IDS_PER_ROUND` ids are held, or at once when free space is
+//! below the reserve: a covering range also rewrites the live records
+//! between the deleted ones, so compacting after every delete under steady
+//! load would multiply the writes. Such a round first flushes every family,
+//! which releases the old logs the rarely flushed ones pin (they hold the
+//! deleted bytes too); below the reserve the writer asks for that flush on
+//! its own (otherwise `max_total_wal_size` bounds old logs). Trimmed event ranges are compacted at
+//! once. Rounds are at least `MIN_ROUND` apart and never on the writer's
+//! thread, so writers never wait for them.
 //!
 //! Neither step may itself run the disk out of space (RocksDB stops
 //! writing after a failed flush until it is reopened): a flush waits until
@@ -40,8 +45,12 @@ const RETRY: Duration = Duration::from_secs(2);
 /// Free space kept beyond any estimate, for RocksDB's own small files.
 const MARGIN: u64 = 1 << 20;
 /// Most deleted ids measured one by one per round; beyond, the rest
-/// waits for the next round.
+/// waits for the next round. Also the most ids held back.
 const MAX_IDS_PER_ROUND: usize = 4096;
+/// Held deletes are compacted once no delete came for this long...
+const QUIET: Duration = Duration::from_secs(2);
+/// ...or once the tables hold this much of their data.
+const MAX_HELD_BYTES: u64 = 256 << 20;
 
 /// Work waiting for the next round.
 #[derive(Default)]
@@ -125,8 +134,13 @@ impl Drop for Reclaimer {
 fn run(db: &DB, dir: &Path, shared: &Shared) {
     let mut last_round: Option<Instant> = None;
     let mut spacing = MIN_ROUND;
+    // Deleted ids held back, the bytes their tables hold (RocksDB's
+    // approximate sizes), and when the last delete came.
+    let mut held: BTreeSet<u64> = BTreeSet::new();
+    let mut held_bytes: u64 = 0;
+    let mut last_delete = Instant::now();
     loop {
-        let work = {
+        let mut work = {
             let mut p = shared
                 .pending
                 .lock()
@@ -149,9 +163,44 @@ fn run(db: &DB, dir: &Path, shared: &Shared) {
                         _ => break std::mem::take(&mut *p),
                     }
                 }
-                p = shared.wake.wait(p).unwrap_or_else(PoisonError::into_inner);
+                if held.is_empty() {
+                    p = shared.wake.wait(p).unwrap_or_else(PoisonError::into_inner);
+                    continue;
+                }
+                // Held deletes wait for quiet; look again when it comes.
+                let quiet_in = QUIET.saturating_sub(last_delete.elapsed());
+                if quiet_in.is_zero() {
+                    break Pending::default();
+                }
+                p = shared
+                    .wake
+                    .wait_timeout(p, quiet_in)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
             }
         };
+        if !work.ids.is_empty() {
+            last_delete = Instant::now();
+            held_bytes = held_bytes.saturating_add(table_bytes(db, &work.ids));
+            held.append(&mut work.ids);
+        }
+        // Compacting a covering range rewrites the live records between
+        // the deleted ones, so deletes are compacted together: when space
+        // is short, once they pause, or once enough of them are held.
+        let now = work.flush
+            || last_delete.elapsed() >= QUIET
+            || held.len() >= MAX_IDS_PER_ROUND
+            || held_bytes >= MAX_HELD_BYTES;
+        if now && !held.is_empty() {
+            work.ids = std::mem::take(&mut held);
+            held_bytes = 0;
+            // Also release the old logs that the rarely flushed families
+            // pin: they hold the deleted bytes too.
+            work.flush = true;
+        }
+        if work.is_empty() {
+            continue;
+        }
         last_round = Some(Instant::now());
         let deferred = round(db, dir, work);
         spacing = if deferred.is_empty() {
@@ -171,6 +220,20 @@ fn run(db: &DB, dir: &Path, shared: &Shared) {
             p.flush |= deferred.flush;
         }
     }
+}
+
+/// The bytes the tables of `chunks` hold under these ids (what deleting
+/// them can give back; memtable data is not counted).
+fn table_bytes(db: &DB, ids: &BTreeSet<u64>) -> u64 {
+    let Some(cf) = db.cf_handle(CF_CHUNKS) else {
+        return 0;
+    };
+    let keys: Vec<([u8; 8], [u8; 8])> = ids
+        .iter()
+        .map(|id| (id.to_be_bytes(), id.saturating_add(1).to_be_bytes()))
+        .collect();
+    let ranges: Vec<Range> = keys.iter().map(|(a, b)| Range::new(a, b)).collect();
+    db.get_approximate_sizes_cf(cf, &ranges).iter().sum()
 }
 
 /// Bytes the memtables of every family hold.
