@@ -17,7 +17,7 @@ CARGO_ENV = CCACHE_DIR=$(CACHE_DIR)/ccache CCACHE_BASEDIR=$(CURDIR) \
 
 APT_PACKAGES = libclang-dev ccache
 
-.PHONY: all run test build deps lint fmt check clean bench fuzz
+.PHONY: all run test build deps lint fmt check clean bench fuzz soak
 
 all: build
 
@@ -60,6 +60,10 @@ test: lint
 ## bench: the benchmark harness (release cyrneld against baselines measured in the same run)
 bench: deps
 	$(CARGO_ENV) $(CARGO) bench --bench bench
+
+## soak: 15 minutes of mixed load (BENCH_SOAK_SECS) reporting the daemon's RSS over time; target peak ≤ 64 MB
+soak: deps
+	BENCH_ONLY=soak $(CARGO_ENV) $(CARGO) bench --bench bench
 
 # Schemathesis (PyPI, pinned) in a virtualenv under the cache dir; a new
 # version gets a new virtualenv. Budget and seed are fixed so that runs are

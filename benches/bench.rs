@@ -13,7 +13,10 @@
 //! event that shows its effect on an open `/events` stream.
 //!
 //! Knobs (environment variables, all optional):
-//! `BENCH_ONLY` (comma list of `spawn,latency,read,durable,memory,scale,steps,churn`),
+//! `BENCH_ONLY` (comma list of `spawn,latency,read,durable,memory,scale,steps,churn,reclaim,soak`;
+//! `soak` runs only when named: `make soak`), `BENCH_RECLAIM_RECORDS` (2000),
+//! `BENCH_SOAK_SECS` (900), `BENCH_SOAK_CLIENTS` (12), `BENCH_SOAK_MEMORY_BYTES`
+//! (the daemon's `storage_memory_bytes`; default: its default),
 //! `BENCH_SPAWN_RUNS` (2000), `BENCH_SPAWN_CLIENTS` (16), `BENCH_SPAWN_ROUNDS` (3),
 //! `BENCH_LATENCY_SAMPLES` (500), `BENCH_KILL_GRACE_MS` (50),
 //! `BENCH_READ_CONNS` (64), `BENCH_READ_SECS` (5),
@@ -129,9 +132,11 @@ impl Knobs {
     }
 
     fn wants(&self, section: &str) -> bool {
-        self.only
-            .as_ref()
-            .is_none_or(|o| o.iter().any(|s| s == section))
+        match &self.only {
+            Some(o) => o.iter().any(|s| s == section),
+            // The soak takes 15 minutes: only when asked for (`make soak`).
+            None => section != "soak",
+        }
     }
 }
 
@@ -3131,6 +3136,14 @@ async fn run(k: Knobs) {
         load(&mut rep, "scale");
         bench_scale(&k, &bin, &root, &mut rep).await;
     }
+    if k.wants("reclaim") {
+        load(&mut rep, "reclaim");
+        bench_reclaim(&bin, &root, &mut rep).await;
+    }
+    if k.wants("soak") {
+        load(&mut rep, "soak");
+        bench_soak(&bin, &root, &mut rep).await;
+    }
 
     let total = t_all.elapsed();
     let table = rep.table();
@@ -3186,5 +3199,193 @@ async fn run(k: Knobs) {
         rep.targets.len(),
         total.as_secs_f64(),
         path.display()
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Section 5: disk given back by deletes (bytes on disk per record)
+// ---------------------------------------------------------------------------
+
+/// Writes `BENCH_RECLAIM_RECORDS` records (each printing 10 KB), deletes
+/// them all through the API and reports the data dir's bytes per record
+/// after writing and once the reclaim has settled (no restart).
+async fn bench_reclaim(bin: &Path, root: &Path, rep: &mut Report) {
+    let n: usize = knob("BENCH_RECLAIM_RECORDS", 2000);
+    let mut d = Daemon::start(bin, root, "reclaim", &[]).await;
+    let body = Bytes::from_static(br#"{"code":"head -c 10000 /dev/zero | tr '\\0' x"}"#);
+    progress!("reclaim: writing {n} records of 10 KB output from 8 clients");
+    let ids = create_many(d.addr(), 8, n, body).await;
+    let mut http = Http::connect(d.addr()).await.expect("connect");
+    for id in &ids {
+        loop {
+            let (_, b) = http.get(&format!("/processes/{id}")).await.expect("get");
+            if find(&b, br#""state":"idle""#).is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let db = d.data_dir.join("db");
+    let written = dir_usage(&db).0;
+    progress!("reclaim: {n} idle, db {written} bytes; deleting them all");
+    for id in &ids {
+        http.expect_ok(Method::DELETE, &format!("/processes/{id}"), None)
+            .await
+            .expect("delete");
+    }
+    // Settled: the size has not dropped for 3 s (at most 120 s).
+    let t0 = Instant::now();
+    let (mut last, mut since) = (dir_usage(&db).0, Instant::now());
+    while since.elapsed() < Duration::from_secs(3) && t0.elapsed() < Duration::from_secs(120) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = dir_usage(&db).0;
+        if now < last {
+            (last, since) = (now, Instant::now());
+        }
+    }
+    let settled_s = since.duration_since(t0).as_secs_f64();
+    progress!("reclaim: db {last} bytes {settled_s:.1} s after the deletes");
+    d.stop().await;
+    let per_written = written as f64 / n as f64;
+    let per_deleted = last as f64 / n as f64;
+    rep.row(
+        &format!("Disk per record after {n} written and deleted (10 KB output each)"),
+        format!("{per_deleted:.0} B"),
+    )
+    .baseline(format!("{per_written:.0} B per record while they existed"))
+    .ratio(per_deleted / per_written);
+    rep.json.insert(
+        "reclaim".into(),
+        json!({
+            "records": n, "db_bytes_written": written, "db_bytes_after_delete": last,
+            "bytes_per_record_written": r3(per_written),
+            "bytes_per_record_after_delete": r3(per_deleted),
+            "settled_after_s": r3(settled_s),
+        }),
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Section 6: soak (`make soak`; only when BENCH_ONLY names it)
+// ---------------------------------------------------------------------------
+
+/// Mixed load for `BENCH_SOAK_SECS` (900) from `BENCH_SOAK_CLIENTS` (12)
+/// clients: runs printing up to 200 KB whose stdout is followed to the
+/// end, `sleep`s killed while running, and deletes of half the settled
+/// records; the daemon's RSS is sampled every 10 s, and once more after a
+/// list of every record. Target: peak RSS ≤ 64 MB with the default
+/// `storage_memory_bytes`.
+async fn bench_soak(bin: &Path, root: &Path, rep: &mut Report) {
+    let secs: u64 = knob("BENCH_SOAK_SECS", 900);
+    let clients: usize = knob("BENCH_SOAK_CLIENTS", 12);
+    // Empty: the daemon's default budget.
+    let budget: String = knob("BENCH_SOAK_MEMORY_BYTES", String::new());
+    let mut env = vec![
+        ("CYRNEL_DEFAULT_TIMEOUT_MS", "0"),
+        ("CYRNEL_KILL_GRACE_MS", "200"),
+    ];
+    if !budget.is_empty() {
+        env.push(("CYRNEL_STORAGE_MEMORY_BYTES", budget.as_str()));
+    }
+    let mut d = Daemon::start(bin, root, "soak", &env).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let start_kb = d.rss_kb();
+    progress!("soak: {clients} clients for {secs} s; RSS at start {start_kb} kB");
+    let stop = Arc::new(AtomicBool::new(false));
+    let runs = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let (stop, runs, addr) = (stop.clone(), runs.clone(), d.addr());
+        tasks.push(tokio::spawn(async move {
+            let mut http = Http::connect(addr).await.expect("connect");
+            let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (c as u64 + 1));
+            while !stop.load(Ordering::Relaxed) {
+                let roll = rng.below(10);
+                let body = if roll == 0 {
+                    Bytes::from_static(br#"{"code":"sleep 30"}"#)
+                } else {
+                    let n = rng.below(200_000);
+                    Bytes::from(format!(
+                        r#"{{"code":"head -c {n} /dev/zero | tr '\\0' x"}}"#
+                    ))
+                };
+                let Ok(id) = http.create(body).await else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                runs.fetch_add(1, Ordering::Relaxed);
+                if roll == 0 {
+                    loop {
+                        let (_, b) = http.get(&format!("/processes/{id}")).await.expect("get");
+                        if find(&b, br#""state":"running""#).is_some() {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    let _ = http.kill(id).await;
+                } else {
+                    // Follow stdout to the end: it ends when the run settles.
+                    let _ = http
+                        .get(&format!("/processes/{id}/stdout?follow=true"))
+                        .await;
+                }
+                loop {
+                    let (_, b) = http.get(&format!("/processes/{id}")).await.expect("get");
+                    if find(&b, br#""state":"idle""#).is_some() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                if rng.below(2) == 0 {
+                    let _ = http
+                        .call(Method::DELETE, &format!("/processes/{id}"), None)
+                        .await;
+                }
+            }
+        }));
+    }
+    let mut samples: Vec<(u64, u64)> = vec![(0, start_kb)];
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(secs) {
+        tokio::time::sleep(Duration::from_secs(10).min(Duration::from_secs(secs))).await;
+        let kb = d.rss_kb();
+        let t = t0.elapsed().as_secs();
+        samples.push((t, kb));
+        progress!(
+            "soak: {t:>4} s RSS {kb} kB, {} runs",
+            runs.load(Ordering::Relaxed)
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = t.await;
+    }
+    let total_runs = runs.load(Ordering::Relaxed);
+    let peak_load_kb = samples.iter().map(|s| s.1).max().unwrap_or(0);
+    let mut http = Http::connect(d.addr()).await.expect("connect");
+    let (_, list) = http.get("/processes").await.expect("list");
+    let after_list_kb = d.rss_kb();
+    let peak_kb = peak_load_kb.max(after_list_kb);
+    progress!(
+        "soak: {total_runs} runs; peak RSS {peak_load_kb} kB under load, {after_list_kb} kB after listing every record ({} bytes)",
+        list.len()
+    );
+    d.stop().await;
+    let peak_mb = peak_kb as f64 / 1024.0;
+    rep.row(
+        &format!("Daemon RSS peak, {secs} s mixed load ({total_runs} runs, {clients} clients)"),
+        format!("{peak_mb:.1} MB"),
+    )
+    .baseline(format!("{:.1} MB at start", start_kb as f64 / 1024.0))
+    .target("≤ 64 MB", peak_mb <= 64.0);
+    rep.target("soak peak RSS (MB)", peak_mb, "<= 64", peak_mb <= 64.0);
+    let series: Vec<Value> = samples.iter().map(|(t, kb)| json!([t, kb])).collect();
+    rep.json.insert(
+        "soak".into(),
+        json!({
+            "secs": secs, "clients": clients, "runs": total_runs,
+            "rss_start_kb": start_kb, "rss_peak_under_load_kb": peak_load_kb,
+            "rss_after_full_list_kb": after_list_kb, "rss_series_s_kb": series,
+        }),
     );
 }

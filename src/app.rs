@@ -56,6 +56,29 @@ fn private_dir(dir: &Path, mode: u32) -> Result<(), AppError> {
     fs::set_permissions(dir, fs::Permissions::from_mode(mode)).map_err(wrap)
 }
 
+/// `cyrneld --check`: reads every log and table of the data dir's
+/// database and reports what is readable; changes nothing. Returns the
+/// report's lines and whether anything is damaged.
+pub fn check(config: &Config) -> Result<(Vec<String>, bool), AppError> {
+    let report = crate::store::check(&config.data_dir.join("db"))?;
+    Ok((report.lines, report.damaged))
+}
+
+/// `cyrneld --salvage`: keeps what is readable, moves the damaged
+/// database aside whole, raises the id counter and the event sequence
+/// above anything it can have held. Returns the report's lines.
+pub fn salvage(config: &Config) -> Result<Vec<String>, AppError> {
+    let report = crate::store::salvage(&config.data_dir)?;
+    match &report.aside {
+        Some(aside) => tracing::warn!(
+            aside = %aside.display(),
+            "salvaged the database; what was kept and lost is in SALVAGE.txt there"
+        ),
+        None => tracing::info!("salvage: nothing is damaged, nothing changed"),
+    }
+    Ok(report.lines)
+}
+
 /// How the process around the daemon (`main`) takes part while it runs:
 /// it hears when the daemon is ready and hands it reloaded configurations.
 #[derive(Default)]
@@ -125,7 +148,11 @@ pub async fn run_with(
     .into_iter()
     .filter_map(|(r, v)| v.map(|v| (r, v)))
     .collect();
-    let store = Store::open(&data_dir.join("db"), config.storage_reserve_bytes)?;
+    let store = Store::open_with_budget(
+        &data_dir.join("db"),
+        config.storage_reserve_bytes,
+        config.storage_memory_bytes,
+    )?;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| AppError::Bind {
@@ -198,6 +225,17 @@ pub async fn run_with(
         },
         hub.clone(),
     )?;
+    let policy = crate::retention::Policy {
+        max_records: config.retention_max_records,
+        max_age_ms: config.retention_max_age_ms,
+    };
+    let retention = policy.is_active().then(|| {
+        tokio::spawn(crate::retention::run(
+            store.clone(),
+            supervisor.clone(),
+            policy,
+        ))
+    });
     let state = Arc::new(ApiState {
         store,
         supervisor: supervisor.clone(),
@@ -228,6 +266,9 @@ pub async fn run_with(
     }
     shutdown.await;
     tracing::info!("shutting down: terminating running processes");
+    if let Some(task) = retention {
+        task.abort();
+    }
     supervisor.shutdown().await;
     if let Some(root) = &cgroups {
         root.remove_if_empty();

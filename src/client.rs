@@ -279,6 +279,14 @@ impl Client {
         self.json(resp).await
     }
 
+    /// `POST /backup`: the daemon writes a consistent copy of its database
+    /// to `dir` (absolute, not existing yet) while it runs.
+    pub async fn backup(&self, dir: &str) -> Result<crate::api::backup::BackupJson, ClientError> {
+        let body = serde_json::json!({ "dir": dir });
+        let resp = self.send(Method::POST, "/backup", Some(body), &[]).await?;
+        self.json(resp).await
+    }
+
     /// `GET /processes/{id}/output`: the structured output, a JSON object,
     /// as the daemon sent it.
     pub async fn output(&self, id: u64) -> Result<Bytes, ClientError> {

@@ -58,6 +58,9 @@ pub const KEYS: &[&str] = &[
     "run_folder_inodes",
     "network",
     "shared_dirs",
+    "storage_memory_bytes",
+    "retention_max_records",
+    "retention_max_age_ms",
 ];
 
 /// Request limits per client address and one-minute window (0 disables),
@@ -98,6 +101,8 @@ pub const OPTIONAL_KEYS: &[&str] = &[
     "pids_max",
     "sandbox_uid_base",
     "shared_dirs",
+    "retention_max_records",
+    "retention_max_age_ms",
 ];
 
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -160,6 +165,13 @@ pub struct Config {
     /// The files holding secrets (the config file when it sets `api_key`,
     /// and `api_key_file`): masked from runs.
     pub secret_files: Vec<PathBuf>,
+    /// RocksDB's one memory budget: the shared block cache, which also
+    /// holds index and filter blocks and is charged for the memtables.
+    pub storage_memory_bytes: u64,
+    /// Retention: idle records beyond this count (oldest first) or idle
+    /// for longer than this age are deleted, as DELETE would. Unset: kept.
+    pub retention_max_records: Option<u64>,
+    pub retention_max_age_ms: Option<u64>,
 }
 
 impl fmt::Debug for Config {
@@ -201,6 +213,9 @@ impl fmt::Debug for Config {
             .field("network", &self.network)
             .field("shared_dirs", &self.shared_dirs)
             .field("secret_files", &self.secret_files)
+            .field("storage_memory_bytes", &self.storage_memory_bytes)
+            .field("retention_max_records", &self.retention_max_records)
+            .field("retention_max_age_ms", &self.retention_max_age_ms)
             .finish()
     }
 }
@@ -588,6 +603,14 @@ fn build(raw: &BTreeMap<&'static str, Raw>) -> Result<Config, ConfigError> {
         },
         shared_dirs: shared_dirs(raw.get("shared_dirs"))?,
         secret_files: Vec::new(),
+        storage_memory_bytes: integer(
+            "storage_memory_bytes",
+            raw.get("storage_memory_bytes"),
+            32 << 20,
+            4 << 20,
+        )?,
+        retention_max_records: optional_integer(raw, "retention_max_records")?,
+        retention_max_age_ms: optional_integer(raw, "retention_max_age_ms")?,
     })
 }
 

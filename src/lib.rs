@@ -10,5 +10,6 @@ pub mod events;
 pub mod model;
 pub mod output;
 pub mod proc;
+pub mod retention;
 pub mod store;
 pub mod supervisor;

@@ -58,6 +58,16 @@ struct Cli {
     /// Directory for the database and staged code (default ./cyrnel-data).
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// Read every table and log of the database, print what is readable
+    /// and what is not, change nothing, and exit (0: all readable, 1:
+    /// damaged). Run it with the daemon stopped.
+    #[arg(long, conflicts_with = "salvage")]
+    check: bool,
+    /// Rebuild a damaged database from what is readable, move the damaged
+    /// files aside (never deleting them), raise the id counter above every
+    /// id they can have held, and exit. The daemon must be stopped.
+    #[arg(long)]
+    salvage: bool,
 }
 
 type LogFilter = reload::Handle<EnvFilter, Registry>;
@@ -125,6 +135,34 @@ fn main() -> ExitCode {
         )
         .init();
     tracing::debug!(?config, "configuration");
+    if cli.check {
+        return match cyrnel::app::check(&config) {
+            Ok((lines, damaged)) => {
+                for line in lines {
+                    println!("{line}");
+                }
+                ExitCode::from(u8::from(damaged))
+            }
+            Err(e) => {
+                eprintln!("cyrneld --check: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    if cli.salvage {
+        return match cyrnel::app::salvage(&config) {
+            Ok(lines) => {
+                for line in lines {
+                    println!("{line}");
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("cyrneld --salvage: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
 
     // Before any thread exists: SIGCHLD is blocked everywhere, and the main
     // thread becomes the reaper of orphans reparented to the daemon.

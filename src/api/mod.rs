@@ -5,6 +5,7 @@
 //! statuses. Reads go straight to the store, which holds only durable
 //! state; changes go through the supervisor.
 
+pub mod backup;
 pub mod ratelimit;
 pub mod wire;
 
@@ -240,6 +241,7 @@ enum Route<'a> {
     Stderr(&'a str),
     Run(&'a str),
     Kill(&'a str),
+    Backup,
 }
 
 fn route(path: &str) -> Option<Route<'_>> {
@@ -258,6 +260,7 @@ fn route(path: &str) -> Option<Route<'_>> {
         (Some("health"), None, ..) => Route::Health,
         (Some("openapi.json"), None, ..) => Route::OpenApi,
         (Some("events"), None, ..) => Route::Events,
+        (Some("backup"), None, ..) => Route::Backup,
         (Some("processes"), Some(id), Some("events"), None, _) => Route::ProcessEvents(id),
         (Some("processes"), None, ..) => Route::Processes,
         (Some("processes"), Some(id), None, ..) => Route::Process(id),
@@ -286,13 +289,15 @@ impl Route<'_> {
             | Route::Stderr(_) => &["GET"],
             Route::Processes => &["GET", "POST"],
             Route::Process(_) => &["GET", "DELETE"],
-            Route::Run(_) | Route::Kill(_) => &["POST"],
+            Route::Run(_) | Route::Kill(_) | Route::Backup => &["POST"],
         }
     }
 
     fn id(&self) -> Option<&str> {
         match self {
-            Route::Health | Route::OpenApi | Route::Events | Route::Processes => None,
+            Route::Health | Route::OpenApi | Route::Events | Route::Processes | Route::Backup => {
+                None
+            }
             Route::ProcessEvents(id)
             | Route::Process(id)
             | Route::Code(id)
@@ -460,6 +465,10 @@ async fn route_request(
         (Route::ProcessEvents(_), Some(id)) => events(state, &req, Some(id)),
         (Route::Run(_), Some(id)) => run(state, id, req).await,
         (Route::Kill(_), Some(id)) => kill(state, id, req).await,
+        (Route::Backup, _) => match read_json(state, req).await {
+            Ok(body) => backup::backup(state, body).await,
+            Err(r) => r,
+        },
         _ => error(StatusCode::NOT_FOUND, "Not found."),
     }
 }

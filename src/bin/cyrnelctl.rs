@@ -157,6 +157,14 @@ enum Command {
         #[arg(value_name = "ID", required = true, value_parser = parse_id)]
         ids: Vec<u64>,
     },
+    /// Write a consistent copy of the daemon's database to DIR while it runs
+    ///
+    /// DIR must not exist yet; the daemon (on this host) creates it and
+    /// writes a data dir a daemon can start from: `cyrneld --data-dir DIR`.
+    Backup {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
     /// Print a shell completion script
     Completions {
         #[arg(value_name = "SHELL")]
@@ -342,6 +350,19 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 }
             })
             .await
+        }
+        Command::Backup { dir } => {
+            // The daemon resolves nothing relative to our working directory.
+            let dir = std::path::absolute(&dir).map_err(Fail::Io)?;
+            let dir = dir
+                .to_str()
+                .ok_or_else(|| Fail::Local(format!("{}: not UTF-8", dir.display())))?;
+            let b = client()?.backup(dir).await?;
+            line(format_args!(
+                "{} next id {} last event {} ({} ms)",
+                b.dir, b.next_id, b.last_event_id, b.took_ms
+            ))?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Events { since, json, id } => events(&client()?, since, id, json).await,
         Command::Wait { ids } => wait(&client()?, &ids).await,

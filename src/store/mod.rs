@@ -9,15 +9,20 @@
 //! HTTP, JSON or processes.
 
 mod codec;
+mod logfile;
+mod reclaim;
+mod repair;
 
 pub use codec::{decode_change, decode_record, encode_change, encode_record, DecodeError};
+pub use repair::{check, salvage, CheckReport, SalvageReport};
 
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc};
 use std::thread;
 
 use rocksdb::{
-    ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBRecoveryMode, Direction, ErrorKind,
+    IteratorMode, Options, WriteBatch, WriteBufferManager, WriteOptions, DB,
 };
 use tokio::sync::oneshot;
 
@@ -40,6 +45,134 @@ const KEY_FORMAT_VERSION: &[u8] = b"format_version";
 const KEY_NEXT_ID: &[u8] = b"next_id";
 const KEY_LAST_SEQ: &[u8] = b"last_seq";
 
+/// What an operator does about a damaged database (README, Operations).
+const WAY_OUT: &str =
+    "`cyrneld --check` lists what is readable and what is not (changing nothing); \
+`cyrneld --salvage` keeps what is readable, moves the damaged files aside (never deleting them) \
+and never reuses an id";
+
+impl StoreError {
+    /// A failed read: damage gets the operator's way out, anything else
+    /// stays a read error.
+    fn read(e: rocksdb::Error) -> StoreError {
+        if e.kind() == ErrorKind::Corruption {
+            StoreError::DamagedRead(e.into_string())
+        } else {
+            StoreError::Read(e)
+        }
+    }
+}
+
+/// The default of `storage_memory_bytes`.
+pub const DEFAULT_MEMORY_BYTES: u64 = 32 << 20;
+
+/// RocksDB's one memory budget: a block cache shared by every column
+/// family, holding data, index and filter blocks, and charged for the
+/// memtables too (a write-buffer manager reserves their memory in it), so
+/// the total is chosen once instead of being the sum of per-family
+/// defaults.
+struct Memory {
+    budget: u64,
+    cache: Cache,
+    write_buffers: WriteBufferManager,
+}
+
+impl Memory {
+    fn new(budget: u64) -> Memory {
+        let budget = budget.max(4 << 20);
+        let cache = Cache::new_lru_cache(budget as usize);
+        // Memtables may take half the budget before the largest is
+        // flushed; their memory is charged to the cache, so the cache's
+        // capacity is the whole budget.
+        let write_buffers = WriteBufferManager::new_write_buffer_manager_with_cache(
+            (budget / 2) as usize,
+            false,
+            cache.clone(),
+        );
+        Memory {
+            budget,
+            cache,
+            write_buffers,
+        }
+    }
+
+    /// One memtable's size: small enough that every family's pair fits
+    /// the memtables' half of the budget comfortably.
+    fn write_buffer_size(&self) -> usize {
+        ((self.budget / 8) as usize).clamp(1 << 20, 8 << 20)
+    }
+
+    fn table_options(&self) -> BlockBasedOptions {
+        let mut t = BlockBasedOptions::default();
+        t.set_block_cache(&self.cache);
+        t.set_cache_index_and_filter_blocks(true);
+        t.set_pin_l0_filter_and_index_blocks_in_cache(true);
+        t
+    }
+}
+
+/// What a backup holds: the counters as the copy has them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackupInfo {
+    pub next_id: u64,
+    pub last_seq: u64,
+    /// How long the checkpoint took.
+    pub took_ms: u64,
+}
+
+/// What RocksDB's memory budget holds right now (bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryUsage {
+    pub budget: u64,
+    /// Everything the shared cache holds, memtable reservations included.
+    pub cache: u64,
+    pub cache_pinned: u64,
+    pub memtables: u64,
+}
+
+/// The database options every open of cyrnel's database uses.
+fn db_options(mem: &Memory) -> Options {
+    // No preallocation of write-ahead logs: each new log would otherwise
+    // take a write buffer's size at once, which on a nearly full disk is
+    // the difference between a flush that fits in the reserve and one that
+    // fails (after which RocksDB refuses writes until reopened).
+    let mut opts = Options::default()
+        .get_options_from_string("allow_fallocate=false")
+        .expect("a valid RocksDB option string");
+    opts.set_write_buffer_manager(&mem.write_buffers);
+    opts.create_if_missing(true);
+    opts.create_missing_column_families(true);
+    // Replay stops only at an incomplete last record (a write that never
+    // completed, so was never acknowledged); a damaged record anywhere
+    // else fails the open instead of silently dropping everything after
+    // it, which RocksDB's default (point-in-time recovery) would do.
+    opts.set_wal_recovery_mode(DBRecoveryMode::TolerateCorruptedTailRecords);
+    opts.set_paranoid_checks(true);
+    opts.set_write_buffer_size(mem.write_buffer_size());
+    opts.set_max_write_buffer_number(2);
+    opts.set_block_based_table_factory(&mem.table_options());
+    opts.set_keep_log_file_num(4);
+    // Flush column families once the WAL passes this, so a restart
+    // replays at most this much (the default, 0, lets it grow with the
+    // memtables of every family).
+    opts.set_max_total_wal_size(64 << 20);
+    opts
+}
+
+fn cf_descriptors(mem: &Memory) -> Vec<ColumnFamilyDescriptor> {
+    ALL_CFS
+        .map(|name| {
+            // Each family's memtables are bounded; defaults are sized for
+            // much larger write rates than a supervisor produces.
+            let mut cf = Options::default();
+            cf.set_write_buffer_size(mem.write_buffer_size());
+            cf.set_max_write_buffer_number(2);
+            cf.set_block_based_table_factory(&mem.table_options());
+            ColumnFamilyDescriptor::new(name, cf)
+        })
+        .into()
+}
+
 /// Most batches merged into one RocksDB write.
 const MAX_GROUP: usize = 1024;
 
@@ -54,6 +187,14 @@ pub enum StoreError {
     FormatVersion { path: PathBuf, found: String },
     #[error("the database in {0} holds data but no format version: it is not a cyrnel data dir or it is damaged (refusing to touch it)")]
     NoVersion(PathBuf),
+    #[error("cannot open the database in {path}: it is damaged: {found}. Nothing was changed. {WAY_OUT}")]
+    Damaged { path: PathBuf, found: String },
+    #[error("storage read failed: the database is damaged: {0}. {WAY_OUT}")]
+    DamagedRead(String),
+    #[error("{0}")]
+    Salvage(String),
+    #[error("backup failed: {0}")]
+    Backup(String),
     #[error("corrupt record {key}: {source}")]
     Corrupt { key: String, source: DecodeError },
     #[error("storage read failed: {0}")]
@@ -81,6 +222,10 @@ pub struct Batch {
     sync: bool,
     /// May use the free-space reserve (see [`Store::open`]).
     essential: bool,
+    /// Ids whose stored data this batch removes, and the event range it
+    /// trims: compacted afterwards so their space comes back.
+    deleted_ids: Vec<u64>,
+    events_below: Option<u64>,
 }
 
 fn id_key(id: ProcessId) -> [u8; 8] {
@@ -99,9 +244,8 @@ impl Batch {
     /// A batch that is durable (synced WAL) when its completion fires.
     pub fn durable() -> Batch {
         Batch {
-            ops: Vec::new(),
             sync: true,
-            essential: false,
+            ..Batch::default()
         }
     }
 
@@ -156,6 +300,7 @@ impl Batch {
             0u64.to_be_bytes().to_vec(),
             seq.to_be_bytes().to_vec(),
         ));
+        self.events_below = Some(self.events_below.map_or(seq, |s| s.max(seq)));
     }
 
     pub fn put_code(&mut self, id: ProcessId, code: &[u8]) {
@@ -182,6 +327,7 @@ impl Batch {
             id_key(id).to_vec(),
             id_key(next).to_vec(),
         ));
+        self.deleted_ids.push(id.0);
     }
 
     /// Removes everything stored for a process.
@@ -234,6 +380,10 @@ struct Inner {
     db: Arc<DB>,
     jobs: Option<mpsc::Sender<Job>>,
     writer: Option<thread::JoinHandle<()>>,
+    /// Dropped after the writer (which holds the other handle): stops the
+    /// reclaim thread before the database closes.
+    reclaimer: Option<Arc<reclaim::Reclaimer>>,
+    memory: Memory,
 }
 
 impl Drop for Inner {
@@ -245,6 +395,7 @@ impl Drop for Inner {
         if let Some(w) = self.writer.take() {
             let _ = w.join();
         }
+        self.reclaimer.take();
     }
 }
 
@@ -253,33 +404,35 @@ impl Store {
     /// a database it cannot read is an error for the operator.
     ///
     /// `reserve`: free bytes kept on the data dir's filesystem for
-    /// essential batches. Below it, other batches fail with
-    /// [`StoreError::Full`] before RocksDB is touched, so RocksDB itself
-    /// never runs out of space (which would leave it read-only until
-    /// restart); writes succeed again by themselves once space returns.
+    /// essential batches, beyond what the memtables hold. Below it, other
+    /// batches fail with [`StoreError::Full`] before RocksDB is touched, so
+    /// RocksDB itself never runs out of space (which would leave it
+    /// read-only until restart); writes succeed again by themselves once
+    /// space returns.
     pub fn open(dir: &Path, reserve: u64) -> Result<Store, StoreError> {
-        let mut opts = Options::default();
-        opts.create_if_missing(true);
-        opts.create_missing_column_families(true);
-        // Bound the memory RocksDB keeps per column family; defaults are
-        // sized for much larger write rates than a supervisor produces.
-        opts.set_write_buffer_size(8 << 20);
-        opts.set_max_write_buffer_number(2);
-        opts.set_keep_log_file_num(4);
-        // Flush column families once the WAL passes this, so a restart
-        // replays at most this much (the default, 0, lets it grow with the
-        // memtables of every family).
-        opts.set_max_total_wal_size(64 << 20);
-        let cfs = ALL_CFS.map(|name| {
-            let mut cf = Options::default();
-            cf.set_write_buffer_size(8 << 20);
-            cf.set_max_write_buffer_number(2);
-            ColumnFamilyDescriptor::new(name, cf)
-        });
-        let db = DB::open_cf_descriptors(&opts, dir, cfs).map_err(|source| StoreError::Open {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+        Store::open_with_budget(dir, reserve, DEFAULT_MEMORY_BYTES)
+    }
+
+    /// [`Store::open`] with RocksDB's memory budget (`storage_memory_bytes`).
+    pub fn open_with_budget(dir: &Path, reserve: u64, memory: u64) -> Result<Store, StoreError> {
+        let memory = Memory::new(memory);
+        let db = DB::open_cf_descriptors(&db_options(&memory), dir, cf_descriptors(&memory))
+            .map_err(|source| {
+                if source.kind() != ErrorKind::Corruption {
+                    return StoreError::Open {
+                        path: dir.to_path_buf(),
+                        source,
+                    };
+                }
+                // RocksDB names a damaged table but not a damaged log:
+                // read the logs to say which one and where.
+                let mut found = repair::damaged_logs(dir);
+                found.push(format!("RocksDB says: {source}"));
+                StoreError::Damaged {
+                    path: dir.to_path_buf(),
+                    found: found.join("; "),
+                }
+            })?;
         check_format(&db, dir)?;
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel();
@@ -288,15 +441,19 @@ impl Store {
             dir: dir.to_path_buf(),
             reserve,
         };
+        let reclaimer = Arc::new(reclaim::Reclaimer::start(db.clone(), dir.to_path_buf()));
+        let writer_reclaimer = reclaimer.clone();
         let writer = thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer_loop(&writer_db, &space, rx))
+            .spawn(move || writer_loop(&writer_db, &space, &writer_reclaimer, rx))
             .expect("spawn store writer thread");
         Ok(Store {
             inner: Arc::new(Inner {
                 db,
                 jobs: Some(tx),
                 writer: Some(writer),
+                reclaimer: Some(reclaimer),
+                memory,
             }),
         })
     }
@@ -337,6 +494,47 @@ impl Store {
         &self.inner.db
     }
 
+    /// Writes a consistent copy of the database to `target` (which must
+    /// not exist) while writes go on: a RocksDB checkpoint (memtables
+    /// flushed, immutable tables hard-linked, or copied across
+    /// filesystems). Everything durable before the call is in it. The copy
+    /// is then opened read-only to prove it opens, and its counters are
+    /// returned. Blocks: call it off the async runtime.
+    pub fn backup(&self, target: &Path) -> Result<BackupInfo, StoreError> {
+        let fail = |e: rocksdb::Error| StoreError::Backup(e.into_string());
+        let started = std::time::Instant::now();
+        rocksdb::checkpoint::Checkpoint::new(self.db())
+            .and_then(|c| c.create_checkpoint(target))
+            .map_err(fail)?;
+        let took_ms = started.elapsed().as_millis() as u64;
+        let memory = Memory::new(4 << 20);
+        let copy = DB::open_cf_for_read_only(&db_options(&memory), target, ALL_CFS, false)
+            .map_err(fail)?;
+        let meta = copy.cf_handle(CF_META).expect("meta cf");
+        let read = |key: &[u8], default: u64| -> Result<u64, StoreError> {
+            Ok(match copy.get_cf(meta, key).map_err(fail)? {
+                Some(b) if b.len() == 8 => u64::from_be_bytes(b[..].try_into().expect("8 bytes")),
+                _ => default,
+            })
+        };
+        Ok(BackupInfo {
+            next_id: read(KEY_NEXT_ID, 1)?,
+            last_seq: read(KEY_LAST_SEQ, 0)?,
+            took_ms,
+        })
+    }
+
+    /// What RocksDB's memory budget holds now.
+    pub fn memory_usage(&self) -> MemoryUsage {
+        let m = &self.inner.memory;
+        MemoryUsage {
+            budget: m.budget,
+            cache: m.cache.get_usage() as u64,
+            cache_pinned: m.cache.get_pinned_usage() as u64,
+            memtables: m.write_buffers.get_usage() as u64,
+        }
+    }
+
     /// Applies a batch and waits for it.
     pub async fn write(&self, batch: Batch) -> Result<(), StoreError> {
         self.submit(batch)
@@ -353,7 +551,7 @@ impl Store {
         let v = self
             .db()
             .get_cf(self.cf(CF_META), key)
-            .map_err(StoreError::Read)?;
+            .map_err(StoreError::read)?;
         Ok(match v {
             Some(b) if b.len() == 8 => u64::from_be_bytes(b[..].try_into().unwrap()),
             _ => default,
@@ -379,7 +577,7 @@ impl Store {
         {
             None => Ok(None),
             Some(item) => {
-                let (k, _) = item.map_err(StoreError::Read)?;
+                let (k, _) = item.map_err(StoreError::read)?;
                 Ok(<[u8; 8]>::try_from(&k[..]).ok().map(u64::from_be_bytes))
             }
         }
@@ -397,7 +595,7 @@ impl Store {
             )
             .take(max)
         {
-            let (k, v) = item.map_err(StoreError::Read)?;
+            let (k, v) = item.map_err(StoreError::read)?;
             let seq = <[u8; 8]>::try_from(&k[..])
                 .map(u64::from_be_bytes)
                 .unwrap_or(0);
@@ -414,7 +612,7 @@ impl Store {
         let v = self
             .db()
             .get_pinned_cf(self.cf(CF_RECORDS), id_key(id))
-            .map_err(StoreError::Read)?;
+            .map_err(StoreError::read)?;
         v.map(|b| {
             decode_record(&b).map_err(|source| StoreError::Corrupt {
                 key: id.to_string(),
@@ -427,13 +625,13 @@ impl Store {
     pub fn code(&self, id: ProcessId) -> Result<Option<Vec<u8>>, StoreError> {
         self.db()
             .get_cf(self.cf(CF_CODE), id_key(id))
-            .map_err(StoreError::Read)
+            .map_err(StoreError::read)
     }
 
     pub fn output(&self, id: ProcessId) -> Result<Option<Vec<u8>>, StoreError> {
         self.db()
             .get_cf(self.cf(CF_OUTPUT), id_key(id))
-            .map_err(StoreError::Read)
+            .map_err(StoreError::read)
     }
 
     /// All captured bytes of one stream of the last run, in order.
@@ -446,7 +644,7 @@ impl Store {
             IteratorMode::From(prefix, Direction::Forward),
         );
         for item in iter {
-            let (k, v) = item.map_err(StoreError::Read)?;
+            let (k, v) = item.map_err(StoreError::read)?;
             if !k.starts_with(prefix) {
                 break;
             }
@@ -472,7 +670,7 @@ impl Store {
             IteratorMode::From(&start, Direction::Forward),
         );
         for item in iter {
-            let (k, v) = item.map_err(StoreError::Read)?;
+            let (k, v) = item.map_err(StoreError::read)?;
             if !k.starts_with(prefix) || (!out.is_empty() && out.len() + v.len() > max) {
                 break;
             }
@@ -498,7 +696,7 @@ impl Store {
             None => IteratorMode::End,
         };
         for item in self.db().iterator_cf(self.cf(CF_RECORDS), mode) {
-            let (k, v) = item.map_err(StoreError::Read)?;
+            let (k, v) = item.map_err(StoreError::read)?;
             let rec = decode_record(&v).map_err(|source| StoreError::Corrupt {
                 key: format!("{k:02x?}"),
                 source,
@@ -528,7 +726,7 @@ fn check_format(db: &DB, dir: &Path) -> Result<(), StoreError> {
     let meta = db.cf_handle(CF_META).expect("meta cf");
     let found = db
         .get_cf(meta, KEY_FORMAT_VERSION)
-        .map_err(StoreError::Read)?;
+        .map_err(StoreError::read)?;
     match found {
         Some(v) if v[..] == FORMAT_VERSION.to_be_bytes() => Ok(()),
         Some(v) => Err(StoreError::FormatVersion {
@@ -565,25 +763,31 @@ struct Space {
     reserve: u64,
 }
 
+/// Free bytes on the filesystem of `dir` (`None` if it cannot be asked).
+fn free_bytes(dir: &Path) -> Option<u64> {
+    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: statvfs fills the struct for a NUL-terminated path.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
 impl Space {
-    /// Whether free space is below the reserve (checked once per group).
-    fn low(&self) -> bool {
-        if self.reserve == 0 {
-            return false;
-        }
-        let Ok(path) = std::ffi::CString::new(self.dir.as_os_str().as_encoded_bytes()) else {
-            return false;
-        };
-        // SAFETY: statvfs fills the struct for a NUL-terminated path.
-        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-        if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
-            return false;
-        }
-        (st.f_bavail as u64).saturating_mul(st.f_frsize as u64) < self.reserve
+    /// Whether free space is below the reserve plus what the memtables
+    /// hold (checked once per group): new work stops while a flush of
+    /// everything in memory still fits beside the reserve, so RocksDB never
+    /// runs out of space flushing (which would stop its writes until the
+    /// database is reopened).
+    fn low(&self, db: &DB) -> bool {
+        self.reserve != 0
+            && free_bytes(&self.dir)
+                .is_some_and(|free| free < self.reserve.saturating_add(reclaim::memtable_bytes(db)))
     }
 }
 
-fn writer_loop(db: &DB, space: &Space, rx: mpsc::Receiver<Job>) {
+fn writer_loop(db: &DB, space: &Space, reclaimer: &reclaim::Reclaimer, rx: mpsc::Receiver<Job>) {
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         while jobs.len() < MAX_GROUP {
@@ -592,7 +796,9 @@ fn writer_loop(db: &DB, space: &Space, rx: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        if space.low() {
+        if space.low(db) {
+            // Old logs pinned by rarely flushed families are space too.
+            reclaimer.flush();
             let (keep, refuse): (Vec<Job>, Vec<Job>) =
                 jobs.into_iter().partition(|j| j.batch.essential);
             if !refuse.is_empty() {
@@ -611,8 +817,14 @@ fn writer_loop(db: &DB, space: &Space, rx: mpsc::Receiver<Job>) {
         }
         let mut wb = WriteBatch::default();
         let mut sync = false;
+        let mut deleted_ids = Vec::new();
+        let mut events_below: Option<u64> = None;
         for job in &mut jobs {
             sync |= job.batch.sync;
+            deleted_ids.append(&mut job.batch.deleted_ids);
+            if let Some(seq) = job.batch.events_below {
+                events_below = Some(events_below.map_or(seq, |s| s.max(seq)));
+            }
             for op in job.batch.ops.drain(..) {
                 match op {
                     Op::Put(cf, k, v) => wb.put_cf(db.cf_handle(cf).expect("cf"), k, v),
@@ -626,8 +838,12 @@ fn writer_loop(db: &DB, space: &Space, rx: mpsc::Receiver<Job>) {
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
         let res = db.write_opt(wb, &wo);
-        if let Err(e) = &res {
-            tracing::error!(error = %e, "storage write failed");
+        match &res {
+            Err(e) => tracing::error!(error = %e, "storage write failed"),
+            Ok(()) if !deleted_ids.is_empty() || events_below.is_some() => {
+                reclaimer.deleted(&deleted_ids, events_below);
+            }
+            Ok(()) => {}
         }
         for job in jobs {
             let r = res
