@@ -687,6 +687,19 @@ impl Events {
         self.shared.st.lock().expect("events lock").reconnects
     }
 
+    /// How many of `ids` did not settle with `exitState: success` (or were
+    /// not seen idle at all).
+    fn not_success(&self, ids: &[u64]) -> usize {
+        let st = self.shared.st.lock().expect("events lock");
+        ids.iter()
+            .filter(|id| {
+                st.seen
+                    .get(&(**id, "idle".to_string()))
+                    .is_none_or(|s| s.exit_state.as_deref() != Some("success"))
+            })
+            .count()
+    }
+
     /// Forgets per-process sightings (keeps memory flat across sections).
     fn clear_seen(&self) {
         self.shared.st.lock().expect("events lock").seen.clear();
@@ -1050,16 +1063,7 @@ async fn spawn_round(runs: usize, clients: usize, d: &Daemon, ev: &Events) -> Sp
     let elapsed = done - t0;
     let cpu1 = d.cpu_secs();
     let (h1, m1) = (harness_cpu_secs(), machine_jiffies());
-    let not_success = {
-        let st = ev.shared.st.lock().expect("events lock");
-        ids.iter()
-            .filter(|id| {
-                st.seen
-                    .get(&(**id, "idle".to_string()))
-                    .is_none_or(|s| s.exit_state.as_deref() != Some("success"))
-            })
-            .count()
-    };
+    let not_success = ev.not_success(&ids);
     SpawnRound {
         base_rate,
         rate: runs as f64 / elapsed.as_secs_f64(),
@@ -2747,16 +2751,7 @@ async fn run_many(
     ev.wait_count("idle", idle0 + total, Duration::from_secs(3600))
         .await;
     reporter.abort();
-    let not_success = {
-        let st = ev.shared.st.lock().expect("events lock");
-        ids.iter()
-            .filter(|id| {
-                st.seen
-                    .get(&(**id, "idle".to_string()))
-                    .is_none_or(|s| s.exit_state.as_deref() != Some("success"))
-            })
-            .count()
-    };
+    let not_success = ev.not_success(&ids);
     ev.clear_seen();
     ids.sort_unstable();
     (ids, not_success)
