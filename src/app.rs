@@ -236,6 +236,7 @@ pub async fn run_with(
             policy,
         ))
     });
+    let metrics = crate::metrics::Metrics::new(store.clone(), sandbox.level);
     let state = Arc::new(ApiState {
         store,
         supervisor: supervisor.clone(),
@@ -251,6 +252,7 @@ pub async fn run_with(
             max_header_bytes: config.max_header_bytes,
             max_uri_bytes: config.max_uri_bytes,
         },
+        metrics,
     });
     let addr = listener.local_addr().unwrap_or(config.listen);
     tracing::info!(%addr, data_dir = %data_dir.display(), auth = config.api_key.is_some(), "cyrneld listening");

@@ -63,6 +63,8 @@ pub struct ApiState {
     /// Replaceable at run time (configuration reload).
     pub rate_limits: RwLock<RateLimits>,
     pub http: HttpLimits,
+    /// `GET /metrics`.
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// Connection hygiene settings.
@@ -242,6 +244,7 @@ enum Route<'a> {
     Run(&'a str),
     Kill(&'a str),
     Backup,
+    Metrics,
 }
 
 fn route(path: &str) -> Option<Route<'_>> {
@@ -261,6 +264,7 @@ fn route(path: &str) -> Option<Route<'_>> {
         (Some("openapi.json"), None, ..) => Route::OpenApi,
         (Some("events"), None, ..) => Route::Events,
         (Some("backup"), None, ..) => Route::Backup,
+        (Some("metrics"), None, ..) => Route::Metrics,
         (Some("processes"), Some(id), Some("events"), None, _) => Route::ProcessEvents(id),
         (Some("processes"), None, ..) => Route::Processes,
         (Some("processes"), Some(id), None, ..) => Route::Process(id),
@@ -281,6 +285,7 @@ impl Route<'_> {
         match self {
             Route::Health
             | Route::OpenApi
+            | Route::Metrics
             | Route::Events
             | Route::ProcessEvents(_)
             | Route::Code(_)
@@ -295,9 +300,12 @@ impl Route<'_> {
 
     fn id(&self) -> Option<&str> {
         match self {
-            Route::Health | Route::OpenApi | Route::Events | Route::Processes | Route::Backup => {
-                None
-            }
+            Route::Health
+            | Route::OpenApi
+            | Route::Metrics
+            | Route::Events
+            | Route::Processes
+            | Route::Backup => None,
             Route::ProcessEvents(id)
             | Route::Process(id)
             | Route::Code(id)
@@ -449,6 +457,11 @@ async fn route_request(
     match (route, id) {
         (Route::Health, _) => json(StatusCode::OK, r#"{"status":"ok"}"#),
         (Route::OpenApi, _) => json(StatusCode::OK, OPENAPI),
+        (Route::Metrics, _) => respond(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            state.metrics.render(),
+        ),
         (Route::Processes, _) if method == Method::POST => create(state, req).await,
         (Route::Processes, _) => list(state, req.uri().query().unwrap_or("")).await,
         (Route::Process(_), Some(id)) if method == Method::DELETE => {
