@@ -522,6 +522,70 @@ fn retention_deletes_the_oldest_idle_records_beyond_the_count() {
     assert_eq!(r.status, 404, "{r}");
 }
 
+#[test]
+fn retention_deletes_idle_records_past_the_age_and_keeps_running_ones() {
+    // 1 ms: every record is past the age as soon as it is idle.
+    let d = Daemon::options()
+        .env("CYRNEL_RETENTION_MAX_AGE_MS", "1")
+        .env("CYRNEL_DEFAULT_TIMEOUT_MS", "0")
+        .start();
+    let running = d.create_code("exec sleep 600");
+    let pid = d.wait_running_pid(running);
+    let quick: Vec<i64> = (0..3)
+        .map(|i| d.create_code(&format!("echo {i}")))
+        .collect();
+    for id in &quick {
+        poll(&format!("retention to delete idle record {id}"), || match d
+            .get(&format!("/processes/{id}"))
+            .status
+        {
+            404 => Ok(()),
+            s => Err(format!("status {s}")),
+        });
+    }
+    // The running record is never a victim, however old.
+    assert_eq!(d.record(running)["state"].as_str(), Some("running"));
+    assert!(is_alive(pid));
+    assert_eq!(d.kill(running).status, 200);
+    poll(
+        "retention to delete the killed record once idle",
+        || match d.get(&format!("/processes/{running}")).status {
+            404 => Ok(()),
+            s => Err(format!("status {s}")),
+        },
+    );
+    assert_group_gone(pid);
+}
+
+#[test]
+fn metrics_show_the_storage_memory_and_need_the_key() {
+    let d = Daemon::options().api_key("metrics-key").start();
+    for i in 0..3 {
+        let id = d.create_code(&format!("echo {i}"));
+        d.wait_idle(id);
+    }
+    d.raw("GET", "/metrics", &[], None)
+        .assert_error(401, "Unauthorized");
+    let r = d.get("/metrics");
+    assert_eq!(r.status, 200, "{r}");
+    let text = r.text();
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("{name} missing:\n{text}"))
+            .parse()
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+    };
+    assert_eq!(
+        value("cyrnel_storage_memory_budget_bytes"),
+        (32u64 << 20) as f64
+    );
+    assert!(value("cyrnel_storage_memtable_bytes") > 0.0, "{text}");
+    assert!(value("cyrnel_storage_block_cache_bytes") >= 0.0, "{text}");
+    assert_eq!(value("cyrnel_sandbox_level{level=\"full\"}"), 1.0, "{text}");
+    assert!(text.ends_with("# EOF\n"), "{text}");
+}
+
 // ---------------------------------------------------------------------------
 // Online backup: a consistent copy while runs go on, that a daemon starts
 // from with every record that was durable, and ids continuing above them.
