@@ -232,7 +232,10 @@ impl Daemon {
     fn spawn_and_wait_ready(&mut self) {
         assert!(self.child.is_none(), "daemon already running");
         self.generation += 1;
-        self.port = free_port();
+        // Port 0: the kernel picks a free port at bind time and the daemon
+        // logs the address it bound, so parallel tests never race for a
+        // port that was free a moment ago.
+        self.port = 0;
         let log = fs::File::create(self.log_path(self.generation)).expect("create log file");
         let mut cmd = if self.opts.unprivileged {
             self.unprivileged_command()
@@ -253,7 +256,7 @@ impl Daemon {
             cmd.env(k, v);
         }
         cmd.arg("--listen")
-            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("127.0.0.1:0")
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(&self.opts.args)
@@ -261,7 +264,21 @@ impl Daemon {
             .stderr(log);
         let child = cmd.spawn().expect("spawn cyrneld");
         self.child = Some(child);
-        let port = self.port;
+        let log_path = self.log_path(self.generation);
+        let port = poll("cyrneld to log its listening address", || {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().expect("try_wait") {
+                panic!(
+                    "cyrneld exited during start-up with {status}; output:\n{}",
+                    self.logs()
+                );
+            }
+            let log = fs::read_to_string(&log_path).unwrap_or_default();
+            log.split("cyrneld listening addr=127.0.0.1:")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next()?.parse::<u16>().ok())
+                .ok_or_else(|| "no listening line yet".to_string())
+        });
+        self.port = port;
         poll("cyrneld to answer GET /health with 200", || {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().expect("try_wait") {
                 panic!(
