@@ -444,9 +444,9 @@ async fn health_ok(addr: SocketAddr) -> bool {
     )
 }
 
-/// Disk usage (allocated blocks) and apparent size of a directory tree.
-fn dir_usage(path: &Path) -> (u64, u64, u64) {
-    let (mut blocks, mut bytes, mut files) = (0, 0, 0);
+/// Calls `f` with the metadata of every entry below `path` (not `path`
+/// itself), without following symlinks.
+fn walk_tree(path: &Path, mut f: impl FnMut(&fs::Metadata)) {
     let mut stack = vec![path.to_path_buf()];
     while let Some(dir) = stack.pop() {
         let Ok(entries) = fs::read_dir(&dir) else {
@@ -458,13 +458,23 @@ fn dir_usage(path: &Path) -> (u64, u64, u64) {
             };
             if md.is_dir() {
                 stack.push(e.path());
-            } else {
-                blocks += md.blocks() * 512;
-                bytes += md.len();
-                files += 1;
             }
+            f(&md);
         }
     }
+}
+
+/// Disk usage (allocated blocks) and apparent size of the files of a
+/// directory tree, and how many files.
+fn dir_usage(path: &Path) -> (u64, u64, u64) {
+    let (mut blocks, mut bytes, mut files) = (0, 0, 0);
+    walk_tree(path, |md| {
+        if !md.is_dir() {
+            blocks += md.blocks() * 512;
+            bytes += md.len();
+            files += 1;
+        }
+    });
     (blocks, bytes, files)
 }
 
@@ -2607,21 +2617,7 @@ impl Usage {
         };
         let mut u = Usage::default();
         u.add(&md);
-        let mut stack = vec![path.to_path_buf()];
-        while let Some(dir) = stack.pop() {
-            let Ok(entries) = fs::read_dir(&dir) else {
-                continue;
-            };
-            for e in entries.flatten() {
-                let Ok(md) = fs::symlink_metadata(e.path()) else {
-                    continue;
-                };
-                u.add(&md);
-                if md.is_dir() {
-                    stack.push(e.path());
-                }
-            }
-        }
+        walk_tree(path, |md| u.add(md));
         u
     }
 
