@@ -152,6 +152,21 @@ fn scan_bytes(path: &Path, kind: LogKind, data: &[u8]) -> LogScan {
         });
         *pending += len as u64;
     }
+    // A record that cannot be read from `pos`: the fragments gathered for
+    // it are lost, and so is the rest of its block (up to `end`).
+    fn drop_block(
+        out: &mut LogScan,
+        pending: &mut u64,
+        frag: &mut Option<(usize, Vec<u8>)>,
+        pos: usize,
+        end: usize,
+        what: &'static str,
+    ) {
+        if let Some((start, _)) = frag.take() {
+            damage(out, pending, start, pos - start, "lost fragment");
+        }
+        damage(out, pending, pos, end - pos, what);
+    }
     while pos < data.len() {
         let block_end = (pos / BLOCK + 1) * BLOCK;
         let avail = block_end.min(data.len()) - pos;
@@ -186,20 +201,12 @@ fn scan_bytes(path: &Path, kind: LogKind, data: &[u8]) -> LogScan {
                 frag = None;
                 break;
             }
-            if let Some((start, _)) = frag.take() {
-                damage(
-                    &mut out,
-                    &mut pending_lost,
-                    start,
-                    pos - start,
-                    "lost fragment",
-                );
-            }
-            damage(
+            drop_block(
                 &mut out,
                 &mut pending_lost,
+                &mut frag,
                 pos,
-                block_end - pos,
+                block_end,
                 "bad record length",
             );
             pos = block_end;
@@ -210,20 +217,12 @@ fn scan_bytes(path: &Path, kind: LogKind, data: &[u8]) -> LogScan {
         if stored != actual {
             // Like RocksDB: the length itself may be wrong, so the rest of
             // the block is dropped.
-            if let Some((start, _)) = frag.take() {
-                damage(
-                    &mut out,
-                    &mut pending_lost,
-                    start,
-                    pos - start,
-                    "lost fragment",
-                );
-            }
-            damage(
+            drop_block(
                 &mut out,
                 &mut pending_lost,
+                &mut frag,
                 pos,
-                block_end.min(data.len()) - pos,
+                block_end.min(data.len()),
                 "checksum mismatch",
             );
             pos = block_end;
