@@ -77,6 +77,14 @@ struct Tmpfs {
 }
 
 impl Tmpfs {
+    /// A tmpfs of `size` with an empty `data/` in it for a daemon.
+    fn with_data_dir(size: &str) -> (Tmpfs, std::path::PathBuf) {
+        let fs_ = Tmpfs::mount(size);
+        let data = fs_.dir.path().join("data");
+        fs::create_dir(&data).unwrap();
+        (fs_, data)
+    }
+
     fn mount(size: &str) -> Tmpfs {
         let dir = tempfile::tempdir().unwrap();
         let st = std::process::Command::new("mount")
@@ -111,9 +119,7 @@ impl Drop for Tmpfs {
 
 #[test]
 fn a_full_disk_refuses_new_work_keeps_reads_and_recovers_by_itself() {
-    let fs_ = Tmpfs::mount("64m");
-    let data = fs_.dir.path().join("data");
-    fs::create_dir(&data).unwrap();
+    let (fs_, data) = Tmpfs::with_data_dir("64m");
     let reserve: u64 = 8 << 20;
     let mut d = Daemon::options()
         .data_dir(&data)
@@ -424,9 +430,7 @@ fn du(dir: &std::path::Path) -> u64 {
 
 #[test]
 fn deleting_records_below_the_reserve_gives_space_back_and_creates_succeed_again() {
-    let fs_ = Tmpfs::mount("48m");
-    let data = fs_.dir.path().join("data");
-    fs::create_dir(&data).unwrap();
+    let (fs_, data) = Tmpfs::with_data_dir("48m");
     let reserve: u64 = 8 << 20;
     let mut d = Daemon::options()
         .data_dir(&data)
