@@ -147,8 +147,6 @@ struct ChildArgs {
     mounts: Option<ChildMounts>,
     loopback_up: bool,
     drop_bounding: bool,
-    /// Clear every capability set (a sandboxed run).
-    clear_caps: bool,
     no_new_privs: bool,
     landlock: RawFd,
     seccomp: *const libc::sock_fprog,
@@ -263,7 +261,6 @@ pub fn spawn(exec: &Exec<'_>) -> io::Result<Child> {
         }),
         loopback_up: exec.sandbox.loopback_up,
         drop_bounding: exec.sandbox.drop_bounding,
-        clear_caps: exec.sandbox.no_new_privs,
         no_new_privs: exec.sandbox.no_new_privs,
         landlock: exec.sandbox.landlock.as_ref().map_or(-1, |f| f.as_raw_fd()),
         seccomp: seccomp.as_ref().map_or(std::ptr::null(), |p| p as *const _),
@@ -425,7 +422,9 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 }
             }
         }
-        if a.clear_caps {
+        // A sandboxed run (`no_new_privs`) also leaves with every
+        // capability set empty.
+        if a.no_new_privs {
             // EINVAL before Linux 4.3 (no ambient set): nothing to clear.
             libc::prctl(
                 libc::PR_CAP_AMBIENT,
@@ -443,7 +442,7 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 return fail(Step::Credentials);
             }
         }
-        if a.clear_caps {
+        if a.no_new_privs {
             // Switching to a non-root uid emptied the effective and
             // permitted sets; the inheritable one stays unless cleared.
             let header = [0x2008_0522u32, 0]; // _LINUX_CAPABILITY_VERSION_3
