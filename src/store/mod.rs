@@ -796,63 +796,75 @@ fn writer_loop(db: &DB, space: &Space, reclaimer: &reclaim::Reclaimer, rx: mpsc:
                 Err(_) => break,
             }
         }
-        if space.low(db) {
+        // Below the reserve only essential batches are written; the others
+        // are refused. Either way every batch completes in submission
+        // order: callers (the supervisor) rely on it.
+        let low = space.low(db);
+        if low {
             // Old logs pinned by rarely flushed families are space too.
             reclaimer.flush();
-            let (keep, refuse): (Vec<Job>, Vec<Job>) =
-                jobs.into_iter().partition(|j| j.batch.essential);
-            if !refuse.is_empty() {
-                tracing::warn!(
-                    refused = refuse.len(),
-                    "free space below the reserve: refusing new work"
-                );
-            }
-            for job in refuse {
-                job.done.complete(Err(StoreError::Full));
-            }
-            if keep.is_empty() {
-                continue;
-            }
-            jobs = keep;
-        }
-        let mut wb = WriteBatch::default();
-        let mut sync = false;
-        let mut deleted_ids = Vec::new();
-        let mut events_below: Option<u64> = None;
-        for job in &mut jobs {
-            sync |= job.batch.sync;
-            deleted_ids.append(&mut job.batch.deleted_ids);
-            if let Some(seq) = job.batch.events_below {
-                events_below = Some(events_below.map_or(seq, |s| s.max(seq)));
-            }
-            for op in job.batch.ops.drain(..) {
-                match op {
-                    Op::Put(cf, k, v) => wb.put_cf(db.cf_handle(cf).expect("cf"), k, v),
-                    Op::Delete(cf, k) => wb.delete_cf(db.cf_handle(cf).expect("cf"), k),
-                    Op::DeleteRange(cf, from, to) => {
-                        wb.delete_range_cf(db.cf_handle(cf).expect("cf"), from, to)
-                    }
-                }
+            let refused = jobs.iter().filter(|j| !j.batch.essential).count();
+            if refused > 0 {
+                tracing::warn!(refused, "free space below the reserve: refusing new work");
             }
         }
-        let mut wo = WriteOptions::default();
-        wo.set_sync(sync);
-        let res = db.write_opt(wb, &wo);
-        match &res {
-            Err(e) => tracing::error!(error = %e, "storage write failed"),
-            Ok(()) if !deleted_ids.is_empty() || events_below.is_some() => {
-                reclaimer.deleted(&deleted_ids, events_below);
-            }
-            Ok(()) => {}
-        }
+        let written = |j: &Job| !low || j.batch.essential;
+        let res = if jobs.iter().any(written) {
+            write_group(db, reclaimer, jobs.iter_mut().filter(|j| written(j)))
+        } else {
+            Ok(())
+        };
         for job in jobs {
-            let r = res
-                .as_ref()
-                .map(|_| ())
-                .map_err(|e| StoreError::Write(e.to_string()));
+            let r = if !written(&job) {
+                Err(StoreError::Full)
+            } else {
+                res.as_ref()
+                    .map(|_| ())
+                    .map_err(|e| StoreError::Write(e.to_string()))
+            };
             job.done.complete(r);
         }
     }
+}
+
+/// Applies the batches of a group as one RocksDB write (one fsync if any
+/// of them asks for durability).
+fn write_group<'a>(
+    db: &DB,
+    reclaimer: &reclaim::Reclaimer,
+    jobs: impl Iterator<Item = &'a mut Job>,
+) -> Result<(), rocksdb::Error> {
+    let mut wb = WriteBatch::default();
+    let mut sync = false;
+    let mut deleted_ids = Vec::new();
+    let mut events_below: Option<u64> = None;
+    for job in jobs {
+        sync |= job.batch.sync;
+        deleted_ids.append(&mut job.batch.deleted_ids);
+        if let Some(seq) = job.batch.events_below {
+            events_below = Some(events_below.map_or(seq, |s| s.max(seq)));
+        }
+        for op in job.batch.ops.drain(..) {
+            match op {
+                Op::Put(cf, k, v) => wb.put_cf(db.cf_handle(cf).expect("cf"), k, v),
+                Op::Delete(cf, k) => wb.delete_cf(db.cf_handle(cf).expect("cf"), k),
+                Op::DeleteRange(cf, from, to) => {
+                    wb.delete_range_cf(db.cf_handle(cf).expect("cf"), from, to)
+                }
+            }
+        }
+    }
+    let mut wo = WriteOptions::default();
+    wo.set_sync(sync);
+    let res = db.write_opt(wb, &wo);
+    match &res {
+        Err(e) => tracing::error!(error = %e, "storage write failed"),
+        Ok(()) if !deleted_ids.is_empty() || events_below.is_some() => {
+            reclaimer.deleted(&deleted_ids, events_below);
+        }
+        Ok(()) => {}
+    }
+    res
 }
 
 #[cfg(test)]
@@ -988,6 +1000,47 @@ mod tests {
         b.put_record(&r);
         s.write(b).await.unwrap();
         assert_eq!(s.get(ProcessId(1)).unwrap(), Some(r));
+    }
+
+    /// Below the reserve a group holds refused and kept batches; callers
+    /// (the supervisor) rely on completions in submission order, whatever
+    /// the outcome of each batch.
+    #[tokio::test]
+    async fn completions_keep_submission_order_when_some_batches_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), u64::MAX).unwrap();
+        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+        // The first batch's completion holds the writer until every other
+        // batch is queued, so they are all taken as one group.
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let log = order.clone();
+        s.submit_then(Batch::durable().essential(), move |r| {
+            release_rx.recv().unwrap();
+            log.lock().unwrap().push((0, r.is_ok()));
+        });
+        let (all_tx, all_rx) = oneshot::channel();
+        let mut all_tx = Some(all_tx);
+        let n = 8;
+        for i in 1..=n {
+            let mut b = Batch::durable();
+            if i % 2 == 0 {
+                b = b.essential();
+            }
+            b.put_record(&Record::new(ProcessId(i), None, 0));
+            let log = order.clone();
+            let done = (i == n).then(|| all_tx.take().unwrap());
+            s.submit_then(b, move |r| {
+                log.lock().unwrap().push((i, r.is_ok()));
+                if let Some(done) = done {
+                    let _ = done.send(());
+                }
+            });
+        }
+        release_tx.send(()).unwrap();
+        all_rx.await.unwrap();
+        let seen = order.lock().unwrap().clone();
+        let expected: Vec<(u64, bool)> = (0..=n).map(|i| (i, i % 2 == 0)).collect();
+        assert_eq!(seen, expected, "(batch, written) in completion order");
     }
 
     #[test]
