@@ -62,8 +62,23 @@ pub struct StreamStats {
     pub stderr_dropped: u64,
 }
 
+/// How a transition's write may be treated when free space runs low.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Priority {
+    /// Records what processes did, or a kill or delete: may use the
+    /// storage reserve.
+    Fact,
+    /// New work (a rerun): refused below the storage reserve.
+    NewWork,
+}
+
+/// Everything the actor must do for a decided transition. It carries out
+/// each one, in order, in one exhaustive `match`.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Effect {
+    /// Write the decided record in one durable batch, together with what
+    /// the other effects add to it. Always the first effect.
+    Persist(Priority),
     /// Take the record out of the run queue (it never started).
     Dequeue,
     /// Put the record at the end of the run queue (once durable).
@@ -134,7 +149,19 @@ fn reset_run(next: &mut Record) {
     next.sandbox = None;
 }
 
+/// Decides `event` for `rec`: the next record and everything the actor
+/// must do about it (see [`Effect`]).
 pub fn decide(rec: &Record, event: Event) -> Decision {
+    let priority = match event {
+        Event::Run { .. } => Priority::NewWork,
+        _ => Priority::Fact,
+    };
+    let (next, mut effects) = transition(rec, event)?;
+    effects.insert(0, Effect::Persist(priority));
+    Ok((next, effects))
+}
+
+fn transition(rec: &Record, event: Event) -> Decision {
     use State::*;
     match (rec.state, event) {
         (Queued, Event::Kill { now }) => {
@@ -387,7 +414,7 @@ mod tests {
         assert_eq!(next.state, State::Idle);
         assert_eq!(next.exit_state, Some(ExitState::Canceled));
         assert_eq!(next.completed_at, Some(5));
-        assert_eq!(fx, vec![Effect::Dequeue]);
+        assert_eq!(fx, vec![Effect::Persist(Priority::Fact), Effect::Dequeue]);
     }
 
     #[test]
@@ -396,7 +423,13 @@ mod tests {
         assert_eq!(next.state, State::Terminating);
         assert_eq!(next.term_cause, Some(TermCause::Kill));
         assert_eq!(next.kill_deadline, Some(800));
-        assert_eq!(fx, vec![Effect::Terminate { deadline: 800 }]);
+        assert_eq!(
+            fx,
+            vec![
+                Effect::Persist(Priority::Fact),
+                Effect::Terminate { deadline: 800 }
+            ]
+        );
         assert_eq!(next.pid(), Some(42));
     }
 
@@ -426,7 +459,13 @@ mod tests {
         .unwrap();
         assert_eq!(next.state, State::Running);
         assert_eq!(next.started_at, Some(200));
-        assert_eq!(fx, vec![Effect::ArmTimeout { after_ms: 1000 }]);
+        assert_eq!(
+            fx,
+            vec![
+                Effect::Persist(Priority::Fact),
+                Effect::ArmTimeout { after_ms: 1000 }
+            ]
+        );
         let mut no_limit = rec(State::Queued);
         no_limit.timeout_ms = None;
         let (_, fx) = decide(
@@ -439,7 +478,7 @@ mod tests {
             },
         )
         .unwrap();
-        assert!(fx.is_empty());
+        assert_eq!(fx, vec![Effect::Persist(Priority::Fact)]);
     }
 
     #[test]
@@ -455,7 +494,13 @@ mod tests {
         assert_eq!(next.state, State::Idle);
         assert_eq!(next.exit_state, Some(ExitState::Failed));
         assert_eq!(next.error.as_deref(), Some("Failed to start: No such file"));
-        assert_eq!(fx, vec![Effect::Finish { output: None }]);
+        assert_eq!(
+            fx,
+            vec![
+                Effect::Persist(Priority::Fact),
+                Effect::Finish { output: None }
+            ]
+        );
     }
 
     #[test]
@@ -526,7 +571,13 @@ mod tests {
         )
         .unwrap();
         assert_eq!(next.term_cause, Some(TermCause::Shutdown));
-        assert_eq!(fx, vec![Effect::Terminate { deadline: 1100 }]);
+        assert_eq!(
+            fx,
+            vec![
+                Effect::Persist(Priority::Fact),
+                Effect::Terminate { deadline: 1100 }
+            ]
+        );
         let killed = decide(&running(), Event::Kill { now: 1000 }).unwrap().0; // deadline 1500
         let (h, fx) = decide(
             &killed,
@@ -537,7 +588,13 @@ mod tests {
         )
         .unwrap();
         assert_eq!(h.kill_deadline, Some(1100));
-        assert_eq!(fx, vec![Effect::Hasten { deadline: 1100 }]);
+        assert_eq!(
+            fx,
+            vec![
+                Effect::Persist(Priority::Fact),
+                Effect::Hasten { deadline: 1100 }
+            ]
+        );
         assert_eq!(
             decide(
                 &killed,
@@ -568,7 +625,14 @@ mod tests {
         let never_ran = rec(State::Idle);
         let (q, fx) = decide(&never_ran, Event::Run { force: false }).unwrap();
         assert_eq!(q.state, State::Queued);
-        assert_eq!(fx, vec![Effect::ClearOutputs, Effect::Enqueue]);
+        assert_eq!(
+            fx,
+            vec![
+                Effect::Persist(Priority::NewWork),
+                Effect::ClearOutputs,
+                Effect::Enqueue
+            ]
+        );
         let done = settled(&running(), Some(ExitStatus::Code(0)), OutputOutcome::None);
         assert_eq!(
             decide(&done, Event::Run { force: false }).unwrap_err(),
@@ -596,7 +660,7 @@ mod tests {
     fn delete_only_when_idle() {
         assert_eq!(
             decide(&rec(State::Idle), Event::Delete).unwrap().1,
-            vec![Effect::DeleteAll]
+            vec![Effect::Persist(Priority::Fact), Effect::DeleteAll]
         );
         for s in [State::Queued, State::Running, State::Terminating] {
             assert_eq!(
@@ -641,7 +705,13 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r.state, State::Terminating);
-        assert_eq!(fx, vec![Effect::Terminate { deadline: 800 }]);
+        assert_eq!(
+            fx,
+            vec![
+                Effect::Persist(Priority::Fact),
+                Effect::Terminate { deadline: 800 }
+            ]
+        );
         let (r, fx) = decide(
             &running(),
             Event::Recovered {
@@ -650,7 +720,13 @@ mod tests {
             },
         )
         .unwrap();
-        assert_eq!(fx, vec![Effect::Terminate { deadline: 5500 }]);
+        assert_eq!(
+            fx,
+            vec![
+                Effect::Persist(Priority::Fact),
+                Effect::Terminate { deadline: 5500 }
+            ]
+        );
         let s = settled(&r, None, OutputOutcome::None);
         assert_eq!(
             (s.exit_state, s.error.as_deref()),
