@@ -384,6 +384,7 @@ struct Inner {
     /// reclaim thread before the database closes.
     reclaimer: Option<Arc<reclaim::Reclaimer>>,
     memory: Memory,
+    reserve: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Drop for Inner {
@@ -437,9 +438,10 @@ impl Store {
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel();
         let writer_db = db.clone();
+        let reserve = Arc::new(std::sync::atomic::AtomicU64::new(reserve));
         let space = Space {
             dir: dir.to_path_buf(),
-            reserve,
+            reserve: reserve.clone(),
         };
         let reclaimer = Arc::new(reclaim::Reclaimer::start(db.clone(), dir.to_path_buf()));
         let writer_reclaimer = reclaimer.clone();
@@ -454,6 +456,7 @@ impl Store {
                 writer: Some(writer),
                 reclaimer: Some(reclaimer),
                 memory,
+                reserve,
             }),
         })
     }
@@ -492,6 +495,15 @@ impl Store {
 
     fn db(&self) -> &DB {
         &self.inner.db
+    }
+
+    /// Moves the free-space reserve (tests fake a full disk with
+    /// `u64::MAX`).
+    #[cfg(test)]
+    pub(crate) fn set_reserve(&self, bytes: u64) {
+        self.inner
+            .reserve
+            .store(bytes, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Writes a consistent copy of the database to `target` (which must
@@ -760,7 +772,8 @@ fn check_format(db: &DB, dir: &Path) -> Result<(), StoreError> {
 /// The free-space policy of the writer.
 struct Space {
     dir: PathBuf,
-    reserve: u64,
+    /// Shared with [`Inner`] so tests can move it while the writer runs.
+    reserve: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Free bytes on the filesystem of `dir` (`None` if it cannot be asked).
@@ -781,9 +794,10 @@ impl Space {
     /// runs out of space flushing (which would stop its writes until the
     /// database is reopened).
     fn low(&self, db: &DB) -> bool {
-        self.reserve != 0
+        let reserve = self.reserve.load(std::sync::atomic::Ordering::Relaxed);
+        reserve != 0
             && free_bytes(&self.dir)
-                .is_some_and(|free| free < self.reserve.saturating_add(reclaim::memtable_bytes(db)))
+                .is_some_and(|free| free < reserve.saturating_add(reclaim::memtable_bytes(db)))
     }
 }
 
