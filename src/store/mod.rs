@@ -384,6 +384,8 @@ struct Inner {
     /// reclaim thread before the database closes.
     reclaimer: Option<Arc<reclaim::Reclaimer>>,
     memory: Memory,
+    /// The writer's reserve, moved by tests.
+    #[cfg(test)]
     reserve: Arc<std::sync::atomic::AtomicU64>,
 }
 
@@ -456,6 +458,7 @@ impl Store {
                 writer: Some(writer),
                 reclaimer: Some(reclaimer),
                 memory,
+                #[cfg(test)]
                 reserve,
             }),
         })
