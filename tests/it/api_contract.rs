@@ -7,9 +7,7 @@
 //! or a restart. What happens to the OS processes themselves is in
 //! `lifecycle.rs`.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use std::fs;
 
 /// Endpoints that take a process id: (method, suffix after `/processes/{id}`,

@@ -5,9 +5,7 @@
 //! restarts and after the server closed a slow client's stream; trimmed
 //! history yields `reset`; heartbeats; streams end cleanly on shutdown.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 
 #[derive(Clone, Debug, PartialEq)]
 struct Ev {

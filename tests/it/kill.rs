@@ -6,12 +6,10 @@
 //! crash-consistency workload with `kill -9` of the daemon at deterministic
 //! "random" moments.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::fs;
 
-use common::*;
+use crate::support::*;
 
 struct Case {
     name: &'static str,

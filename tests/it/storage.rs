@@ -5,11 +5,9 @@
 //! recovers by itself when space returns (a size-limited tmpfs mounted by
 //! the test; CI runs as root).
 
-mod common;
-
 use std::fs;
 
-use common::*;
+use crate::support::*;
 
 fn start_args(dir: &str) -> Vec<String> {
     vec![

@@ -6,14 +6,12 @@
 //! a 405. `make fuzz` checks the rest (statuses, content types, schemas)
 //! against the live daemon.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 
-const SPEC: &str = include_str!("../openapi.json");
-const ROUTER: &str = include_str!("../src/api/mod.rs");
+const SPEC: &str = include_str!("../../openapi.json");
+const ROUTER: &str = include_str!("../../src/api/mod.rs");
 
 const METHODS: [&str; 8] = [
     "get", "put", "post", "delete", "options", "head", "patch", "trace",

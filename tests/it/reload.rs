@@ -5,12 +5,10 @@
 //! The key comes from the file (not `CYRNEL_API_KEY`, which would win over
 //! it), so these tests send their own `Authorization` headers.
 
-mod common;
-
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::support::*;
 
 /// A config file the test rewrites between reloads.
 struct ConfigFile {

@@ -4,14 +4,12 @@
 //! the queue, resource limits and user switching of children (observed from
 //! inside them), a bounded fork bomb, and the API key from a file.
 
-mod common;
-
 use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::fd::FromRawFd;
 
-use common::*;
+use crate::support::*;
 
 /// A response read from a raw socket until the server closes it.
 struct Raw {

@@ -6,9 +6,7 @@
 //! stdio, the run queue, and what survives a daemon crash (`kill -9`) or a
 //! graceful stop (SIGTERM).
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use std::fs;
 use std::path::{Path, PathBuf};
 

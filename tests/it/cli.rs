@@ -5,15 +5,13 @@
 //! as child processes whose output is read line by line until the expected
 //! lines appear, with the harness's deadline; nothing sleeps to synchronise.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 
-use common::*;
+use crate::support::*;
 
 const CTL: &str = env!("CARGO_BIN_EXE_cyrnelctl");
 

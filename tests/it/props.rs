@@ -18,9 +18,7 @@
 //! the same seed, so a failure is reproducible; set CYRNEL_PROPS_SEED to
 //! explore others. A failing case prints its seed, case number and input.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use cyrnel::api::wire::{parse_create, parse_run, MAX_CODE_CHARS};
 use cyrnel::model::ProcessId;
 use cyrnel::supervisor::Timeout;
@@ -488,7 +486,8 @@ fn body_model(raw: Option<&[u8]>) -> Result<Option<Value>, &'static str> {
 
 /// The 400 messages the OpenAPI document lists for an operation.
 fn documented_400(path: &str, method: &str) -> BTreeSet<String> {
-    let doc: Value = serde_json::from_str(include_str!("../openapi.json")).expect("openapi.json");
+    let doc: Value =
+        serde_json::from_str(include_str!("../../openapi.json")).expect("openapi.json");
     doc["paths"][path][method]["responses"]["400"]["content"]["application/json"]["schema"]
         ["properties"]["error"]["enum"]
         .as_array()

@@ -9,13 +9,11 @@
 //! asserts the level that ran: a test that cannot tell would pass on a
 //! daemon without a sandbox.
 
-mod common;
-
 use std::fs;
 use std::net::TcpListener;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
-use common::*;
+use crate::support::*;
 
 const KEY: &str = "s3cr3t-api-key-0123456789";
 

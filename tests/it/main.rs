@@ -1,0 +1,18 @@
+//! The integration tests, as one binary (one link, one harness): every
+//! module starts the real `cyrneld` (or `cyrnelctl`) through `support` and
+//! checks real outcomes. `cargo test --test it kill::` runs one module.
+
+mod support;
+
+mod api_contract;
+mod cli;
+mod edge;
+mod events;
+mod kill;
+mod lifecycle;
+mod openapi;
+mod props;
+mod reload;
+mod sandbox;
+mod storage;
+mod tidy;

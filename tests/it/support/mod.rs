@@ -1,0 +1,22 @@
+//! Shared harness for the integration tests: it starts the real `cyrneld`
+//! binary on a loopback port the daemon picks (port 0; the harness reads the
+//! bound address from its log) with its own temporary data directory,
+//! speaks HTTP/1.1 to it over a plain `TcpStream`, parses the JSON answers
+//! with serde_json, and looks at the kernel's view of processes in `/proc`. It knows nothing of the daemon's internals: only the binary, its
+//! flags and environment variables, the HTTP contract and `/proc`.
+//!
+//! Waiting is always a poll with a deadline (`POLL` steps up to `DEADLINE`)
+//! that panics with what it was waiting for and what it saw last; nothing here
+//! sleeps to synchronise and nothing measures durations.
+
+mod daemon;
+mod http;
+mod misc;
+mod poll;
+mod procs;
+
+pub use daemon::*;
+pub use http::*;
+pub use misc::*;
+pub use poll::*;
+pub use procs::*;
