@@ -61,6 +61,7 @@ fn zoo(cgroups: &str, how: How) {
         .env("CYRNEL_KILL_GRACE_MS", "300")
         .env("CYRNEL_DEFAULT_TIMEOUT_MS", "0")
         .start();
+    assert_tracking(&d, cgroups);
     let markers = marker_dir();
     let mut runs = Vec::new();
     for (i, case) in ZOO.iter().enumerate() {
@@ -232,9 +233,13 @@ fn crash_consistency(cgroups: &str, seed: u64) {
         .env("CYRNEL_KILL_GRACE_MS", "400")
         .env("CYRNEL_DEFAULT_TIMEOUT_MS", "0")
         .start();
+    assert_tracking(&d, cgroups);
     let markers = marker_dir();
     let mut issued: Vec<i64> = Vec::new();
     let mut crashes = 0;
+    // How many kill deadlines were issued, found kept after a restart, and
+    // checked against the settle time: a check that never ran proves nothing.
+    let (mut deadlines_issued, mut kept_checked, mut settle_checked) = (0, 0, 0);
     for round in 0..rounds {
         // A workload: quick runs, timeouts, TERM-ignorers being killed
         // (kills in progress at the crash), long runs left running.
@@ -255,6 +260,7 @@ fn crash_consistency(cgroups: &str, seed: u64) {
                     assert_eq!(r.status, 200, "{r}");
                     let rec = r.json();
                     deadlines.push((id, rec["killDeadline"].clone()));
+                    deadlines_issued += 1;
                     id
                 }
                 _ => {
@@ -281,6 +287,7 @@ fn crash_consistency(cgroups: &str, seed: u64) {
                     &rec["killDeadline"], deadline,
                     "round {round}: {id} lost its deadline: {rec}"
                 );
+                kept_checked += 1;
             }
         }
         // Every id that got a 201 exists; none was issued twice.
@@ -309,13 +316,24 @@ fn crash_consistency(cgroups: &str, seed: u64) {
                         done >= due,
                         "round {round}: {id} settled at {done}, before its deadline {due}"
                     );
+                    settle_checked += 1;
                 }
             }
         }
     }
     println!(
-        "crash consistency: {rounds} rounds, {crashes} crashes survived, {} processes",
+        "crash consistency: {rounds} rounds, {crashes} crashes survived, {} processes, \
+         {deadlines_issued} kill deadlines ({kept_checked} found kept after a restart)",
         issued.len()
+    );
+    assert!(deadlines_issued > 0, "the seed issued no kill in progress");
+    assert_eq!(
+        settle_checked, deadlines_issued,
+        "every kill in progress is checked against its settle time"
+    );
+    assert!(
+        kept_checked > 0,
+        "no kill was still in progress after any restart: the deadline check never ran"
     );
 }
 
@@ -354,12 +372,18 @@ fn a_stopped_run_gets_sigcont_after_sigterm(cgroups: &str, by_timeout: bool) {
         "ended by its handler, not SIGKILL: {rec}"
     );
     assert_group_gone(pid);
-    let cgroup_line = "each run gets its own cgroup";
+    assert_tracking(&d, cgroups);
+}
+
+/// Asserts which kill-tracking path the daemon took: its own cgroup per
+/// run (`cgroups = "auto"` on this host, root with cgroup v2) or process
+/// groups (`"off"`), so a test of one path never passes on the other.
+fn assert_tracking(d: &Daemon, cgroups: &str) {
+    let logs = d.logs();
     assert_eq!(
-        d.logs().contains(cgroup_line),
+        logs.contains("each run gets its own cgroup"),
         cgroups == "auto",
-        "{}",
-        d.logs()
+        "tracking path for cgroups = {cgroups}: {logs}"
     );
 }
 
