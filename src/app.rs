@@ -1,8 +1,8 @@
 //! The composition root: prepare the data dir → open the store → bind →
 //! recover and start the supervisor → serve → on shutdown, stop the
 //! supervisor (which puts down every running group) → stop the server.
-//! Shutdown is a future passed in, never a global, so tests and `main`
-//! decide when it fires. Nothing here exits the process.
+//! Shutdown is a future passed in, never a global, so `main` decides when
+//! it fires. Nothing here exits the process.
 
 use std::fs;
 use std::future::Future;
@@ -81,7 +81,6 @@ pub fn salvage(config: &Config) -> Result<Vec<String>, AppError> {
 
 /// How the process around the daemon (`main`) takes part while it runs:
 /// it hears when the daemon is ready and hands it reloaded configurations.
-#[derive(Default)]
 pub struct Hooks {
     /// Called once the listener is bound and the supervisor has recovered
     /// and started, with the bound address (systemd's READY=1).
@@ -93,14 +92,9 @@ pub struct Hooks {
     pub reloads: Option<watch::Receiver<Config>>,
 }
 
-/// Runs the daemon until `shutdown` resolves; returns once every running
-/// group is gone and every transition is durable.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
-    run_with(config, shutdown, Hooks::default()).await
-}
-
-/// [`run`], with `main`'s hooks.
-pub async fn run_with(
+/// Runs the daemon until `shutdown` resolves, with `main`'s hooks; returns
+/// once every running group is gone and every transition is durable.
+pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,
     hooks: Hooks,

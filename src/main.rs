@@ -1,5 +1,5 @@
 //! `cyrneld`: parses the command line, loads the configuration, sets up
-//! logging and the daemon's own signals, and hands over to `app::run_with`
+//! logging and the daemon's own signals, and hands over to `app::run`
 //! on a runtime thread. The main thread stays behind as the reaper of
 //! orphans reparented to the daemon (`proc::OrphanReaper`).
 //!
@@ -217,7 +217,7 @@ impl Drop for StopReaper {
     }
 }
 
-/// The daemon: signals, reloads and `app::run_with`, on the runtime.
+/// The daemon: signals, reloads and `app::run`, on the runtime.
 fn serve(
     runtime: tokio::runtime::Runtime,
     config: Config,
@@ -263,7 +263,7 @@ fn serve(
             })),
             reloads: Some(reloads),
         };
-        cyrnel::app::run_with(config, shutdown, hooks)
+        cyrnel::app::run(config, shutdown, hooks)
             .await
             .map_err(|e| {
                 tracing::error!(error = %e, "cyrneld failed");
