@@ -41,6 +41,9 @@ pub enum AppError {
     Bind { addr: SocketAddr, source: io::Error },
 }
 
+/// How long an `Idempotency-Key` answers with its first create.
+const IDEMPOTENCY_RETENTION_MS: u64 = 86_400_000;
+
 /// Creates `dir` (0700) if missing; tightens an existing one to 0700,
 /// since it holds staged code and outputs.
 fn private_dir(dir: &Path, mode: u32) -> Result<(), AppError> {
@@ -216,9 +219,14 @@ pub async fn run(
             rlimits,
             credentials,
             cgroup_limits,
+            idempotency_retention_ms: IDEMPOTENCY_RETENTION_MS,
         },
         hub.clone(),
     )?;
+    let idempotency_sweep = tokio::spawn(crate::retention::expire_idempotency_keys(
+        store.clone(),
+        IDEMPOTENCY_RETENTION_MS,
+    ));
     let policy = crate::retention::Policy {
         max_records: config.retention_max_records,
         max_age_ms: config.retention_max_age_ms,
@@ -265,6 +273,7 @@ pub async fn run(
     if let Some(task) = retention {
         task.abort();
     }
+    idempotency_sweep.abort();
     supervisor.shutdown().await;
     if let Some(root) = &cgroups {
         root.remove_if_empty();

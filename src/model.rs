@@ -268,6 +268,14 @@ pub struct Change {
     pub record: Record,
 }
 
+/// A create's `Idempotency-Key` and the fingerprint of its request
+/// (method, path and normalised body), computed by the API.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Idempotency {
+    pub key: String,
+    pub fingerprint: [u8; 32],
+}
+
 /// Which captured stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stream {

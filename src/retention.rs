@@ -89,3 +89,35 @@ pub async fn run(store: Store, supervisor: Supervisor, policy: Policy) {
         tokio::time::sleep(SWEEP_EVERY).await;
     }
 }
+
+/// Removes idempotency keys older than `retention_ms`, in the background:
+/// a sweep reads only the expired part of the keys' time index and
+/// deletes at most `MAX_PER_SWEEP` keys per batch through the writer.
+/// Expired keys already count as absent when a create reads them; this
+/// only gives their space back.
+pub async fn expire_idempotency_keys(store: Store, retention_ms: u64) {
+    let every = Duration::from_millis(retention_ms / 2)
+        .clamp(Duration::from_secs(1), Duration::from_secs(60));
+    loop {
+        tokio::time::sleep(every).await;
+        let before = now_ms().saturating_sub(retention_ms);
+        let mut removed = 0;
+        loop {
+            match store.expire_idempotency(before, MAX_PER_SWEEP).await {
+                Ok(n) => {
+                    removed += n;
+                    if n < MAX_PER_SWEEP {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "removing expired idempotency keys failed");
+                    break;
+                }
+            }
+        }
+        if removed > 0 {
+            tracing::debug!(removed, "removed expired idempotency keys");
+        }
+    }
+}

@@ -31,7 +31,7 @@ use ratelimit::{Bucket, Limit, Limiter, Verdict};
 use std::sync::RwLock;
 
 use crate::events::Hub;
-use crate::model::{Change, ExitState, ProcessId, Record, State, Stream};
+use crate::model::{Change, ExitState, Idempotency, ProcessId, Record, State, Stream};
 use crate::store::{Store, StoreError};
 use crate::supervisor::machine::Reject;
 use crate::supervisor::{Supervisor, SupervisorError};
@@ -208,6 +208,7 @@ fn error_response(e: SupervisorError) -> Response<Body> {
         SupervisorError::Rejected(_) => StatusCode::CONFLICT,
         SupervisorError::ShuttingDown | SupervisorError::Gone => StatusCode::SERVICE_UNAVAILABLE,
         SupervisorError::TooManyQueued => StatusCode::TOO_MANY_REQUESTS,
+        SupervisorError::IdempotencyConflict => StatusCode::CONFLICT,
         SupervisorError::SignalFailed => StatusCode::INTERNAL_SERVER_ERROR,
         SupervisorError::Storage(StoreError::Full) => StatusCode::INSUFFICIENT_STORAGE,
         SupervisorError::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -543,19 +544,48 @@ async fn read_json(
         .map_err(|_| error(StatusCode::BAD_REQUEST, "Malformed JSON in request body."))
 }
 
+/// The `Idempotency-Key` header: absent, or 1–255 visible ASCII
+/// characters, once.
+fn idempotency_key(req: &Request<Incoming>) -> Result<Option<String>, Invalid> {
+    let mut values = req.headers().get_all("idempotency-key").iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    let bytes = value.as_bytes();
+    let visible = |b: &u8| (0x21..=0x7e).contains(b);
+    if values.next().is_some()
+        || bytes.is_empty()
+        || bytes.len() > 255
+        || !bytes.iter().all(visible)
+    {
+        return Err(Invalid(
+            "Header 'Idempotency-Key' must be 1 to 255 visible ASCII characters.",
+        ));
+    }
+    Ok(Some(String::from_utf8_lossy(bytes).into_owned()))
+}
+
 async fn create(state: &ApiState, req: Request<Incoming>) -> Response<Body> {
     if state.supervisor.is_shutting_down() {
         return error_response(SupervisorError::ShuttingDown);
     }
+    let key = match idempotency_key(&req) {
+        Ok(k) => k,
+        Err(m) => return bad_request(m),
+    };
     let body = match read_json(state, req).await {
         Ok(Some(v)) => v,
         Ok(None) => return bad_request(NOT_AN_OBJECT),
         Err(r) => return r,
     };
-    let request = match parse_create(&body) {
+    let mut request = match parse_create(&body) {
         Ok(r) => r,
         Err(m) => return bad_request(m),
     };
+    request.idempotency = key.map(|key| Idempotency {
+        fingerprint: wire::fingerprint("POST", "/processes", &body),
+        key,
+    });
     match state.supervisor.create(request).await {
         Ok(id) => json(StatusCode::CREATED, format!("{{\"id\":{id}}}")),
         Err(e) => error_response(e),

@@ -234,7 +234,54 @@ pub fn parse_create(body: &Value) -> Result<CreateRequest, Invalid> {
         kill_grace_ms,
         network,
         autorun,
+        idempotency: None,
     })
+}
+
+/// The fingerprint of a request for idempotency: SHA-256 over the method,
+/// the path and the body in a canonical form (object keys sorted, no
+/// whitespace), so the same request spelled differently matches.
+pub fn fingerprint(method: &str, path: &str, body: &Value) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut canon = Vec::new();
+    canonical(body, &mut canon);
+    let mut h = Sha256::new();
+    h.update(method.as_bytes());
+    h.update(b" ");
+    h.update(path.as_bytes());
+    h.update(b"\n");
+    h.update(&canon);
+    h.finalize().into()
+}
+
+fn canonical(v: &Value, out: &mut Vec<u8>) {
+    match v {
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            out.push(b'{');
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(Value::String(k.clone()).to_string().as_bytes());
+                out.push(b':');
+                canonical(&map[k], out);
+            }
+            out.push(b'}');
+        }
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                canonical(item, out);
+            }
+            out.push(b']');
+        }
+        scalar => out.extend_from_slice(scalar.to_string().as_bytes()),
+    }
 }
 
 /// Validates a run-signal body: `{"force": bool}`, both optional.

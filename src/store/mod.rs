@@ -9,6 +9,7 @@
 //! HTTP, JSON or processes.
 
 mod codec;
+mod idempotency;
 mod logfile;
 mod reclaim;
 mod repair;
@@ -37,8 +38,16 @@ const CF_CODE: &str = "code";
 const CF_OUTPUT: &str = "output";
 const CF_CHUNKS: &str = "chunks";
 const CF_EVENTS: &str = "events";
-const ALL_CFS: [&str; 6] = [
-    CF_META, CF_RECORDS, CF_CODE, CF_OUTPUT, CF_CHUNKS, CF_EVENTS,
+/// Idempotency keys of creates (see `idempotency.rs`).
+const CF_IDEMPOTENCY: &str = "idempotency";
+const ALL_CFS: [&str; 7] = [
+    CF_META,
+    CF_RECORDS,
+    CF_CODE,
+    CF_OUTPUT,
+    CF_CHUNKS,
+    CF_EVENTS,
+    CF_IDEMPOTENCY,
 ];
 
 const KEY_FORMAT_VERSION: &[u8] = b"format_version";

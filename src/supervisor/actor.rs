@@ -19,7 +19,7 @@ use super::uids::UidPool;
 use super::watch::{self, Finished, RunContext};
 use super::{now_ms, CreateRequest, Internal, Settings, Timeout, TimerKind};
 use crate::events::Hub;
-use crate::model::{ProcessId, Record, State};
+use crate::model::{Idempotency, ProcessId, Record, State};
 use crate::proc::sandbox::RunFolder;
 use crate::proc::{Signal, Tracked};
 use crate::store::{Batch, Store};
@@ -48,6 +48,15 @@ pub(super) struct Actor {
     pub uids: Option<UidPool>,
     shutting_down: bool,
     shutdown_waiters: Vec<oneshot::Sender<()>>,
+    /// Idempotency keys whose create is in flight, with the creates that
+    /// repeated them meanwhile (answered when the first is).
+    pub claims: HashMap<String, Claim>,
+}
+
+/// An idempotency key whose create is not yet durable.
+pub(super) struct Claim {
+    fingerprint: [u8; 32],
+    waiters: Vec<Reply<ProcessId>>,
 }
 
 impl Actor {
@@ -74,6 +83,7 @@ impl Actor {
             pending: HashMap::new(),
             shutting_down: false,
             shutdown_waiters: Vec::new(),
+            claims: HashMap::new(),
         };
         actor.recover()?;
         Ok(actor)
@@ -209,7 +219,63 @@ impl Actor {
         self.table.queued() >= self.settings.max_queued
     }
 
+    /// Answers a create whose idempotency key is already claimed (in
+    /// flight or durable); gives the reply back when the key is free.
+    fn answer_claimed(
+        &mut self,
+        key: &Idempotency,
+        reply: Reply<ProcessId>,
+    ) -> Option<Reply<ProcessId>> {
+        if let Some(claim) = self.claims.get_mut(&key.key) {
+            if claim.fingerprint == key.fingerprint {
+                claim.waiters.push(reply);
+            } else {
+                let _ = reply.send(Err(SupervisorError::IdempotencyConflict));
+            }
+            return None;
+        }
+        let since = now_ms().saturating_sub(self.settings.idempotency_retention_ms);
+        match self.store.idempotency(&key.key, since) {
+            Ok(None) => Some(reply),
+            Ok(Some(claim)) => {
+                let _ = reply.send(if claim.fingerprint == key.fingerprint {
+                    Ok(claim.id)
+                } else {
+                    Err(SupervisorError::IdempotencyConflict)
+                });
+                None
+            }
+            Err(e) => {
+                let _ = reply.send(Err(SupervisorError::Storage(e)));
+                None
+            }
+        }
+    }
+
+    /// The create that claimed `key` is answered: those that repeated it
+    /// meanwhile get the same answer.
+    pub(super) fn resolve_claim(
+        &mut self,
+        key: Option<String>,
+        answer: impl Fn() -> Result<ProcessId, SupervisorError>,
+    ) {
+        if let Some(claim) = key.and_then(|k| self.claims.remove(&k)) {
+            for w in claim.waiters {
+                let _ = w.send(answer());
+            }
+        }
+    }
+
     fn create(&mut self, req: CreateRequest, reply: Reply<ProcessId>) {
+        // A repeated key answers what its first create answered, before
+        // any admission check: it starts nothing.
+        let reply = match &req.idempotency {
+            Some(key) => match self.answer_claimed(key, reply) {
+                Some(reply) => reply,
+                None => return,
+            },
+            None => reply,
+        };
         if self.shutting_down {
             let _ = reply.send(Err(SupervisorError::ShuttingDown));
             return;
@@ -236,8 +302,20 @@ impl Actor {
         let mut batch = Batch::durable();
         batch.put_code(id, req.code.as_bytes());
         batch.put_next_id(self.next_id);
+        // The key is claimed in the same synced batch as the record.
+        let claim = req.idempotency.map(|key| {
+            batch.put_idempotency(&key, id, rec.created_at);
+            self.claims.insert(
+                key.key.clone(),
+                Claim {
+                    fingerprint: key.fingerprint,
+                    waiters: Vec::new(),
+                },
+            );
+            key.key
+        });
         self.table.insert(rec.clone(), false);
-        let mut after = AfterDurable::new(Waiter::Created(reply));
+        let mut after = AfterDurable::new(Waiter::Created(reply, claim));
         after.enqueue = req.autorun;
         self.commit(id, batch, rec, Write::Create, after);
     }

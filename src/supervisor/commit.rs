@@ -35,7 +35,9 @@ pub(super) enum Write {
 pub(super) enum Waiter {
     /// Nobody: a fact about processes, retried until it is written.
     Nobody,
-    Created(Reply<ProcessId>),
+    /// A create, and the idempotency key it claims (others that sent the
+    /// same key meanwhile wait for the same answer).
+    Created(Reply<ProcessId>, Option<String>),
     Record(Reply<Record>),
 }
 
@@ -195,8 +197,9 @@ impl Actor {
         }
         match after.waiter {
             Waiter::Nobody => {}
-            Waiter::Created(reply) => {
+            Waiter::Created(reply, claim) => {
                 let _ = reply.send(Ok(id));
+                self.resolve_claim(claim, || Ok(id));
             }
             Waiter::Record(reply) => {
                 let _ = reply.send(match sent {
@@ -223,17 +226,18 @@ impl Actor {
             waiter => waiter,
         };
         self.table.roll_back(id);
-        let err = match err {
+        let err = || match &err {
             StoreError::Full => StoreError::Full,
             other => StoreError::Write(other.to_string()),
         };
         match reply {
             Waiter::Nobody => {}
-            Waiter::Created(reply) => {
-                let _ = reply.send(Err(SupervisorError::Storage(err)));
+            Waiter::Created(reply, claim) => {
+                let _ = reply.send(Err(SupervisorError::Storage(err())));
+                self.resolve_claim(claim, || Err(SupervisorError::Storage(err())));
             }
             Waiter::Record(reply) => {
-                let _ = reply.send(Err(SupervisorError::Storage(err)));
+                let _ = reply.send(Err(SupervisorError::Storage(err())));
             }
         }
     }

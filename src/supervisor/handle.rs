@@ -42,6 +42,8 @@ pub enum SupervisorError {
     Gone,
     #[error("Too many queued processes.")]
     TooManyQueued,
+    #[error("Idempotency-Key was already used with a different request.")]
+    IdempotencyConflict,
 }
 
 /// Where a command's answer goes.

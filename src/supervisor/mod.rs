@@ -31,6 +31,7 @@ mod watch;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::model::Idempotency;
 pub use crate::model::Timeout;
 use crate::proc::cgroup::CgroupRoot;
 use crate::proc::sandbox::Policy;
@@ -70,6 +71,8 @@ pub struct Settings {
     /// Controller limits written into each run cgroup (`memory.max`,
     /// `pids.max`), only those the host delegates.
     pub cgroup_limits: Vec<(&'static str, u64)>,
+    /// How long an `Idempotency-Key` answers with its first create.
+    pub idempotency_retention_ms: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -81,6 +84,8 @@ pub struct CreateRequest {
     /// `options.network`; `None`: the configured default.
     pub network: Option<bool>,
     pub autorun: bool,
+    /// The `Idempotency-Key` of the request, if it had one.
+    pub idempotency: Option<Idempotency>,
 }
 
 /// Events the actor sends itself (through tasks, timers and the store).

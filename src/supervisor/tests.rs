@@ -54,6 +54,7 @@ fn fixture(max_running: usize, max_queued: usize) -> Fixture {
         rlimits: Vec::new(),
         credentials: None,
         cgroup_limits: Vec::new(),
+        idempotency_retention_ms: 60_000,
     };
     let hub = Arc::new(Hub::new(1024));
     let events = hub.subscribe();
@@ -74,6 +75,19 @@ fn create(code: &str, autorun: bool) -> CreateRequest {
         kill_grace_ms: None,
         network: None,
         autorun,
+        idempotency: None,
+    }
+}
+
+fn keyed(code: &str, key: &str) -> CreateRequest {
+    let mut fingerprint = [0; 32];
+    fingerprint[..code.len().min(32)].copy_from_slice(&code.as_bytes()[..code.len().min(32)]);
+    CreateRequest {
+        idempotency: Some(crate::model::Idempotency {
+            key: key.into(),
+            fingerprint,
+        }),
+        ..create(code, true)
     }
 }
 
@@ -166,5 +180,43 @@ async fn admission_counts_queued_runs_and_slots_come_back() {
     assert_eq!(killed.exit_state, Some(ExitState::Canceled));
     let ran = f.entered(idle, State::Idle).await;
     assert_eq!(ran.exit_state, Some(ExitState::Success));
+    f.sup.shutdown().await;
+}
+
+#[tokio::test]
+async fn repeats_of_a_key_in_flight_get_the_first_answer_and_start_nothing() {
+    let mut f = fixture(4, 64);
+    // Sent together: the first claims the key, the others wait for its
+    // write and get its id.
+    let answers =
+        futures_util::future::join_all((0..16).map(|_| f.sup.create(keyed("exit 0", "k1")))).await;
+    let ids: Vec<ProcessId> = answers.into_iter().map(Result::unwrap).collect();
+    assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
+    f.entered(ids[0], State::Idle).await;
+    // Later, from the store: the same id; a different request is refused.
+    assert_eq!(f.sup.create(keyed("exit 0", "k1")).await.unwrap(), ids[0]);
+    assert!(matches!(
+        f.sup.create(keyed("exit 1", "k1")).await.unwrap_err(),
+        SupervisorError::IdempotencyConflict
+    ));
+    // One record exists, and it ran once.
+    let next = f.sup.create(create("exit 0", false)).await.unwrap();
+    assert_eq!(next.0, ids[0].0 + 1, "no id was spent on a repeat");
+    assert_eq!(f.store.get(ids[0]).unwrap().unwrap().state, State::Idle);
+    f.sup.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_key_whose_create_was_refused_is_free_again() {
+    let mut f = fixture(4, 16);
+    f.store.set_reserve(u64::MAX);
+    assert!(matches!(
+        f.sup.create(keyed("exit 0", "k2")).await.unwrap_err(),
+        SupervisorError::Storage(_)
+    ));
+    f.store.set_reserve(0);
+    let id = f.sup.create(keyed("exit 0", "k2")).await.unwrap();
+    f.entered(id, State::Idle).await;
+    assert_eq!(f.sup.create(keyed("exit 0", "k2")).await.unwrap(), id);
     f.sup.shutdown().await;
 }
