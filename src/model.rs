@@ -197,6 +197,47 @@ pub struct Record {
     /// terminating (a uid of its own at level `full`): with `identity`, how
     /// its processes are recognised after a restart.
     pub run_uid: Option<u32>,
+    /// What the last run used, once it has settled (`None` before, or when
+    /// it never started or nothing could be read).
+    pub resources: Option<Resources>,
+}
+
+/// Where a run's resource figures come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UsageSource {
+    /// The run's own cgroup: every process of the run.
+    Cgroup,
+    /// The leader's `wait` accounting: the leader and the children it
+    /// waited for.
+    Rusage,
+}
+
+impl UsageSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UsageSource::Cgroup => "cgroup",
+            UsageSource::Rusage => "rusage",
+        }
+    }
+}
+
+/// What a run used, read when it settled.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resources {
+    pub cpu_user_ms: u64,
+    pub cpu_system_ms: u64,
+    /// Peak memory: the cgroup's `memory.peak` (all its processes
+    /// together), else the largest resident set of the leader and the
+    /// children it waited for.
+    pub peak_memory_bytes: Option<u64>,
+    /// The kernel's OOM killer ended a process of the run (known only with
+    /// the cgroup memory controller; false otherwise).
+    pub oom_killed: bool,
+    /// Most processes alive at once (`pids.peak`; `None` without the pids
+    /// controller).
+    pub peak_processes: Option<u64>,
+    /// Where the CPU times come from.
+    pub source: UsageSource,
 }
 
 impl Record {
@@ -227,6 +268,7 @@ impl Record {
             network: true,
             sandbox: None,
             run_uid: None,
+            resources: None,
         }
     }
 

@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::model::{signal_name, Record};
+use crate::model::{signal_name, Record, Resources};
 use crate::supervisor::{CreateRequest, Timeout};
 
 /// Longest `code`, in characters.
@@ -68,6 +68,35 @@ pub struct ProcessJson<'a> {
     /// `none`; null before a run starts (extension).
     #[serde(default)]
     pub sandbox: Option<Cow<'a, str>>,
+    /// What the last run used; null until it settles (extension).
+    #[serde(default)]
+    pub resources: Option<ResourcesJson>,
+}
+
+/// A settled run's resources (extension).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourcesJson {
+    pub cpu_user_ms: u64,
+    pub cpu_system_ms: u64,
+    pub peak_memory_bytes: Option<u64>,
+    pub oom_killed: bool,
+    pub peak_processes: Option<u64>,
+    /// `cgroup` or `rusage`.
+    pub source: String,
+}
+
+impl From<&Resources> for ResourcesJson {
+    fn from(r: &Resources) -> Self {
+        ResourcesJson {
+            cpu_user_ms: r.cpu_user_ms,
+            cpu_system_ms: r.cpu_system_ms,
+            peak_memory_bytes: r.peak_memory_bytes,
+            oom_killed: r.oom_killed,
+            peak_processes: r.peak_processes,
+            source: r.source.as_str().to_string(),
+        }
+    }
 }
 
 impl ProcessJson<'_> {
@@ -89,6 +118,7 @@ impl ProcessJson<'_> {
             escaped: self.escaped,
             kill_deadline: self.kill_deadline,
             sandbox: self.sandbox.map(|c| Cow::Owned(c.into_owned())),
+            resources: self.resources,
         }
     }
 }
@@ -133,6 +163,7 @@ impl<'a> From<&'a Record> for ProcessJson<'a> {
             escaped: r.escaped,
             kill_deadline: r.kill_deadline.map(iso8601),
             sandbox: r.sandbox.map(|l| Cow::Borrowed(l.as_str())),
+            resources: r.resources.as_ref().map(ResourcesJson::from),
         }
     }
 }

@@ -731,8 +731,11 @@ fn exit_column(p: &Process) -> String {
 
 fn print_table(processes: &[Process]) -> Result<()> {
     let now = now_ms();
-    let header = ["ID", "REF", "STATE", "EXIT", "STARTED", "DURATION"].map(str::to_string);
-    let rows: Vec<[String; 6]> = processes
+    let header = [
+        "ID", "REF", "STATE", "EXIT", "STARTED", "DURATION", "CPU", "MEM",
+    ]
+    .map(str::to_string);
+    let rows: Vec<[String; 8]> = processes
         .iter()
         .map(|p| {
             [
@@ -744,10 +747,18 @@ fn print_table(processes: &[Process]) -> Result<()> {
                     .as_deref()
                     .map_or_else(|| "-".to_string(), readable_time),
                 duration_of(p, now).map_or_else(|| "-".to_string(), format_duration),
+                p.resources.as_ref().map_or_else(
+                    || "-".to_string(),
+                    |r| format_cpu(r.cpu_user_ms + r.cpu_system_ms),
+                ),
+                p.resources
+                    .as_ref()
+                    .and_then(|r| r.peak_memory_bytes)
+                    .map_or_else(|| "-".to_string(), format_bytes),
             ]
         })
         .collect();
-    let mut widths = [0usize; 6];
+    let mut widths = [0usize; 8];
     for row in std::iter::once(&header).chain(&rows) {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
@@ -772,7 +783,8 @@ fn print_table(processes: &[Process]) -> Result<()> {
 
 fn print_record(p: &Process) -> Result<()> {
     let dash = |v: Option<&str>| v.unwrap_or("-").to_string();
-    let fields: [(&str, String); 13] = [
+    let res = p.resources.as_ref();
+    let fields: [(&str, String); 19] = [
         ("id", p.id.to_string()),
         ("ref", dash(p.r#ref.as_deref())),
         ("state", p.state.to_string()),
@@ -792,6 +804,32 @@ fn print_record(p: &Process) -> Result<()> {
             "duration",
             duration_of(p, now_ms()).map_or_else(|| "-".to_string(), format_duration),
         ),
+        (
+            "cpuUser",
+            res.map_or_else(|| "-".into(), |r| format_cpu(r.cpu_user_ms)),
+        ),
+        (
+            "cpuSystem",
+            res.map_or_else(|| "-".into(), |r| format_cpu(r.cpu_system_ms)),
+        ),
+        (
+            "peakMemory",
+            res.and_then(|r| r.peak_memory_bytes)
+                .map_or_else(|| "-".into(), format_bytes),
+        ),
+        (
+            "peakProcesses",
+            dash(
+                res.and_then(|r| r.peak_processes)
+                    .map(|n| n.to_string())
+                    .as_deref(),
+            ),
+        ),
+        (
+            "oomKilled",
+            dash(res.map(|r| if r.oom_killed { "yes" } else { "no" })),
+        ),
+        ("usageSource", dash(res.map(|r| r.source.as_str()))),
     ];
     let width = fields.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
     let mut out = io::stdout().lock();
@@ -855,6 +893,30 @@ fn readable_time(s: &str) -> String {
     }
 }
 
+/// CPU time: `0.02s`, `1.25s`, then as a duration.
+fn format_cpu(ms: u64) -> String {
+    if ms < 60_000 {
+        format!("{}.{:02}s", ms / 1000, ms % 1000 / 10)
+    } else {
+        format_duration(ms)
+    }
+}
+
+/// Bytes in binary units: `512B`, `1.5K`, `64.0M`, `2.0G`.
+fn format_bytes(b: u64) -> String {
+    const UNITS: [&str; 4] = ["K", "M", "G", "T"];
+    if b < 1024 {
+        return format!("{b}B");
+    }
+    let mut v = b as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1}{}", UNITS[unit])
+}
+
 fn format_duration(ms: u64) -> String {
     let secs = ms / 1000;
     if secs < 60 {
@@ -890,6 +952,7 @@ mod tests {
             escaped: None,
             kill_deadline: None,
             sandbox: None,
+            resources: None,
         }
     }
 
@@ -923,6 +986,12 @@ mod tests {
         assert_eq!(format_duration(184_000), "3m04s");
         assert_eq!(format_duration(3_720_000), "1h02m");
         assert_eq!(format_duration(90_000_000), "1d01h");
+        assert_eq!(format_cpu(20), "0.02s");
+        assert_eq!(format_cpu(1250), "1.25s");
+        assert_eq!(format_cpu(184_000), "3m04s");
+        assert_eq!(format_bytes(512), "512B");
+        assert_eq!(format_bytes(1536), "1.5K");
+        assert_eq!(format_bytes(64 << 20), "64.0M");
     }
 
     #[test]

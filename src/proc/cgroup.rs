@@ -148,6 +148,46 @@ impl CgroupRoot {
     }
 }
 
+/// What a run's cgroup accounted, read once the run is empty. The CPU
+/// times come from `cpu.stat` (present on every cgroup v2); the others need
+/// their controller enabled for the run's cgroup and are `None` without.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CgroupUsage {
+    pub user_us: u64,
+    pub system_us: u64,
+    /// `memory.peak`: the most memory the cgroup's processes held at once.
+    pub memory_peak: Option<u64>,
+    /// `oom_kill` of `memory.events`.
+    pub oom_kills: Option<u64>,
+    /// `pids.peak`: the most processes alive at once.
+    pub pids_peak: Option<u64>,
+}
+
+/// The value of `key` in a flat-keyed cgroup file (`key value` lines).
+fn keyed(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        (k == key).then(|| v.trim().parse().ok())?
+    })
+}
+
+impl CgroupUsage {
+    fn parse(
+        cpu_stat: &str,
+        memory_peak: Option<&str>,
+        memory_events: Option<&str>,
+        pids_peak: Option<&str>,
+    ) -> Option<CgroupUsage> {
+        Some(CgroupUsage {
+            user_us: keyed(cpu_stat, "user_usec")?,
+            system_us: keyed(cpu_stat, "system_usec")?,
+            memory_peak: memory_peak.and_then(|s| s.trim().parse().ok()),
+            oom_kills: memory_events.and_then(|s| keyed(s, "oom_kill")),
+            pids_peak: pids_peak.and_then(|s| s.trim().parse().ok()),
+        })
+    }
+}
+
 /// One run's cgroup.
 #[derive(Clone, Debug)]
 pub struct RunCgroup {
@@ -283,6 +323,18 @@ impl RunCgroup {
         Ok(EventsFile { fd })
     }
 
+    /// What the cgroup accounted (`None`: `cpu.stat` unreadable). Read it
+    /// once the run is empty, before [`RunCgroup::remove`].
+    pub fn usage(&self) -> Option<CgroupUsage> {
+        let read = |f: &str| fs::read_to_string(self.dir.join(f)).ok();
+        CgroupUsage::parse(
+            &read("cpu.stat")?,
+            read("memory.peak").as_deref(),
+            read("memory.events").as_deref(),
+            read("pids.peak").as_deref(),
+        )
+    }
+
     /// SIGKILL to every process in the cgroup, atomically with respect to
     /// forks (the kernel's `cgroup.kill`).
     pub fn kill(&self) -> io::Result<()> {
@@ -308,6 +360,28 @@ impl RunCgroup {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn usage_reads_cpu_stat_and_what_the_controllers_offer() {
+        let cpu = "usage_usec 5000\nuser_usec 3000\nsystem_usec 2000\nnr_periods 0\n";
+        let events = "low 0\nhigh 0\nmax 4\noom 1\noom_kill 1\noom_group_kill 0\n";
+        assert_eq!(
+            CgroupUsage::parse(cpu, Some("67108864\n"), Some(events), Some("3\n")),
+            Some(CgroupUsage {
+                user_us: 3000,
+                system_us: 2000,
+                memory_peak: Some(64 << 20),
+                oom_kills: Some(1),
+                pids_peak: Some(3),
+            })
+        );
+        let only_cpu = CgroupUsage::parse(cpu, None, None, None).unwrap();
+        assert_eq!(
+            (only_cpu.memory_peak, only_cpu.oom_kills, only_cpu.pids_peak),
+            (None, None, None)
+        );
+        assert_eq!(CgroupUsage::parse("usage_usec 1\n", None, None, None), None);
+    }
 
     #[test]
     fn membership_compares_the_whole_path() {

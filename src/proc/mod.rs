@@ -286,16 +286,45 @@ fn pidfd_send_signal(pidfd: &OwnedFd, sig: i32, flags: libc::c_uint) -> io::Resu
     }
 }
 
+/// What the kernel accounted to an exited leader: its own use and that of
+/// the children it waited for (`RUSAGE_BOTH`, as `wait4` reports it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Rusage {
+    pub user_us: u64,
+    pub system_us: u64,
+    /// The largest resident set among them (not a sum).
+    pub max_rss_bytes: u64,
+}
+
+impl Rusage {
+    fn from_raw(ru: &libc::rusage) -> Rusage {
+        let us = |t: libc::timeval| (t.tv_sec.max(0) as u64) * 1_000_000 + t.tv_usec.max(0) as u64;
+        Rusage {
+            user_us: us(ru.ru_utime),
+            system_us: us(ru.ru_stime),
+            max_rss_bytes: (ru.ru_maxrss.max(0) as u64) * 1024,
+        }
+    }
+}
+
 /// waitid(P_PIDFD) on our own child (`__WALL`: leaders have no exit signal).
-fn waitid_pidfd(pidfd: &OwnedFd, flags: libc::c_int) -> io::Result<Option<ExitStatus>> {
+/// Through the raw system call, whose fifth argument (which glibc's
+/// wrapper hides) returns the child's resource usage, also with `WNOWAIT`.
+fn waitid_pidfd(pidfd: &OwnedFd, flags: libc::c_int) -> io::Result<Option<(ExitStatus, Rusage)>> {
     // SAFETY: siginfo_t is plain data; waitid fills it.
     let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: rusage is plain data; waitid fills it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid(2) with valid pointers to a siginfo_t and a rusage
+    // that outlive the call.
     let r = unsafe {
-        libc::waitid(
+        libc::syscall(
+            libc::SYS_waitid,
             libc::P_PIDFD,
             pidfd.as_raw_fd() as libc::id_t,
-            &mut info,
+            &mut info as *mut libc::siginfo_t,
             flags | libc::WEXITED | libc::WNOHANG | libc::__WALL,
+            &mut ru as *mut libc::rusage,
         )
     };
     if r < 0 {
@@ -306,10 +335,11 @@ fn waitid_pidfd(pidfd: &OwnedFd, flags: libc::c_int) -> io::Result<Option<ExitSt
     if pid == 0 {
         return Ok(None);
     }
-    Ok(Some(match info.si_code {
+    let status = match info.si_code {
         libc::CLD_EXITED => ExitStatus::Code(status),
         _ => ExitStatus::Signal(status),
-    }))
+    };
+    Ok(Some((status, Rusage::from_raw(&ru))))
 }
 
 impl Leader {
@@ -317,8 +347,9 @@ impl Leader {
         self.pid
     }
 
-    /// Waits until the leader has exited, without reaping it.
-    pub async fn exited(&self) -> io::Result<ExitStatus> {
+    /// Waits until the leader has exited, without reaping it; returns its
+    /// status and what it (with the children it waited for) used.
+    pub async fn exited(&self) -> io::Result<(ExitStatus, Rusage)> {
         loop {
             let mut guard = self.pidfd.readable().await?;
             if let Some(st) = waitid_pidfd(self.pidfd.get_ref(), libc::WNOWAIT)? {
@@ -331,7 +362,7 @@ impl Leader {
     /// Reaps the leader. Call only once the group is empty and will not be
     /// signalled again.
     pub fn reap(&self) -> io::Result<Option<ExitStatus>> {
-        waitid_pidfd(self.pidfd.get_ref(), 0)
+        Ok(waitid_pidfd(self.pidfd.get_ref(), 0)?.map(|(status, _)| status))
     }
 }
 
@@ -568,6 +599,14 @@ pub struct Tracked {
 }
 
 impl Tracked {
+    /// What the run's cgroup accounted (`None` without one).
+    pub fn cgroup_usage(&self) -> Option<cgroup::CgroupUsage> {
+        match &self.scope {
+            Scope::Cgroup(cg) => cg.usage(),
+            Scope::Group => None,
+        }
+    }
+
     /// Live processes of the run other than the leader.
     pub fn others(&self) -> Vec<i32> {
         match &self.scope {

@@ -2,8 +2,8 @@
 //!
 //! One leading version byte, then fixed-order fields. Version 2 appends
 //! `killed` and `escaped` to version 1; version 3 appends `network`,
-//! `sandbox` and `run_uid`. Older values still decode (the new fields
-//! absent, `network` true).
+//! `sandbox` and `run_uid`; version 4 appends `resources`. Older values
+//! still decode (the new fields absent, `network` true).
 //! Integers are big-endian; an optional value is a presence byte (0/1)
 //! followed by the value; a string is a u32 length and UTF-8 bytes. A new
 //! field means a new version byte and a decoder that still reads every older
@@ -11,12 +11,14 @@
 //! silently. Knows nothing of RocksDB or HTTP.
 
 use crate::model::{
-    ChangeKind, ExitState, ProcIdentity, ProcessId, Record, SandboxLevel, State, TermCause,
+    ChangeKind, ExitState, ProcIdentity, ProcessId, Record, Resources, SandboxLevel, State,
+    TermCause, UsageSource,
 };
 
 pub const RECORD_V1: u8 = 1;
 pub const RECORD_V2: u8 = 2;
 pub const RECORD_V3: u8 = 3;
+pub const RECORD_V4: u8 = 4;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -176,7 +178,7 @@ fn state_from_tag(t: u8) -> Result<State, DecodeError> {
 
 pub fn encode_record(r: &Record) -> Vec<u8> {
     let mut w = Writer(Vec::with_capacity(128));
-    w.u8(RECORD_V3);
+    w.u8(RECORD_V4);
     w.u64(r.id.0);
     w.opt(&r.r#ref, |w, s| w.str(s));
     w.u8(state_tag(r.state));
@@ -206,13 +208,24 @@ pub fn encode_record(r: &Record) -> Vec<u8> {
     w.u8(r.network as u8);
     w.opt(&r.sandbox, |w, l| w.u8(sandbox_tag(*l)));
     w.opt(&r.run_uid, |w, v| w.u32(*v));
+    w.opt(&r.resources, |w, u| {
+        w.u64(u.cpu_user_ms);
+        w.u64(u.cpu_system_ms);
+        w.opt(&u.peak_memory_bytes, |w, v| w.u64(*v));
+        w.u8(u.oom_killed as u8);
+        w.opt(&u.peak_processes, |w, v| w.u64(*v));
+        w.u8(match u.source {
+            UsageSource::Cgroup => 1,
+            UsageSource::Rusage => 2,
+        });
+    });
     w.0
 }
 
 pub fn decode_record(bytes: &[u8]) -> Result<Record, DecodeError> {
     let mut r = Reader(bytes);
     let version = r.u8()?;
-    if !(RECORD_V1..=RECORD_V3).contains(&version) {
+    if !(RECORD_V1..=RECORD_V4).contains(&version) {
         return Err(DecodeError::UnknownVersion(version));
     }
     let id = ProcessId(r.u64()?);
@@ -274,6 +287,7 @@ pub fn decode_record(bytes: &[u8]) -> Result<Record, DecodeError> {
         network: true,
         sandbox: None,
         run_uid: None,
+        resources: None,
     };
     if version >= RECORD_V2 {
         rec.killed = r.opt(|r| r.u32())?;
@@ -288,6 +302,22 @@ pub fn decode_record(bytes: &[u8]) -> Result<Record, DecodeError> {
             t => Err(DecodeError::BadTag("sandbox level", t)),
         })?;
         rec.run_uid = r.opt(|r| r.u32())?;
+    }
+    if version >= RECORD_V4 {
+        rec.resources = r.opt(|r| {
+            Ok(Resources {
+                cpu_user_ms: r.u64()?,
+                cpu_system_ms: r.u64()?,
+                peak_memory_bytes: r.opt(|r| r.u64())?,
+                oom_killed: r.bool()?,
+                peak_processes: r.opt(|r| r.u64())?,
+                source: match r.u8()? {
+                    1 => UsageSource::Cgroup,
+                    2 => UsageSource::Rusage,
+                    t => return Err(DecodeError::BadTag("usage source", t)),
+                },
+            })
+        })?;
     }
     if !r.0.is_empty() {
         return Err(DecodeError::Trailing(r.0.len()));
@@ -405,9 +435,41 @@ mod tests {
         r
     }
 
+    /// Version-4 bytes: version 3's fields, then the run's resources.
+    fn golden_v4() -> String {
+        format!(
+            "04{}{}",
+            &golden_v3()[2..],
+            concat!(
+                "01",               // resources present
+                "00000000000004d2", // cpu user 1234 ms
+                "0000000000000038", // cpu system 56 ms
+                "01",
+                "0000000004000000", // peak memory 64 MiB
+                "01",               // oom killed
+                "00",               // peak processes unknown
+                "01",               // source cgroup
+            )
+        )
+    }
+
+    fn sample_v4() -> Record {
+        let mut r = sample_v3();
+        r.resources = Some(Resources {
+            cpu_user_ms: 1234,
+            cpu_system_ms: 56,
+            peak_memory_bytes: Some(64 << 20),
+            oom_killed: true,
+            peak_processes: None,
+            source: UsageSource::Cgroup,
+        });
+        r
+    }
+
     #[test]
-    fn golden_bytes_v3_encode() {
-        assert_eq!(hex(&encode_record(&sample_v3())), golden_v3());
+    fn golden_bytes_v4_encode_and_decode() {
+        assert_eq!(hex(&encode_record(&sample_v4())), golden_v4());
+        assert_eq!(decode_record(&unhex(&golden_v4())).unwrap(), sample_v4());
     }
 
     #[test]
@@ -455,8 +517,8 @@ mod tests {
             Err(DecodeError::Truncated)
         );
         let mut future = good.clone();
-        future[0] = 4;
-        assert_eq!(decode_record(&future), Err(DecodeError::UnknownVersion(4)));
+        future[0] = 5;
+        assert_eq!(decode_record(&future), Err(DecodeError::UnknownVersion(5)));
         let mut trailing = good;
         trailing.push(0);
         assert_eq!(decode_record(&trailing), Err(DecodeError::Trailing(1)));

@@ -594,6 +594,7 @@ impl Actor {
             streams: f.streams,
             killed,
             escaped,
+            resources: f.resources,
             now: now_ms(),
         };
         if let Ok((rec, effects)) = self.decide(id, event) {

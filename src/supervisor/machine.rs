@@ -3,8 +3,12 @@
 //! I/O, so every transition is unit-tested directly. The actor in `mod.rs`
 //! persists the new record and carries out the effects.
 
-use crate::model::{signal_name, ExitState, ProcIdentity, Record, SandboxLevel, State, TermCause};
-use crate::proc::ExitStatus;
+use crate::model::{
+    signal_name, ExitState, ProcIdentity, Record, Resources, SandboxLevel, State, TermCause,
+    UsageSource,
+};
+use crate::proc::cgroup::CgroupUsage;
+use crate::proc::{ExitStatus, Rusage};
 
 /// Message for a run found alive (or dead) after a daemon restart.
 pub const RESTARTED_ERROR: &str = "Supervisor restarted while the process was running.";
@@ -42,8 +46,41 @@ pub enum Event {
         /// Processes our signals reached, and those outside the group.
         killed: Option<u32>,
         escaped: Option<u32>,
+        /// What the run used (see [`resources`]).
+        resources: Option<Resources>,
         now: u64,
     },
+}
+
+/// A settled run's resources from what the kernel reported: the run's
+/// cgroup where it has one (every process of the run), else the leader's
+/// `wait` accounting (the leader and the children it waited for; it misses
+/// processes that left the leader, which the leader never waited for).
+/// Peak memory comes from the cgroup's `memory.peak` when the memory
+/// controller is enabled, else from the largest resident set `wait`
+/// reported; `peakProcesses` needs the pids controller, `oomKilled` the
+/// memory controller.
+pub fn resources(leader: Option<Rusage>, cgroup: Option<CgroupUsage>) -> Option<Resources> {
+    let ms = |us: u64| us / 1000;
+    match (cgroup, leader) {
+        (Some(cg), leader) => Some(Resources {
+            cpu_user_ms: ms(cg.user_us),
+            cpu_system_ms: ms(cg.system_us),
+            peak_memory_bytes: cg.memory_peak.or(leader.map(|l| l.max_rss_bytes)),
+            oom_killed: cg.oom_kills.is_some_and(|n| n > 0),
+            peak_processes: cg.pids_peak,
+            source: UsageSource::Cgroup,
+        }),
+        (None, Some(l)) => Some(Resources {
+            cpu_user_ms: ms(l.user_us),
+            cpu_system_ms: ms(l.system_us),
+            peak_memory_bytes: Some(l.max_rss_bytes),
+            oom_killed: false,
+            peak_processes: None,
+            source: UsageSource::Rusage,
+        }),
+        (None, None) => None,
+    }
 }
 
 /// What the CYRNEL_OUTPUT file held at the end of a run.
@@ -147,6 +184,7 @@ fn reset_run(next: &mut Record) {
     next.killed = None;
     next.escaped = None;
     next.sandbox = None;
+    next.resources = None;
 }
 
 /// Decides `event` for `rec`: the next record and everything the actor
@@ -281,12 +319,14 @@ fn transition(rec: &Record, event: Event) -> Decision {
                 streams,
                 killed,
                 escaped,
+                resources,
                 now,
             },
         ) => {
             let (mut next, fx) = settle(rec, status, output, streams, now);
             next.killed = killed;
             next.escaped = escaped;
+            next.resources = resources;
             Ok((next, fx))
         }
 
@@ -401,6 +441,7 @@ mod tests {
                 streams: StreamStats::default(),
                 killed: None,
                 escaped: None,
+                resources: None,
                 now: 900,
             },
         )
@@ -762,11 +803,68 @@ mod tests {
                     streams: StreamStats::default(),
                     killed: None,
                     escaped: None,
+                    resources: None,
                     now: 0
                 }
             )
             .unwrap_err(),
             Reject::Stale
         );
+    }
+
+    #[test]
+    fn resources_prefer_the_cgroup_and_fall_back_to_wait_accounting() {
+        let leader = Rusage {
+            user_us: 7_500,
+            system_us: 1_200,
+            max_rss_bytes: 10 << 20,
+        };
+        let cpu_only = CgroupUsage {
+            user_us: 20_000,
+            system_us: 3_000,
+            ..CgroupUsage::default()
+        };
+        assert_eq!(
+            resources(Some(leader), Some(cpu_only)),
+            Some(Resources {
+                cpu_user_ms: 20,
+                cpu_system_ms: 3,
+                peak_memory_bytes: Some(10 << 20),
+                oom_killed: false,
+                peak_processes: None,
+                source: UsageSource::Cgroup,
+            })
+        );
+        let full = CgroupUsage {
+            memory_peak: Some(64 << 20),
+            oom_kills: Some(1),
+            pids_peak: Some(4),
+            ..cpu_only
+        };
+        let r = resources(Some(leader), Some(full)).unwrap();
+        assert_eq!(
+            (r.peak_memory_bytes, r.oom_killed, r.peak_processes),
+            (Some(64 << 20), true, Some(4))
+        );
+        assert_eq!(
+            resources(Some(leader), None),
+            Some(Resources {
+                cpu_user_ms: 7,
+                cpu_system_ms: 1,
+                peak_memory_bytes: Some(10 << 20),
+                oom_killed: false,
+                peak_processes: None,
+                source: UsageSource::Rusage,
+            })
+        );
+        assert_eq!(resources(None, None), None);
+    }
+
+    #[test]
+    fn a_rerun_clears_the_last_resources() {
+        let mut done = settled(&running(), Some(ExitStatus::Code(0)), OutputOutcome::None);
+        done.resources = resources(Some(Rusage::default()), None);
+        let (queued, _) = decide(&done, Event::Run { force: true }).unwrap();
+        assert_eq!(queued.resources, None);
     }
 }

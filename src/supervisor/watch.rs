@@ -9,10 +9,10 @@ use std::sync::Arc;
 use tokio::net::unix::pipe;
 use tokio::sync::{mpsc, watch};
 
-use super::machine::{OutputOutcome, StreamStats};
+use super::machine::{self, OutputOutcome, StreamStats};
 use super::Internal;
 use crate::events::Hub;
-use crate::model::{ProcIdentity, ProcessId, Stream};
+use crate::model::{ProcIdentity, ProcessId, Resources, Stream};
 use crate::output::parse_output;
 use crate::proc::cgroup::RunCgroup;
 use crate::proc::sandbox::RunFolder;
@@ -25,6 +25,7 @@ pub struct Finished {
     pub id: ProcessId,
     pub gen: u64,
     pub status: Option<ExitStatus>,
+    pub resources: Option<Resources>,
     pub output: OutputOutcome,
     pub streams: StreamStats,
 }
@@ -56,18 +57,20 @@ pub async fn watch_child(
         stop_rx.clone(),
     ));
     let err = tokio::spawn(capture(Sink::new(&ctx, Stream::Stderr), stderr, stop_rx));
-    let status = match leader.exited().await {
-        Ok(s) => Some(s),
+    let (status, rusage) = match leader.exited().await {
+        Ok((s, usage)) => (Some(s), Some(usage)),
         Err(e) => {
             tracing::error!(id = %ctx.id, error = %e, "waiting for the leader failed");
-            None
+            (None, None)
         }
     };
     tracked.wait_only_leader_left().await;
+    // Nothing of the run is alive: its cgroup's figures are final.
+    let resources = machine::resources(rusage, tracked.cgroup_usage());
     // Every writer in the group is gone: what they wrote is in the pipes.
     let _ = stop_tx.send(true);
     let (o, e) = (out.await.unwrap_or_default(), err.await.unwrap_or_default());
-    finish(ctx, status, o, e).await;
+    finish(ctx, status, resources, o, e).await;
 }
 
 /// Supervises a run found alive after a restart: no pipes, no child of
@@ -78,10 +81,17 @@ pub async fn watch_orphan(
     cgroup: Option<RunCgroup>,
 ) {
     proc::poll_until(|| !proc::orphan_alive(identity.as_ref(), cgroup.as_ref())).await;
-    finish(ctx, None, (0, 0), (0, 0)).await;
+    let resources = machine::resources(None, cgroup.as_ref().and_then(RunCgroup::usage));
+    finish(ctx, None, resources, (0, 0), (0, 0)).await;
 }
 
-async fn finish(mut ctx: RunContext, status: Option<ExitStatus>, out: (u64, u64), err: (u64, u64)) {
+async fn finish(
+    mut ctx: RunContext,
+    status: Option<ExitStatus>,
+    resources: Option<Resources>,
+    out: (u64, u64),
+    err: (u64, u64),
+) {
     let max = ctx.max_output_bytes;
     let output = match ctx.folder.take() {
         None => parse_output(None, max),
@@ -107,6 +117,7 @@ async fn finish(mut ctx: RunContext, status: Option<ExitStatus>, out: (u64, u64)
         id: ctx.id,
         gen: ctx.gen,
         status,
+        resources,
         output,
         streams: StreamStats {
             stdout_len: out.0,

@@ -322,7 +322,7 @@ fn ps_prints_a_table_filters_and_json() {
         .collect();
     assert_eq!(
         header,
-        ["ID", "REF", "STATE", "EXIT", "STARTED", "DURATION"],
+        ["ID", "REF", "STATE", "EXIT", "STARTED", "DURATION", "CPU", "MEM"],
         "{out:?}"
     );
     let row = ps_row(&out.stdout, a).unwrap_or_else(|| panic!("no row for {a}: {out:?}"));

@@ -14,6 +14,7 @@ mod lifecycle;
 mod openapi;
 mod props;
 mod reload;
+mod resources;
 mod sandbox;
 mod storage;
 mod tidy;
