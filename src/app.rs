@@ -133,7 +133,7 @@ pub async fn run(
             None
         }
     };
-    let limits = &config.child_limits;
+    let limits = config.child_limits();
     let rlimits: Vec<(Rlimit, u64)> = [
         // Children get the usual soft limit back unless configured.
         (Rlimit::OpenFiles, limits.nofile.or(original_nofile)),
@@ -247,7 +247,7 @@ pub async fn run(
         hub: hub.clone(),
         heartbeat: std::time::Duration::from_millis(config.event_heartbeat_ms),
         limiter: Limiter::default(),
-        rate_limits: RwLock::new(config.rate_limits),
+        rate_limits: RwLock::new(config.rate_limits()),
         http: HttpLimits {
             max_connections: config.max_connections,
             header_read_timeout: Duration::from_millis(config.header_read_timeout_ms),
@@ -353,7 +353,7 @@ async fn apply_reloads(mut reloads: watch::Receiver<Config>, state: Arc<ApiState
     while reloads.changed().await.is_ok() {
         let (api_key, rate_limits) = {
             let config = reloads.borrow_and_update();
-            (config.api_key.clone(), config.rate_limits)
+            (config.api_key.clone(), config.rate_limits())
         };
         state.api_key.set(api_key);
         // Counters already running keep counting; the new limits apply

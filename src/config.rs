@@ -4,6 +4,12 @@
 //! variables, the TOML file given with `--config`, built-in defaults. Any
 //! invalid value stops the daemon with a message naming the key; nothing
 //! starts half-configured.
+//!
+//! Every key is described once, in the table below (`keys!`): its name, its
+//! type, its default and lower bound, whether a reload (SIGHUP) applies it or
+//! it needs a restart, and whether it is a secret. The `Config` struct, the
+//! list of known keys, the redacted `Debug`, the restart list of a reload and
+//! the check of README.md and `platform/cyrneld.toml` all come from it.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -12,56 +18,203 @@ use std::path::{Path, PathBuf};
 
 use crate::proc::sandbox::Requested;
 
-/// Every key the daemon understands, with its default as documentation
-/// (`platform/cyrneld.toml` lists the same).
-pub const KEYS: &[&str] = &[
-    "listen",
-    "data_dir",
-    "api_key",
-    "max_running",
-    "default_timeout_ms",
-    "kill_grace_ms",
-    "shell",
-    "max_output_bytes",
-    "max_body_bytes",
-    "env",
-    "log_level",
-    "event_retention",
-    "event_buffer",
-    "event_heartbeat_ms",
-    "cgroups",
-    "storage_reserve_bytes",
-    "api_key_file",
-    "rate_limit_create_per_min",
-    "rate_limit_run_per_min",
-    "rate_limit_kill_per_min",
-    "rate_limit_max",
-    "rate_limit_window_ms",
-    "max_connections",
-    "header_read_timeout_ms",
-    "max_header_bytes",
-    "max_uri_bytes",
-    "max_queued",
-    "user",
-    "group",
-    "rlimit_nofile",
-    "rlimit_nproc",
-    "rlimit_core",
-    "rlimit_as",
-    "rlimit_cpu",
-    "memory_max",
-    "pids_max",
-    "sandbox",
-    "sandbox_uid_base",
-    "sandbox_uid_count",
-    "run_folder_bytes",
-    "run_folder_inodes",
-    "network",
-    "shared_dirs",
-    "storage_memory_bytes",
-    "retention_max_records",
-    "retention_max_age_ms",
-];
+/// What an absent key means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Default {
+    Int(u64),
+    Text(&'static str),
+    Bool(bool),
+    /// The `[env]` table with `PATH` = [`DEFAULT_PATH`] only.
+    Env,
+    /// No value: the feature is off, or the value is derived at start.
+    Unset,
+}
+
+/// When a changed value takes effect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reload {
+    /// A reload (SIGHUP) applies it without touching running processes.
+    Live,
+    /// Kept until the daemon restarts; a reload names it in its log line.
+    Restart,
+}
+
+/// One configuration key (see `keys!` below for the table).
+pub struct Key {
+    pub name: &'static str,
+    pub default: Default,
+    /// The smallest accepted value of an integer key.
+    pub min: u64,
+    pub reload: Reload,
+    /// Its value never reaches a log line: `Debug` shows whether it is set
+    /// (the names only, for `env`).
+    pub secret: bool,
+    /// The value in force, as `Debug` shows it (redacted when secret).
+    show: fn(&Config) -> Box<dyn fmt::Debug + '_>,
+    /// Whether two configurations differ in this key.
+    differs: fn(&Config, &Config) -> bool,
+    /// Takes this key's value from the second configuration.
+    adopt: fn(&mut Config, &Config),
+}
+
+impl Key {
+    /// The key named `name`, if there is one.
+    pub fn find(name: &str) -> Option<&'static Key> {
+        KEYS.iter().find(|k| k.name == name)
+    }
+}
+
+/// How a secret value is shown.
+trait Redact {
+    fn redacted(&self) -> Box<dyn fmt::Debug + '_>;
+}
+
+impl Redact for Option<String> {
+    fn redacted(&self) -> Box<dyn fmt::Debug + '_> {
+        Box::new(self.as_ref().map(|_| "<set>"))
+    }
+}
+
+/// The names without the values.
+impl Redact for Vec<(String, String)> {
+    fn redacted(&self) -> Box<dyn fmt::Debug + '_> {
+        Box::new(self.iter().map(|(k, _)| k).collect::<Vec<_>>())
+    }
+}
+
+/// Generates the `Config` struct (one field per key, named as the key), a
+/// `Key` constant per key in `key::`, and `KEYS`. A row:
+///
+/// ```text
+/// /// doc of the field
+/// name: Type = Default::…[, min N], [live|restart[, secret]];
+/// ```
+macro_rules! keys {
+    ($(
+        $(#[doc = $doc:literal])*
+        $name:ident: $ty:ty = $default:expr $(, min $min:expr)?, [$reload:ident $(, $secret:ident)?];
+    )*) => {
+        #[derive(Clone, PartialEq, Eq)]
+        pub struct Config {
+            $( $(#[doc = $doc])* pub $name: $ty, )*
+            /// The files holding secrets (the config file when it sets
+            /// `api_key`, and `api_key_file`): masked from runs. Not a key:
+            /// follows from where the API key came from.
+            pub secret_files: Vec<PathBuf>,
+        }
+
+        /// One [`Key`] per configuration key, named as the key.
+        #[allow(non_upper_case_globals)]
+        pub mod key {
+            use super::{Default, Key, Redact as _, Reload};
+            $(
+                pub const $name: Key = Key {
+                    name: stringify!($name),
+                    default: $default,
+                    min: keys!(@min $($min)?),
+                    reload: keys!(@reload $reload),
+                    secret: keys!(@secret $($secret)?),
+                    show: |c| keys!(@show [$($secret)?] c.$name),
+                    differs: |a, b| a.$name != b.$name,
+                    adopt: |to, from| to.$name.clone_from(&from.$name),
+                };
+            )*
+        }
+
+        /// Every key the daemon understands, in the order of `Debug`.
+        pub const KEYS: &[Key] = &[$(key::$name),*];
+    };
+    (@min) => { 0 };
+    (@min $min:expr) => { $min };
+    (@reload live) => { Reload::Live };
+    (@reload restart) => { Reload::Restart };
+    (@secret) => { false };
+    (@secret secret) => { true };
+    (@show [] $v:expr) => { Box::new(&$v) };
+    (@show [secret] $v:expr) => { $v.redacted() };
+}
+
+keys! {
+    /// Address and port of the HTTP API; non-loopback requires `api_key`.
+    listen: SocketAddr = Default::Text("127.0.0.1:9371"), [restart];
+    /// The database (`db/`) and, as a fallback, run folders (`run/`).
+    data_dir: PathBuf = Default::Text("cyrnel-data"), [restart];
+    /// Bearer token for every route but /health; `None`: no auth.
+    api_key: Option<String> = Default::Unset, [live, secret];
+    /// The file `api_key` was read from (a reload reads it again).
+    api_key_file: Option<PathBuf> = Default::Unset, [live];
+    max_running: usize = Default::Int(32), min 1, [restart];
+    /// `None`: no default time limit (`default_timeout_ms = 0`).
+    default_timeout_ms: Option<u64> = Default::Int(30_000), [restart];
+    kill_grace_ms: u64 = Default::Int(5_000), [restart];
+    shell: String = Default::Text("/bin/sh"), [restart];
+    max_output_bytes: u64 = Default::Int(8 << 20), [restart];
+    max_body_bytes: u64 = Default::Int(1 << 20), min 1024, [restart];
+    /// The complete environment of every run (values may be credentials).
+    env: Vec<(String, String)> = Default::Env, [restart, secret];
+    log_level: String = Default::Text("info"), [live];
+    /// Events kept for resuming clients.
+    event_retention: u64 = Default::Int(100_000), min 1, [restart];
+    /// Events a stream client may fall behind before its stream is closed.
+    event_buffer: usize = Default::Int(1024), min 1, [restart];
+    event_heartbeat_ms: u64 = Default::Int(15_000), min 10, [restart];
+    /// Track each run in its own cgroup v2 when the host allows it
+    /// (`cgroups = "auto"`); `"off"` uses process groups only.
+    cgroups: bool = Default::Text("auto"), [restart];
+    /// Free bytes kept on the data dir's filesystem; below it creates and
+    /// reruns get 507 while transitions of running work still persist.
+    storage_reserve_bytes: u64 = Default::Int(64 << 20), [restart];
+    /// Request limits per client address and one-minute window (0
+    /// disables), plus the optional limit over all routes.
+    rate_limit_create_per_min: u64 = Default::Int(20), [live];
+    rate_limit_run_per_min: u64 = Default::Int(20), [live];
+    rate_limit_kill_per_min: u64 = Default::Int(10), [live];
+    rate_limit_max: u64 = Default::Int(0), [live];
+    rate_limit_window_ms: u64 = Default::Int(60_000), min 1, [live];
+    /// Concurrent HTTP connections; further ones wait in the listen backlog.
+    max_connections: usize = Default::Int(1024), min 1, [restart];
+    /// A client must send a request's headers within this (slowloris).
+    header_read_timeout_ms: u64 = Default::Int(10_000), min 1, [restart];
+    /// hyper's read buffer cannot be smaller than 8 KiB.
+    max_header_bytes: usize = Default::Int(16 * 1024), min 8192, [restart];
+    max_uri_bytes: usize = Default::Int(8 * 1024), min 64, [restart];
+    /// Queued processes at most; creates beyond get 429.
+    max_queued: usize = Default::Int(10_000), min 1, [restart];
+    /// Run children as this user/group (names or numbers); only as root.
+    user: Option<String> = Default::Unset, [restart];
+    group: Option<String> = Default::Unset, [restart];
+    /// Resource limits applied to every child before exec (`None`:
+    /// inherited).
+    rlimit_nofile: Option<u64> = Default::Unset, [restart];
+    rlimit_nproc: Option<u64> = Default::Unset, [restart];
+    rlimit_core: Option<u64> = Default::Unset, [restart];
+    rlimit_as: Option<u64> = Default::Unset, [restart];
+    rlimit_cpu: Option<u64> = Default::Unset, [restart];
+    /// Per-run cgroup limits, where the host delegates the controllers.
+    memory_max: Option<u64> = Default::Unset, [restart];
+    pids_max: Option<u64> = Default::Unset, [restart];
+    /// `auto` (the strongest level available), `full`, `landlock` or
+    /// `off` (see `proc::sandbox`).
+    sandbox: Requested = Default::Text("auto"), [restart];
+    /// First uid of the block runs get one of each at level `full`;
+    /// `None`: derived from the data dir (`sandbox::default_uid_base`).
+    sandbox_uid_base: Option<u32> = Default::Unset, [restart];
+    sandbox_uid_count: u32 = Default::Int(65_536), min 1, [restart];
+    /// Size and inode caps of a run's folder and temporary space.
+    run_folder_bytes: u64 = Default::Int(64 << 20), min 64 << 10, [restart];
+    run_folder_inodes: u64 = Default::Int(16_384), min 16, [restart];
+    /// `options.network` when a create does not say.
+    network: bool = Default::Bool(true), [restart];
+    /// Host directories every run may read and write (absolute paths).
+    shared_dirs: Vec<PathBuf> = Default::Unset, [restart];
+    /// RocksDB's one memory budget: the shared block cache, which also
+    /// holds index and filter blocks and is charged for the memtables.
+    storage_memory_bytes: u64 = Default::Int(32 << 20), min 4 << 20, [restart];
+    /// Retention: idle records beyond this count (oldest first) or idle
+    /// for longer than this age are deleted, as DELETE would. Unset: kept.
+    retention_max_records: Option<u64> = Default::Unset, [restart];
+    retention_max_age_ms: Option<u64> = Default::Unset, [restart];
+}
 
 /// Request limits per client address and one-minute window (0 disables),
 /// plus the optional limit over all routes.
@@ -84,139 +237,58 @@ pub struct ChildLimits {
     pub cpu_seconds: Option<u64>,
 }
 
-/// Keys without a default value (unset means "none"); the shipped file
-/// shows each as a commented example instead.
-pub const OPTIONAL_KEYS: &[&str] = &[
-    "api_key",
-    "api_key_file",
-    "env",
-    "user",
-    "group",
-    "rlimit_nofile",
-    "rlimit_nproc",
-    "rlimit_core",
-    "rlimit_as",
-    "rlimit_cpu",
-    "memory_max",
-    "pids_max",
-    "sandbox_uid_base",
-    "shared_dirs",
-    "retention_max_records",
-    "retention_max_age_ms",
-];
-
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-#[derive(Clone, PartialEq, Eq)]
-pub struct Config {
-    pub listen: SocketAddr,
-    pub data_dir: PathBuf,
-    pub api_key: Option<String>,
-    pub max_running: usize,
-    /// `None`: no default time limit (`default_timeout_ms = 0`).
-    pub default_timeout_ms: Option<u64>,
-    pub kill_grace_ms: u64,
-    pub shell: String,
-    pub max_output_bytes: u64,
-    pub max_body_bytes: u64,
-    pub env: Vec<(String, String)>,
-    pub log_level: String,
-    /// Events kept for resuming clients.
-    pub event_retention: u64,
-    /// Events a stream client may fall behind before its stream is closed.
-    pub event_buffer: usize,
-    pub event_heartbeat_ms: u64,
-    /// Track each run in its own cgroup v2 when the host allows it
-    /// (`cgroups = "auto"`); `"off"` uses process groups only.
-    pub cgroups: bool,
-    /// Free bytes kept on the data dir's filesystem; below it creates and
-    /// reruns get 507 while transitions of running work still persist.
-    pub storage_reserve_bytes: u64,
-    pub rate_limits: RateLimits,
-    /// Concurrent HTTP connections; further ones wait in the listen backlog.
-    pub max_connections: usize,
-    /// A client must send a request's headers within this (slowloris).
-    pub header_read_timeout_ms: u64,
-    pub max_header_bytes: usize,
-    pub max_uri_bytes: usize,
-    /// Queued processes at most; creates beyond get 429.
-    pub max_queued: usize,
-    /// Run children as this user/group (names or numbers); only as root.
-    pub user: Option<String>,
-    pub group: Option<String>,
-    pub child_limits: ChildLimits,
-    /// Per-run cgroup limits, where the host delegates the controllers.
-    pub memory_max: Option<u64>,
-    pub pids_max: Option<u64>,
-    /// `auto` (the strongest level available), `full`, `landlock` or
-    /// `off` (see `proc::sandbox`).
-    pub sandbox: Requested,
-    /// First uid of the block runs get one of each at level `full`;
-    /// `None`: derived from the data dir (`sandbox::default_uid_base`).
-    pub sandbox_uid_base: Option<u32>,
-    pub sandbox_uid_count: u32,
-    /// Size and inode caps of a run's folder and temporary space.
-    pub run_folder_bytes: u64,
-    pub run_folder_inodes: u64,
-    /// `options.network` when a create does not say.
-    pub network: bool,
-    /// Host directories every run may read and write (absolute paths).
-    pub shared_dirs: Vec<PathBuf>,
-    /// The files holding secrets (the config file when it sets `api_key`,
-    /// and `api_key_file`): masked from runs.
-    pub secret_files: Vec<PathBuf>,
-    /// RocksDB's one memory budget: the shared block cache, which also
-    /// holds index and filter blocks and is charged for the memtables.
-    pub storage_memory_bytes: u64,
-    /// Retention: idle records beyond this count (oldest first) or idle
-    /// for longer than this age are deleted, as DELETE would. Unset: kept.
-    pub retention_max_records: Option<u64>,
-    pub retention_max_age_ms: Option<u64>,
+impl Config {
+    /// The `rate_limit_*` keys.
+    pub fn rate_limits(&self) -> RateLimits {
+        RateLimits {
+            create_per_min: self.rate_limit_create_per_min,
+            run_per_min: self.rate_limit_run_per_min,
+            kill_per_min: self.rate_limit_kill_per_min,
+            global_max: self.rate_limit_max,
+            global_window_ms: self.rate_limit_window_ms,
+        }
+    }
+
+    /// The `rlimit_*` keys.
+    pub fn child_limits(&self) -> ChildLimits {
+        ChildLimits {
+            nofile: self.rlimit_nofile,
+            nproc: self.rlimit_nproc,
+            core: self.rlimit_core,
+            address_space: self.rlimit_as,
+            cpu_seconds: self.rlimit_cpu,
+        }
+    }
+
+    /// The keys of class `reload` whose value differs in `new`, in table
+    /// order.
+    pub fn changed(&self, new: &Config, reload: Reload) -> Vec<&'static str> {
+        KEYS.iter()
+            .filter(|k| k.reload == reload && (k.differs)(self, new))
+            .map(|k| k.name)
+            .collect()
+    }
+
+    /// Takes the value of every key a reload applies from `new`; the
+    /// others keep theirs until a restart.
+    pub fn adopt_live(&mut self, new: &Config) {
+        for key in KEYS.iter().filter(|k| k.reload == Reload::Live) {
+            (key.adopt)(self, new);
+        }
+    }
 }
 
 impl fmt::Debug for Config {
-    // Hand-written so the API key never reaches a log line.
+    /// Every key in table order, secrets redacted: the API key never
+    /// reaches a log line.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Config")
-            .field("listen", &self.listen)
-            .field("data_dir", &self.data_dir)
-            .field("api_key", &self.api_key.as_ref().map(|_| "<set>"))
-            .field("max_running", &self.max_running)
-            .field("default_timeout_ms", &self.default_timeout_ms)
-            .field("kill_grace_ms", &self.kill_grace_ms)
-            .field("shell", &self.shell)
-            .field("max_output_bytes", &self.max_output_bytes)
-            .field("max_body_bytes", &self.max_body_bytes)
-            .field("env", &self.env.iter().map(|(k, _)| k).collect::<Vec<_>>())
-            .field("log_level", &self.log_level)
-            .field("event_retention", &self.event_retention)
-            .field("event_buffer", &self.event_buffer)
-            .field("event_heartbeat_ms", &self.event_heartbeat_ms)
-            .field("cgroups", &self.cgroups)
-            .field("storage_reserve_bytes", &self.storage_reserve_bytes)
-            .field("rate_limits", &self.rate_limits)
-            .field("max_connections", &self.max_connections)
-            .field("header_read_timeout_ms", &self.header_read_timeout_ms)
-            .field("max_header_bytes", &self.max_header_bytes)
-            .field("max_uri_bytes", &self.max_uri_bytes)
-            .field("max_queued", &self.max_queued)
-            .field("user", &self.user)
-            .field("group", &self.group)
-            .field("child_limits", &self.child_limits)
-            .field("memory_max", &self.memory_max)
-            .field("pids_max", &self.pids_max)
-            .field("sandbox", &self.sandbox)
-            .field("sandbox_uid_base", &self.sandbox_uid_base)
-            .field("sandbox_uid_count", &self.sandbox_uid_count)
-            .field("run_folder_bytes", &self.run_folder_bytes)
-            .field("run_folder_inodes", &self.run_folder_inodes)
-            .field("network", &self.network)
-            .field("shared_dirs", &self.shared_dirs)
-            .field("secret_files", &self.secret_files)
-            .field("storage_memory_bytes", &self.storage_memory_bytes)
-            .field("retention_max_records", &self.retention_max_records)
-            .field("retention_max_age_ms", &self.retention_max_age_ms)
-            .finish()
+        let mut s = f.debug_struct("Config");
+        for key in KEYS {
+            s.field(key.name, &(key.show)(self));
+        }
+        s.field("secret_files", &self.secret_files).finish()
     }
 }
 
@@ -251,6 +323,54 @@ impl Raw {
     }
 }
 
+/// Raw values by key: what the file, the environment and the flags say.
+struct Values(BTreeMap<&'static str, Raw>);
+
+impl Values {
+    fn get(&self, key: &Key) -> Option<&Raw> {
+        self.0.get(key.name)
+    }
+
+    fn string(&self, key: &Key) -> Result<Option<String>, ConfigError> {
+        string(key.name, self.get(key))
+    }
+
+    /// A string key with a default (`Default::Text`).
+    fn text(&self, key: &Key) -> Result<String, ConfigError> {
+        let Default::Text(default) = key.default else {
+            panic!("{}: the table gives no text default", key.name)
+        };
+        Ok(self.string(key)?.unwrap_or_else(|| default.into()))
+    }
+
+    /// An integer key with a default (`Default::Int`) and its minimum.
+    fn int(&self, key: &Key) -> Result<u64, ConfigError> {
+        let Default::Int(default) = key.default else {
+            panic!("{}: the table gives no integer default", key.name)
+        };
+        integer(key.name, self.get(key), default, key.min)
+    }
+
+    fn usize(&self, key: &Key) -> Result<usize, ConfigError> {
+        usize::try_from(self.int(key)?).map_err(|_| err(key.name, "too large"))
+    }
+
+    /// An integer key without a default (`Default::Unset`).
+    fn optional_int(&self, key: &Key) -> Result<Option<u64>, ConfigError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => integer(key.name, Some(v), 0, key.min).map(Some),
+        }
+    }
+
+    fn non_empty(&self, key: &Key) -> Result<Option<String>, ConfigError> {
+        match self.string(key)? {
+            Some(s) if s.trim().is_empty() => Err(err(key.name, "must not be empty")),
+            other => Ok(other),
+        }
+    }
+}
+
 /// Loads the configuration. `env` looks up environment variables (a
 /// parameter so tests need not touch the process environment).
 pub fn load(flags: &Flags, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
@@ -258,34 +378,31 @@ pub fn load(flags: &Flags, env: impl Fn(&str) -> Option<String>) -> Result<Confi
     let mut secret_files = Vec::new();
     if let Some(path) = &flags.config {
         let table = read_file(path)?;
-        if table.contains_key("api_key") {
+        if table.contains_key(key::api_key.name) {
             private_file(path, "holds api_key")?;
             secret_files.push(path.clone());
         }
         for (k, v) in table {
-            let key = KEYS
-                .iter()
-                .find(|known| **known == k)
+            let key = Key::find(&k)
                 .ok_or_else(|| ConfigError(format!("{}: unknown key '{k}'", path.display())))?;
-            raw.insert(key, Raw::Toml(v));
+            raw.insert(key.name, Raw::Toml(v));
         }
     }
     for key in KEYS {
-        if let Some(v) = env(&format!("CYRNEL_{}", key.to_ascii_uppercase())) {
-            raw.insert(key, Raw::Text(v));
+        if let Some(v) = env(&format!("CYRNEL_{}", key.name.to_ascii_uppercase())) {
+            raw.insert(key.name, Raw::Text(v));
         }
     }
     if let Some(v) = &flags.listen {
-        raw.insert("listen", Raw::Text(v.clone()));
+        raw.insert(key::listen.name, Raw::Text(v.clone()));
     }
     if let Some(v) = &flags.data_dir {
-        raw.insert("data_dir", Raw::Text(v.display().to_string()));
+        raw.insert(key::data_dir.name, Raw::Text(v.display().to_string()));
     }
-    let mut config = build(&raw)?;
-    if let Some(path) = string("api_key_file", raw.get("api_key_file"))? {
-        let path = PathBuf::from(path);
-        private_file(&path, "holds the API key (api_key_file)")?;
-        secret_files.push(path);
+    let mut config = build(&Values(raw))?;
+    if let Some(path) = &config.api_key_file {
+        private_file(path, "holds the API key (api_key_file)")?;
+        secret_files.push(path.clone());
     }
     // Absolute, since runs have their own working directory.
     config.secret_files = secret_files
@@ -351,7 +468,7 @@ fn integer(key: &str, v: Option<&Raw>, default: u64, min: u64) -> Result<u64, Co
 }
 
 fn env_table(v: Option<&Raw>) -> Result<Vec<(String, String)>, ConfigError> {
-    let key = "env";
+    let key = key::env.name;
     let map: BTreeMap<String, String> = match v {
         None => return Ok(vec![("PATH".into(), DEFAULT_PATH.into())]),
         Some(Raw::Text(s)) => serde_json::from_str(s).map_err(|e| {
@@ -390,29 +507,29 @@ fn env_table(v: Option<&Raw>) -> Result<Vec<(String, String)>, ConfigError> {
     Ok(map.into_iter().collect())
 }
 
-fn build(raw: &BTreeMap<&'static str, Raw>) -> Result<Config, ConfigError> {
-    let listen_text =
-        string("listen", raw.get("listen"))?.unwrap_or_else(|| "127.0.0.1:9371".into());
+/// Types and checks every key. Defaults and minimums come from the table;
+/// the checks that are not a lower bound are written out here.
+fn build(raw: &Values) -> Result<Config, ConfigError> {
+    let listen_text = raw.text(&key::listen)?;
     let listen: SocketAddr = listen_text.parse().map_err(|_| {
         err(
             "listen",
             format!("must be ADDRESS:PORT, e.g. 127.0.0.1:9371 (got {listen_text:?})"),
         )
     })?;
-    let data_dir = PathBuf::from(
-        string("data_dir", raw.get("data_dir"))?.unwrap_or_else(|| "cyrnel-data".into()),
-    );
+    let data_dir = PathBuf::from(raw.text(&key::data_dir)?);
     if data_dir.as_os_str().is_empty() {
         return Err(err("data_dir", "must not be empty"));
     }
-    let mut api_key = string("api_key", raw.get("api_key"))?;
-    if let Some(path) = string("api_key_file", raw.get("api_key_file"))? {
+    let mut api_key = raw.string(&key::api_key)?;
+    let api_key_file = raw.string(&key::api_key_file)?;
+    if let Some(path) = &api_key_file {
         if api_key.is_some() {
             return Err(err("api_key_file", "set api_key or api_key_file, not both"));
         }
         // A systemd credential or secrets file: its content, without the
         // trailing newline.
-        let text = std::fs::read_to_string(&path)
+        let text = std::fs::read_to_string(path)
             .map_err(|e| err("api_key_file", format!("cannot read {path}: {e}")))?;
         api_key = Some(text.trim_end_matches(['\n', '\r']).to_string());
     }
@@ -428,17 +545,12 @@ fn build(raw: &BTreeMap<&'static str, Raw>) -> Result<Config, ConfigError> {
             format!("refusing to listen on non-loopback address {listen} without an api_key"),
         ));
     }
-    let max_running = integer("max_running", raw.get("max_running"), 32, 1)?;
-    let default_timeout_ms = integer(
-        "default_timeout_ms",
-        raw.get("default_timeout_ms"),
-        30_000,
-        0,
-    )?;
-    let kill_grace_ms = integer("kill_grace_ms", raw.get("kill_grace_ms"), 5_000, 0)?;
-    let max_output_bytes = integer("max_output_bytes", raw.get("max_output_bytes"), 8 << 20, 0)?;
-    let max_body_bytes = integer("max_body_bytes", raw.get("max_body_bytes"), 1 << 20, 1024)?;
-    let shell = string("shell", raw.get("shell"))?.unwrap_or_else(|| "/bin/sh".into());
+    let max_running = raw.int(&key::max_running)?;
+    let default_timeout_ms = raw.int(&key::default_timeout_ms)?;
+    let kill_grace_ms = raw.int(&key::kill_grace_ms)?;
+    let max_output_bytes = raw.int(&key::max_output_bytes)?;
+    let max_body_bytes = raw.int(&key::max_body_bytes)?;
+    let shell = raw.text(&key::shell)?;
     if !Path::new(&shell).is_absolute() {
         return Err(err(
             "shell",
@@ -448,26 +560,21 @@ fn build(raw: &BTreeMap<&'static str, Raw>) -> Result<Config, ConfigError> {
     if !Path::new(&shell).is_file() {
         return Err(err("shell", format!("{shell} does not exist")));
     }
-    let env = env_table(raw.get("env"))?;
-    let event_retention = integer("event_retention", raw.get("event_retention"), 100_000, 1)?;
-    let event_buffer = integer("event_buffer", raw.get("event_buffer"), 1024, 1)?;
-    let event_heartbeat_ms = integer(
-        "event_heartbeat_ms",
-        raw.get("event_heartbeat_ms"),
-        15_000,
-        10,
-    )?;
-    let cgroups = match string("cgroups", raw.get("cgroups"))?.as_deref() {
-        None | Some("auto") => true,
-        Some("off") => false,
-        Some(other) => {
+    let env = env_table(raw.get(&key::env))?;
+    let event_retention = raw.int(&key::event_retention)?;
+    let event_buffer = raw.int(&key::event_buffer)?;
+    let event_heartbeat_ms = raw.int(&key::event_heartbeat_ms)?;
+    let cgroups = match raw.text(&key::cgroups)?.as_str() {
+        "auto" => true,
+        "off" => false,
+        other => {
             return Err(err(
                 "cgroups",
                 format!("must be \"auto\" or \"off\" (got {other:?})"),
             ))
         }
     };
-    let log_level = string("log_level", raw.get("log_level"))?.unwrap_or_else(|| "info".into());
+    let log_level = raw.text(&key::log_level)?;
     if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
         return Err(err(
             "log_level",
@@ -478,6 +585,7 @@ fn build(raw: &BTreeMap<&'static str, Raw>) -> Result<Config, ConfigError> {
         listen,
         data_dir,
         api_key,
+        api_key_file: api_key_file.map(PathBuf::from),
         max_running: usize::try_from(max_running).map_err(|_| err("max_running", "too large"))?,
         default_timeout_ms: (default_timeout_ms > 0).then_some(default_timeout_ms),
         kill_grace_ms,
@@ -491,74 +599,39 @@ fn build(raw: &BTreeMap<&'static str, Raw>) -> Result<Config, ConfigError> {
             .map_err(|_| err("event_buffer", "too large"))?,
         event_heartbeat_ms,
         cgroups,
-        storage_reserve_bytes: integer(
-            "storage_reserve_bytes",
-            raw.get("storage_reserve_bytes"),
-            64 << 20,
-            0,
-        )?,
-        rate_limits: RateLimits {
-            create_per_min: integer(
-                "rate_limit_create_per_min",
-                raw.get("rate_limit_create_per_min"),
-                20,
-                0,
-            )?,
-            run_per_min: integer(
-                "rate_limit_run_per_min",
-                raw.get("rate_limit_run_per_min"),
-                20,
-                0,
-            )?,
-            kill_per_min: integer(
-                "rate_limit_kill_per_min",
-                raw.get("rate_limit_kill_per_min"),
-                10,
-                0,
-            )?,
-            global_max: integer("rate_limit_max", raw.get("rate_limit_max"), 0, 0)?,
-            global_window_ms: integer(
-                "rate_limit_window_ms",
-                raw.get("rate_limit_window_ms"),
-                60_000,
-                1,
-            )?,
-        },
-        max_connections: usize_key(raw, "max_connections", 1024, 1)?,
-        header_read_timeout_ms: integer(
-            "header_read_timeout_ms",
-            raw.get("header_read_timeout_ms"),
-            10_000,
-            1,
-        )?,
-        // hyper's read buffer cannot be smaller than 8 KiB.
-        max_header_bytes: usize_key(raw, "max_header_bytes", 16 * 1024, 8192)?,
-        max_uri_bytes: usize_key(raw, "max_uri_bytes", 8 * 1024, 64)?,
-        max_queued: usize_key(raw, "max_queued", 10_000, 1)?,
-        user: non_empty(raw, "user")?,
-        group: non_empty(raw, "group")?,
-        child_limits: ChildLimits {
-            nofile: optional_integer(raw, "rlimit_nofile")?,
-            nproc: optional_integer(raw, "rlimit_nproc")?,
-            core: optional_integer(raw, "rlimit_core")?,
-            address_space: optional_integer(raw, "rlimit_as")?,
-            cpu_seconds: optional_integer(raw, "rlimit_cpu")?,
-        },
-        memory_max: optional_integer(raw, "memory_max")?,
-        pids_max: optional_integer(raw, "pids_max")?,
-        sandbox: match string("sandbox", raw.get("sandbox"))?.as_deref() {
-            None | Some("auto") => Requested::Auto,
-            Some("full") => Requested::Full,
-            Some("landlock") => Requested::Landlock,
-            Some("off") => Requested::Off,
-            Some(other) => {
+        storage_reserve_bytes: raw.int(&key::storage_reserve_bytes)?,
+        rate_limit_create_per_min: raw.int(&key::rate_limit_create_per_min)?,
+        rate_limit_run_per_min: raw.int(&key::rate_limit_run_per_min)?,
+        rate_limit_kill_per_min: raw.int(&key::rate_limit_kill_per_min)?,
+        rate_limit_max: raw.int(&key::rate_limit_max)?,
+        rate_limit_window_ms: raw.int(&key::rate_limit_window_ms)?,
+        max_connections: raw.usize(&key::max_connections)?,
+        header_read_timeout_ms: raw.int(&key::header_read_timeout_ms)?,
+        max_header_bytes: raw.usize(&key::max_header_bytes)?,
+        max_uri_bytes: raw.usize(&key::max_uri_bytes)?,
+        max_queued: raw.usize(&key::max_queued)?,
+        user: raw.non_empty(&key::user)?,
+        group: raw.non_empty(&key::group)?,
+        rlimit_nofile: raw.optional_int(&key::rlimit_nofile)?,
+        rlimit_nproc: raw.optional_int(&key::rlimit_nproc)?,
+        rlimit_core: raw.optional_int(&key::rlimit_core)?,
+        rlimit_as: raw.optional_int(&key::rlimit_as)?,
+        rlimit_cpu: raw.optional_int(&key::rlimit_cpu)?,
+        memory_max: raw.optional_int(&key::memory_max)?,
+        pids_max: raw.optional_int(&key::pids_max)?,
+        sandbox: match raw.text(&key::sandbox)?.as_str() {
+            "auto" => Requested::Auto,
+            "full" => Requested::Full,
+            "landlock" => Requested::Landlock,
+            "off" => Requested::Off,
+            other => {
                 return Err(err(
                     "sandbox",
                     format!("must be \"auto\", \"full\", \"landlock\" or \"off\" (got {other:?})"),
                 ))
             }
         },
-        sandbox_uid_base: match optional_integer(raw, "sandbox_uid_base")? {
+        sandbox_uid_base: match raw.optional_int(&key::sandbox_uid_base)? {
             None => None,
             Some(b) if (65_536..=u64::from(u32::MAX) - 65_536).contains(&b) => Some(b as u32),
             Some(b) => {
@@ -569,7 +642,7 @@ fn build(raw: &BTreeMap<&'static str, Raw>) -> Result<Config, ConfigError> {
             }
         },
         sandbox_uid_count: {
-            let n = integer("sandbox_uid_count", raw.get("sandbox_uid_count"), 65_536, 1)?;
+            let n = raw.int(&key::sandbox_uid_count)?;
             if n < max_running || n > 65_536 {
                 return Err(err(
                     "sandbox_uid_count",
@@ -578,20 +651,15 @@ fn build(raw: &BTreeMap<&'static str, Raw>) -> Result<Config, ConfigError> {
             }
             n as u32
         },
-        run_folder_bytes: integer(
-            "run_folder_bytes",
-            raw.get("run_folder_bytes"),
-            64 << 20,
-            64 << 10,
-        )?,
-        run_folder_inodes: integer(
-            "run_folder_inodes",
-            raw.get("run_folder_inodes"),
-            16_384,
-            16,
-        )?,
-        network: match raw.get("network") {
-            None => true,
+        run_folder_bytes: raw.int(&key::run_folder_bytes)?,
+        run_folder_inodes: raw.int(&key::run_folder_inodes)?,
+        network: match raw.get(&key::network) {
+            None => {
+                let Default::Bool(default) = key::network.default else {
+                    panic!("network: the table gives no boolean default")
+                };
+                default
+            }
             Some(Raw::Toml(toml::Value::Boolean(b))) => *b,
             Some(Raw::Text(t)) if t == "true" || t == "false" => t == "true",
             Some(other) => {
@@ -601,16 +669,11 @@ fn build(raw: &BTreeMap<&'static str, Raw>) -> Result<Config, ConfigError> {
                 ))
             }
         },
-        shared_dirs: shared_dirs(raw.get("shared_dirs"))?,
+        shared_dirs: shared_dirs(raw.get(&key::shared_dirs))?,
         secret_files: Vec::new(),
-        storage_memory_bytes: integer(
-            "storage_memory_bytes",
-            raw.get("storage_memory_bytes"),
-            32 << 20,
-            4 << 20,
-        )?,
-        retention_max_records: optional_integer(raw, "retention_max_records")?,
-        retention_max_age_ms: optional_integer(raw, "retention_max_age_ms")?,
+        storage_memory_bytes: raw.int(&key::storage_memory_bytes)?,
+        retention_max_records: raw.optional_int(&key::retention_max_records)?,
+        retention_max_age_ms: raw.optional_int(&key::retention_max_age_ms)?,
     })
 }
 
@@ -663,32 +726,6 @@ fn shared_dirs(v: Option<&Raw>) -> Result<Vec<PathBuf>, ConfigError> {
         out.push(path);
     }
     Ok(out)
-}
-
-fn usize_key(
-    raw: &BTreeMap<&'static str, Raw>,
-    key: &str,
-    default: u64,
-    min: u64,
-) -> Result<usize, ConfigError> {
-    usize::try_from(integer(key, raw.get(key), default, min)?).map_err(|_| err(key, "too large"))
-}
-
-fn optional_integer(
-    raw: &BTreeMap<&'static str, Raw>,
-    key: &str,
-) -> Result<Option<u64>, ConfigError> {
-    match raw.get(key) {
-        None => Ok(None),
-        Some(v) => integer(key, Some(v), 0, 0).map(Some),
-    }
-}
-
-fn non_empty(raw: &BTreeMap<&'static str, Raw>, key: &str) -> Result<Option<String>, ConfigError> {
-    match string(key, raw.get(key))? {
-        Some(s) if s.trim().is_empty() => Err(err(key, "must not be empty")),
-        other => Ok(other),
-    }
 }
 
 #[cfg(test)]
@@ -796,37 +833,44 @@ mod tests {
             .contains("kill_grace_ms"));
     }
 
-    /// `platform/cyrneld.toml` documents every key with its default: with
-    /// each setting uncommented it must parse to exactly the defaults.
+    /// `platform/cyrneld.toml` shows every key of the table and nothing
+    /// else: a key with a default as `#key = <default>`, an unset key as a
+    /// commented example, `env` as its `#[env]` table. With each default
+    /// uncommented it must parse to exactly the defaults.
     #[test]
-    fn shipped_config_documents_the_defaults() {
+    fn shipped_config_documents_every_key_and_its_default() {
         let shipped = include_str!("../platform/cyrneld.toml");
-        let uncommented: String = shipped
+        let (settings, env) = shipped
+            .split_once("\n#[env]\n")
+            .expect("platform/cyrneld.toml shows the [env] table last");
+        // (key, the line without its '#'), for every `#key = value` line.
+        let shown: Vec<(&str, &str)> = settings
             .lines()
             .filter_map(|l| l.strip_prefix('#'))
-            .filter(|l| {
-                let key = l.split(" = ").next().unwrap_or("");
-                l.starts_with('[')
-                    || (l.contains(" = ") && !l.starts_with(' ') && !OPTIONAL_KEYS.contains(&key))
-            })
-            .map(|l| format!("{l}\n"))
+            .filter_map(|l| l.split_once(" = ").map(|(k, _)| (k, l)))
+            .filter(|(k, _)| !k.starts_with(' '))
             .collect();
-        let documented: Vec<&str> = uncommented
-            .lines()
-            .filter_map(|l| l.split_once(" = ").map(|(k, _)| k))
-            .collect();
-        for key in KEYS.iter().filter(|k| !OPTIONAL_KEYS.contains(k)) {
+        for (name, _) in &shown {
             assert!(
-                documented.contains(key),
-                "{key} is not documented in platform/cyrneld.toml"
+                Key::find(name).is_some(),
+                "platform/cyrneld.toml shows {name}, which is not a key"
             );
         }
-        for key in OPTIONAL_KEYS.iter().filter(|k| **k != "env") {
-            assert!(
-                shipped.contains(&format!("\n#{key} = ")),
-                "{key} is not shown in platform/cyrneld.toml"
-            );
+        for key in KEYS.iter().filter(|k| k.default != Default::Env) {
+            let n = shown.iter().filter(|(name, _)| *name == key.name).count();
+            assert_eq!(n, 1, "platform/cyrneld.toml shows {} {n} times", key.name);
         }
+        let uncommented: String = shown
+            .iter()
+            .filter(|(name, _)| Key::find(name).is_some_and(|k| k.default != Default::Unset))
+            .map(|(_, line)| format!("{line}\n"))
+            .chain(["[env]\n".to_string()])
+            .chain(
+                env.lines()
+                    .filter_map(|l| l.strip_prefix('#'))
+                    .map(|l| format!("{l}\n")),
+            )
+            .collect();
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("c.toml");
         std::fs::write(&file, &uncommented).unwrap();
@@ -840,9 +884,108 @@ mod tests {
         );
     }
 
+    /// README.md's configuration table has a row for every key and for
+    /// keys only, with the key's default and whether a reload applies it.
     #[test]
-    fn api_key_is_not_debug_printed() {
-        let c = load_with(&Flags::default(), &[("CYRNEL_API_KEY", "sekrit")]).unwrap();
-        assert!(!format!("{c:?}").contains("sekrit"));
+    fn readme_documents_every_key() {
+        let readme = include_str!("../README.md");
+        let section = readme
+            .split_once("\n## Configuration\n")
+            .and_then(|(_, rest)| rest.split_once("\n## "))
+            .expect("README.md has a Configuration section")
+            .0;
+        let mut documented = Vec::new();
+        for row in section.lines().filter(|l| l.starts_with("| `")) {
+            let cells: Vec<&str> = row
+                .trim_matches('|')
+                .splitn(4, " | ")
+                .map(str::trim)
+                .collect();
+            let [names, default, reload, _meaning] = cells[..] else {
+                panic!("README.md: a configuration row without 4 cells: {row}")
+            };
+            // The names are the back-quoted words of the first cell.
+            for name in names.split('`').skip(1).step_by(2) {
+                let key = Key::find(name)
+                    .unwrap_or_else(|| panic!("README.md documents {name}, which is not a key"));
+                documented.push(name);
+                let shown = match key.default {
+                    Default::Int(n) => Some(n.to_string()),
+                    Default::Text(t) => Some(t.to_string()),
+                    Default::Bool(b) => Some(b.to_string()),
+                    Default::Env | Default::Unset => None,
+                };
+                match shown {
+                    Some(v) => assert!(
+                        default.contains(&format!("`{v}`")),
+                        "README.md: the default of {name} is `{v}`, not {default}"
+                    ),
+                    None if key.default == Default::Unset => assert!(
+                        default.contains("unset") || default.contains("derived"),
+                        "README.md: {name} has no default, not {default}"
+                    ),
+                    None => {}
+                }
+                let expected = match key.reload {
+                    Reload::Live => "live",
+                    Reload::Restart => "restart",
+                };
+                assert_eq!(reload, expected, "README.md: reload column of {name}");
+            }
+        }
+        for key in KEYS {
+            let n = documented.iter().filter(|d| **d == key.name).count();
+            assert_eq!(n, 1, "README.md documents {} {n} times", key.name);
+        }
+    }
+
+    /// A reload applies the live keys and names the others.
+    #[test]
+    fn reload_classes() {
+        let running = load_with(&Flags::default(), &[]).unwrap();
+        let new = load_with(
+            &Flags::default(),
+            &[
+                ("CYRNEL_MAX_RUNNING", "3"),
+                ("CYRNEL_RLIMIT_CPU", "10"),
+                ("CYRNEL_API_KEY", "k"),
+                ("CYRNEL_RATE_LIMIT_MAX", "5"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            running.changed(&new, Reload::Restart),
+            ["max_running", "rlimit_cpu"]
+        );
+        assert_eq!(
+            running.changed(&new, Reload::Live),
+            ["api_key", "rate_limit_max"]
+        );
+        let mut applied = running.clone();
+        applied.adopt_live(&new);
+        assert_eq!(applied.api_key.as_deref(), Some("k"));
+        assert_eq!(applied.rate_limits().global_max, 5);
+        assert_eq!(applied.max_running, running.max_running);
+        assert_eq!(applied.child_limits(), running.child_limits());
+        assert!(applied.changed(&new, Reload::Live).is_empty());
+    }
+
+    #[test]
+    fn secrets_are_not_debug_printed() {
+        let c = load_with(
+            &Flags::default(),
+            &[
+                ("CYRNEL_API_KEY", "sekrit"),
+                ("CYRNEL_ENV", r#"{"TOKEN":"hidden-value"}"#),
+            ],
+        )
+        .unwrap();
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("sekrit"), "{shown}");
+        assert!(!shown.contains("hidden-value"), "{shown}");
+        assert!(shown.contains("TOKEN"), "{shown}");
+        for key in KEYS {
+            assert!(shown.contains(&format!("{}: ", key.name)), "{shown}");
+        }
     }
 }

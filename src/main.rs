@@ -31,7 +31,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{reload, EnvFilter, Registry};
 
 use cyrnel::app::Hooks;
-use cyrnel::config::{self, Config, Flags};
+use cyrnel::config::{self, Config, Flags, Reload};
 
 /// Supervises OS processes behind the Cyrnel Processes HTTP API.
 ///
@@ -285,12 +285,12 @@ struct Reloader {
     /// The command line the daemon was started with: a reload reads the
     /// same file and environment, and flags keep winning.
     flags: Flags,
-    /// The settings in force: the start-up configuration with every
-    /// applied reload's api_key, rate limits and log_level.
+    /// The settings in force: the start-up configuration with the live
+    /// keys (`config::Reload::Live`) of every applied reload.
     running: Config,
     /// `None` when RUST_LOG chose the filter: log_level then has no say.
     log_filter: Option<LogFilter>,
-    /// Hands the new configuration to `app`, which applies the API key
+    /// Hands the settings in force to `app`, which applies the API key
     /// and the rate limits.
     apply: watch::Sender<Config>,
 }
@@ -328,40 +328,45 @@ impl Reloader {
                 self.running.listen
             ));
         }
-        let new_filter = if new.log_level != self.running.log_level {
+        let mut new_filter = if new.log_level != self.running.log_level {
             Some(EnvFilter::try_new(&new.log_level).map_err(|e| format!("log_level: {e}"))?)
         } else {
             None
         };
 
+        // The live keys: applied here (log_level) or in `app` (the rest);
+        // the table in `config` says which these are.
         let mut applied = Vec::new();
-        if new.api_key != self.running.api_key {
-            applied.push(match (&self.running.api_key, &new.api_key) {
-                (None, _) => "api_key (set)",
-                (_, None) => "api_key (removed)",
-                _ => "api_key (changed)",
+        for key in self.running.changed(&new, Reload::Live) {
+            applied.push(match key {
+                "api_key" => match (&self.running.api_key, &new.api_key) {
+                    (None, _) => "api_key (set)",
+                    (_, None) => "api_key (removed)",
+                    _ => "api_key (changed)",
+                },
+                "log_level" => match (&self.log_filter, new_filter.take()) {
+                    (Some(handle), Some(filter)) => {
+                        handle
+                            .reload(filter)
+                            .map_err(|e| format!("log_level: {e}"))?;
+                        "log_level"
+                    }
+                    _ => {
+                        tracing::warn!("log_level changed, but RUST_LOG is set and wins over it");
+                        continue;
+                    }
+                },
+                other => other,
             });
         }
-        if new.rate_limits != self.running.rate_limits {
-            applied.push("rate limits");
+        let mut restart_needed = self.running.changed(&new, Reload::Restart);
+        if new.secret_files != self.running.secret_files {
+            // Runs are denied the files that held the key at start only.
+            restart_needed.push("secret_files (the files masked from runs)");
         }
-        if let Some(filter) = new_filter {
-            match &self.log_filter {
-                Some(handle) => {
-                    handle
-                        .reload(filter)
-                        .map_err(|e| format!("log_level: {e}"))?;
-                    applied.push("log_level");
-                }
-                None => tracing::warn!("log_level changed, but RUST_LOG is set and wins over it"),
-            }
-        }
-        let restart_needed = needs_restart(&self.running, &new);
 
-        self.running.api_key = new.api_key.clone();
-        self.running.log_level = new.log_level.clone();
-        self.running.rate_limits = new.rate_limits;
-        self.apply.send_replace(new);
+        self.running.adopt_live(&new);
+        self.apply.send_replace(self.running.clone());
         tracing::info!(
             applied = ?applied,
             restart_needed = ?restart_needed,
@@ -371,74 +376,4 @@ impl Reloader {
         );
         Ok(())
     }
-}
-
-/// The settings that differ between `running` and `new` but only take
-/// effect at the next start.
-fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
-    let fields = [
-        ("listen", running.listen != new.listen),
-        ("data_dir", running.data_dir != new.data_dir),
-        ("max_running", running.max_running != new.max_running),
-        (
-            "default_timeout_ms",
-            running.default_timeout_ms != new.default_timeout_ms,
-        ),
-        ("kill_grace_ms", running.kill_grace_ms != new.kill_grace_ms),
-        ("shell", running.shell != new.shell),
-        (
-            "max_output_bytes",
-            running.max_output_bytes != new.max_output_bytes,
-        ),
-        (
-            "max_body_bytes",
-            running.max_body_bytes != new.max_body_bytes,
-        ),
-        ("env", running.env != new.env),
-        (
-            "event_retention",
-            running.event_retention != new.event_retention,
-        ),
-        ("event_buffer", running.event_buffer != new.event_buffer),
-        (
-            "event_heartbeat_ms",
-            running.event_heartbeat_ms != new.event_heartbeat_ms,
-        ),
-        ("cgroups", running.cgroups != new.cgroups),
-        (
-            "storage_reserve_bytes",
-            running.storage_reserve_bytes != new.storage_reserve_bytes,
-        ),
-        (
-            "max_connections",
-            running.max_connections != new.max_connections,
-        ),
-        (
-            "header_read_timeout_ms",
-            running.header_read_timeout_ms != new.header_read_timeout_ms,
-        ),
-        (
-            "max_header_bytes",
-            running.max_header_bytes != new.max_header_bytes,
-        ),
-        ("max_uri_bytes", running.max_uri_bytes != new.max_uri_bytes),
-        ("max_queued", running.max_queued != new.max_queued),
-        ("user", running.user != new.user),
-        ("group", running.group != new.group),
-        ("rlimit_*", running.child_limits != new.child_limits),
-    ];
-    let mut keys: Vec<&'static str> = fields
-        .iter()
-        .filter(|(_, changed)| *changed)
-        .map(|(k, _)| *k)
-        .collect();
-    // Settings added to Config after this list was written.
-    let mut rest = new.clone();
-    rest.api_key.clone_from(&running.api_key);
-    rest.log_level.clone_from(&running.log_level);
-    rest.rate_limits = running.rate_limits;
-    if keys.is_empty() && rest != *running {
-        keys.push("other settings");
-    }
-    keys
 }

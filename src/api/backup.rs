@@ -51,8 +51,7 @@ fn parse(body: &Value) -> Result<PathBuf, &'static str> {
     // directory private to the daemon's user (owned by it, mode 0700 or
     // stricter), never into a shared one such as /tmp or /.
     let parent = path.parent().and_then(|p| p.metadata().ok());
-    // SAFETY: geteuid has no preconditions.
-    let me = unsafe { libc::geteuid() };
+    let me = crate::proc::effective_uid();
     match parent {
         Some(m) if m.is_dir() && m.uid() == me && m.mode() & 0o077 == 0 => Ok(path),
         _ => Err("The parent of 'dir' must be an existing directory private to the daemon's user (mode 0700)."),

@@ -4,10 +4,9 @@
 //! found, killed with `cgroup.kill`, and waited for through
 //! `cgroup.events` (`populated 0`). Detected at start-up, never assumed.
 
-use std::ffi::CString;
 use std::fs;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -213,29 +212,18 @@ impl Joiner {
 /// an inotify instance waits for an SRCU grace period, which stalled the
 /// runtime thread for up to 30 ms per run.)
 pub struct EventsFile {
-    fd: tokio::io::unix::AsyncFd<OwnedFd>,
+    fd: tokio::io::unix::AsyncFd<fs::File>,
 }
 
 impl EventsFile {
     /// Reads the file again (from offset 0, which also re-arms the
     /// notification): whether `populated 1`.
     pub fn populated(&self) -> io::Result<bool> {
+        use std::os::unix::fs::FileExt;
         let mut buf = [0u8; 256];
-        // SAFETY: pread(2) into a local buffer.
-        let n = unsafe {
-            libc::pread(
-                self.fd.get_ref().as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                0,
-            )
-        };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(buf[..n as usize]
-            .split(|b| *b == b'\n')
-            .any(|l| l == b"populated 1"))
+        // pread(2) at offset 0.
+        let n = self.fd.get_ref().read_at(&mut buf, 0)?;
+        Ok(buf[..n].split(|b| *b == b'\n').any(|l| l == b"populated 1"))
     }
 
     /// Waits until the file has changed since the last [`EventsFile::populated`].
@@ -266,16 +254,12 @@ impl RunCgroup {
         for (file, value) in limits {
             fs::write(self.dir.join(file), value.to_string())?;
         }
-        let path = CString::new(self.dir.join("cgroup.procs").as_os_str().as_bytes())
-            .map_err(io::Error::other)?;
-        // SAFETY: plain open(2) of a NUL-terminated path.
-        let fd = unsafe { libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd is a fresh descriptor we own.
+        // O_WRONLY | O_CLOEXEC (std sets O_CLOEXEC on every open).
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .open(self.dir.join("cgroup.procs"))?;
         Ok(Joiner {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            fd: OwnedFd::from(file),
         })
     }
 
@@ -302,17 +286,13 @@ impl RunCgroup {
     /// [`EventsFile::populated`], then wait with [`EventsFile::changed`],
     /// and no change is missed.
     pub fn events_file(&self) -> io::Result<EventsFile> {
-        let path = CString::new(self.dir.join("cgroup.events").as_os_str().as_bytes())
-            .map_err(io::Error::other)?;
-        // SAFETY: open(2) of a NUL-terminated path; we own the result.
-        let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd is a fresh descriptor.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: the AsyncFd owns the descriptor from here on, and it
-        // stays open and the same file until the AsyncFd drops.
+        // O_RDONLY | O_CLOEXEC (std sets O_CLOEXEC on every open).
+        let fd = fs::File::open(self.dir.join("cgroup.events"))?;
+        // SAFETY: the AsyncFd takes the File by value and is its only
+        // owner; nothing closes or replaces the descriptor while the
+        // AsyncFd holds it (it is only read with pread through
+        // `get_ref`), so it stays open and the same file until the AsyncFd
+        // drops, and `as_raw_fd` returns the same number throughout.
         let fd = unsafe {
             tokio::io::unix::AsyncFd::register_with_interest(
                 fd,

@@ -125,17 +125,10 @@ pub fn effective_uid() -> u32 {
 /// holds a few descriptors per run and per connection). Returns the soft
 /// limit it had, which children get back unless configured otherwise.
 pub fn raise_nofile_limit() -> io::Result<u64> {
-    // SAFETY: getrlimit/setrlimit on a zeroed struct.
-    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let original = lim.rlim_cur;
-    lim.rlim_cur = lim.rlim_max;
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(original)
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    Ok(soft)
 }
 
 /// Resolves a user (name or number) and group (name, number, or the
@@ -240,8 +233,12 @@ pub fn probe_spawn(
         credentials,
         sandbox: &prepared.steps,
     })?;
-    // SAFETY: siginfo_t is plain data; a blocking wait for our own child.
+    // SAFETY: siginfo_t is a C struct of integers and a union of
+    // integers and pointers, for which all-zero bytes are a valid value.
     let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `info` is a valid, writable siginfo_t that outlives the
+    // call, and the pidfd is open (owned by `child`, alive until the end
+    // of this function). A blocking wait that reaps our own child.
     let r = unsafe {
         libc::waitid(
             libc::P_PIDFD,
@@ -253,23 +250,28 @@ pub fn probe_spawn(
     if r != 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: waitid succeeded.
+    // SAFETY: waitid succeeded without WNOHANG, so the kernel filled in the
+    // SIGCHLD layout of the union, of which si_status is a member.
     let status = unsafe { info.si_status() };
     Ok((info.si_code == libc::CLD_EXITED).then_some(status))
 }
 
 fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
-    // SAFETY: plain syscall; on success it returns a new fd that we own.
+    // SAFETY: pidfd_open(2) takes two integers and touches no memory of
+    // ours; on success it returns a new descriptor (O_CLOEXEC is implied).
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: fd is a fresh descriptor returned by the kernel.
+    // SAFETY: `fd` was just returned by the kernel, is open, and nothing
+    // else owns or closes it: the OwnedFd becomes its only owner.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 fn pidfd_send_signal(pidfd: &OwnedFd, sig: i32, flags: libc::c_uint) -> io::Result<()> {
-    // SAFETY: plain syscall on a valid pidfd, no siginfo.
+    // SAFETY: pidfd_send_signal(2) with a descriptor kept open by the
+    // borrowed OwnedFd for the whole call, and a null siginfo pointer,
+    // which the kernel reads as "no siginfo" (it reads no memory of ours).
     let r = unsafe {
         libc::syscall(
             libc::SYS_pidfd_send_signal,
@@ -311,12 +313,14 @@ impl Rusage {
 /// Through the raw system call, whose fifth argument (which glibc's
 /// wrapper hides) returns the child's resource usage, also with `WNOWAIT`.
 fn waitid_pidfd(pidfd: &OwnedFd, flags: libc::c_int) -> io::Result<Option<(ExitStatus, Rusage)>> {
-    // SAFETY: siginfo_t is plain data; waitid fills it.
+    // SAFETY: siginfo_t is a C struct of integers and a union of
+    // integers and pointers, for which all-zero bytes are a valid value.
     let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-    // SAFETY: rusage is plain data; waitid fills it.
+    // SAFETY: rusage is a C struct of integers and timevals: all-zero
+    // bytes are a valid value.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: waitid(2) with valid pointers to a siginfo_t and a rusage
-    // that outlive the call.
+    // SAFETY: `info` and `ru` are valid, writable locals that outlive the
+    // call; the pidfd stays open for the call (borrowed OwnedFd).
     let r = unsafe {
         libc::syscall(
             libc::SYS_waitid,
@@ -330,7 +334,9 @@ fn waitid_pidfd(pidfd: &OwnedFd, flags: libc::c_int) -> io::Result<Option<(ExitS
     if r < 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: waitid succeeded; with WNOHANG si_pid is 0 when nothing exited.
+    // SAFETY: waitid succeeded, so `info` holds either the SIGCHLD layout
+    // of the union the kernel filled in or, with WNOHANG and nothing
+    // exited, still our zero bytes (si_pid 0); both are valid to read.
     let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
     if pid == 0 {
         return Ok(None);
@@ -415,13 +421,8 @@ fn all_pids() -> Vec<i32> {
 /// a process that escapes its run's group is reparented here instead of to
 /// init, so it can still be found and killed.
 pub fn become_subreaper() -> io::Result<()> {
-    // SAFETY: prctl with integer arguments.
-    let r = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    nix::sys::prctl::set_child_subreaper(true)?;
+    Ok(())
 }
 
 /// Whether `pid`'s environment carries `CYRNEL_PROCESS_ID=<tag>`.
@@ -470,7 +471,7 @@ fn processes_of_uid(uid: u32) -> Vec<i32> {
 ///
 /// SIGCHLD is blocked in every thread (the mask is set here, before any
 /// other thread exists, and inherited); the main thread takes it with
-/// `sigwaitinfo`. Leaders are started without an exit signal, so only
+/// `sigwait`. Leaders are started without an exit signal, so only
 /// orphans (which the kernel reparents with SIGCHLD) wake it, and its
 /// `waitid` without `__WALL` could not see a leader even if one were
 /// handed to the main thread (a thread of the daemon exiting).
@@ -482,21 +483,18 @@ pub struct OrphanReaper {
 impl OrphanReaper {
     /// Call first thing on the main thread, before any other thread starts.
     pub fn install() -> io::Result<OrphanReaper> {
-        // SAFETY: plain syscalls; gettid == getpid only on the main thread.
-        if unsafe { libc::gettid() != libc::getpid() } {
+        // gettid == getpid only on the main thread.
+        if nix::unistd::gettid() != nix::unistd::getpid() {
             return Err(io::Error::other(
                 "the orphan reaper must run on the main thread",
             ));
         }
-        let set = sigchld_set();
-        // SAFETY: blocks SIGCHLD in this thread; threads created later
-        // inherit the mask. Children get an empty mask (spawn.rs).
-        let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-        if r != 0 {
-            return Err(io::Error::from_raw_os_error(r));
-        }
+        // Blocks SIGCHLD in this thread; threads created later inherit the
+        // mask. Children get an empty mask (spawn.rs).
+        sigchld_set().thread_block()?;
         Ok(OrphanReaper {
-            // SAFETY: the calling (main) thread's own handle.
+            // SAFETY: pthread_self has no preconditions and cannot fail; it
+            // returns the calling (main) thread's own handle.
             main: unsafe { libc::pthread_self() },
             done: std::sync::atomic::AtomicBool::new(false),
         })
@@ -513,40 +511,44 @@ impl OrphanReaper {
                 reap_own_children();
                 return;
             }
-            // SAFETY: waits for the blocked SIGCHLD (EINTR: look again).
-            unsafe { libc::sigwaitinfo(&set, std::ptr::null_mut()) };
+            // Waits for the blocked SIGCHLD; any outcome means: look again.
+            let _ = set.wait();
         }
     }
 
     /// Makes [`OrphanReaper::run`] return (from any thread).
     pub fn stop(&self) {
         self.done.store(true, std::sync::atomic::Ordering::Release);
-        // SAFETY: the main thread outlives this call: it is in `run`.
+        // SAFETY: `self.main` is the main thread's handle (`install`
+        // checked that it ran there). The main thread ends only with the
+        // process, so the handle names a live thread (pthread_kill on the
+        // handle of a thread that has ended would be undefined).
         unsafe { libc::pthread_kill(self.main, libc::SIGCHLD) };
     }
 }
 
-fn sigchld_set() -> libc::sigset_t {
-    // SAFETY: sigset_t is plain data initialised by sigemptyset.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGCHLD);
-        set
-    }
+fn sigchld_set() -> nix::sys::signal::SigSet {
+    let mut set = nix::sys::signal::SigSet::empty();
+    set.add(NixSignal::SIGCHLD);
+    set
 }
 
 /// Reaps every exited child of the calling thread; returns how many.
 fn reap_own_children() -> usize {
     let mut n = 0;
     loop {
-        // SAFETY: waitid fills a zeroed siginfo_t.
+        // SAFETY: siginfo_t is a C struct of integers and a union of
+        // integers and pointers, for which all-zero bytes are a valid value.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
         let flags = libc::WEXITED | libc::WNOHANG | libc::__WNOTHREAD;
+        // SAFETY: `info` is a valid, writable siginfo_t that outlives the
+        // call; P_ALL takes no id.
         if unsafe { libc::waitid(libc::P_ALL, 0, &mut info, flags) } != 0 {
             return n; // ECHILD: this thread has no children
         }
-        // SAFETY: waitid succeeded; si_pid is 0 when no child has exited.
+        // SAFETY: waitid succeeded, so `info` holds the SIGCHLD layout the
+        // kernel filled in or, with WNOHANG and no child exited, still our
+        // zero bytes (si_pid 0); both are valid to read.
         if unsafe { info.si_pid() } == 0 {
             return n;
         }

@@ -50,7 +50,11 @@ fn read_all(mut s: TcpStream) -> Raw {
 
 /// Connects to the daemon from a chosen loopback source address.
 fn connect_from(src: [u8; 4], port: u16) -> TcpStream {
-    // SAFETY: plain socket calls on a new descriptor we own.
+    // SAFETY: socket(2) returns a new descriptor that nothing else owns,
+    // so TcpStream::from_raw_fd becomes its only owner; bind(2) and
+    // connect(2) read `len` bytes from sockaddr_in values that live on this
+    // stack frame for the whole call, and `len` is their size. All-zero
+    // bytes are a valid sockaddr_in (plain integers).
     unsafe {
         let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
         assert!(fd >= 0);
@@ -244,13 +248,9 @@ fn oversized_headers_uris_and_bodies_are_refused() {
 #[test]
 fn a_thousand_idle_connections_do_not_stop_a_normal_client() {
     // This test process needs ~1000 descriptors too.
-    // SAFETY: getrlimit/setrlimit on this process.
-    unsafe {
-        let mut lim: libc::rlimit = std::mem::zeroed();
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
-        lim.rlim_cur = lim.rlim_max.min(65536);
-        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-    }
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+    setrlimit(Resource::RLIMIT_NOFILE, hard.min(65536), hard).expect("setrlimit");
     let d = Daemon::start();
     let idle: Vec<TcpStream> = (0..1000)
         .map(|_| TcpStream::connect(("127.0.0.1", d.port())).expect("connect"))

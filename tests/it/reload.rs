@@ -1,7 +1,8 @@
 //! SIGHUP reloads the configuration file: a new API key and new rate
 //! limits take effect for the next request, the log level changes, running
 //! processes are not touched, and an invalid file is logged and ignored
-//! (the old key stays).
+//! (the old key stays). A key that needs a restart keeps its running value
+//! and the reload's log line names it.
 //! The key comes from the file (not `CYRNEL_API_KEY`, which would win over
 //! it), so these tests send their own `Authorization` headers.
 
@@ -285,5 +286,32 @@ fn log_level_is_reloaded() {
             "a debug line was logged before the reload:\n{logs}"
         );
     }
+    d.stop_gracefully();
+}
+
+#[test]
+fn restart_keys_keep_their_value_and_the_reload_names_them() {
+    let config = ConfigFile::new("max_body_bytes = 1024\n");
+    let mut d = start(&config);
+    let body = format!(r#"{{"code":"{}","autorun":false}}"#, "x".repeat(2000));
+    d.post("/processes", &body)
+        .assert_error(413, "Request body is too large.");
+
+    config.write("max_body_bytes = 4096\nrate_limit_max = 1000\n");
+    hup(&d);
+    wait_log_count(&d, "configuration reloaded", 1);
+    let logs = d.logs();
+    assert!(
+        logs.contains(r#"applied=["rate_limit_max"]"#),
+        "the reload must apply rate_limit_max:\n{logs}"
+    );
+    assert!(
+        logs.contains(r#"restart_needed=["max_body_bytes"]"#),
+        "the reload must name max_body_bytes as needing a restart:\n{logs}"
+    );
+    // The running limit stays until a restart.
+    d.post("/processes", &body)
+        .assert_error(413, "Request body is too large.");
+    assert!(d.list_ids("").is_empty(), "a 413 must not create a record");
     d.stop_gracefully();
 }

@@ -98,11 +98,8 @@ impl Tmpfs {
     }
 
     fn free_bytes(&self) -> u64 {
-        let path = std::ffi::CString::new(self.dir.path().to_str().unwrap()).unwrap();
-        // SAFETY: statvfs on a NUL-terminated path into a zeroed struct.
-        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-        assert_eq!(unsafe { libc::statvfs(path.as_ptr(), &mut st) }, 0);
-        st.f_bavail as u64 * st.f_frsize as u64
+        let st = nix::sys::statvfs::statvfs(self.dir.path()).expect("statvfs");
+        st.blocks_available() * st.fragment_size()
     }
 }
 
