@@ -41,9 +41,6 @@ pub enum AppError {
     Bind { addr: SocketAddr, source: io::Error },
 }
 
-/// How long an `Idempotency-Key` answers with its first create.
-const IDEMPOTENCY_RETENTION_MS: u64 = 86_400_000;
-
 /// Creates `dir` (0700) if missing; tightens an existing one to 0700,
 /// since it holds staged code and outputs.
 fn private_dir(dir: &Path, mode: u32) -> Result<(), AppError> {
@@ -219,13 +216,13 @@ pub async fn run(
             rlimits,
             credentials,
             cgroup_limits,
-            idempotency_retention_ms: IDEMPOTENCY_RETENTION_MS,
+            idempotency_retention_ms: config.idempotency_retention_s.saturating_mul(1000),
         },
         hub.clone(),
     )?;
     let idempotency_sweep = tokio::spawn(crate::retention::expire_idempotency_keys(
         store.clone(),
-        IDEMPOTENCY_RETENTION_MS,
+        config.idempotency_retention_s.saturating_mul(1000),
     ));
     let policy = crate::retention::Policy {
         max_records: config.retention_max_records,

@@ -214,6 +214,8 @@ keys! {
     /// for longer than this age are deleted, as DELETE would. Unset: kept.
     retention_max_records: Option<u64> = Default::Unset, [restart];
     retention_max_age_ms: Option<u64> = Default::Unset, [restart];
+    /// How long an `Idempotency-Key` answers with its first create.
+    idempotency_retention_s: u64 = Default::Int(86_400), min 1, [restart];
 }
 
 /// Request limits per client address and one-minute window (0 disables),
@@ -674,6 +676,7 @@ fn build(raw: &Values) -> Result<Config, ConfigError> {
         storage_memory_bytes: raw.int(&key::storage_memory_bytes)?,
         retention_max_records: raw.optional_int(&key::retention_max_records)?,
         retention_max_age_ms: raw.optional_int(&key::retention_max_age_ms)?,
+        idempotency_retention_s: raw.int(&key::idempotency_retention_s)?,
     })
 }
 

@@ -153,3 +153,24 @@ fn bad_keys_are_refused_and_change_nothing() {
     );
     assert_eq!(r.status, 201, "{r}");
 }
+
+#[test]
+fn a_key_is_free_again_after_the_retention_window() {
+    let d = Daemon::options()
+        .env("CYRNEL_IDEMPOTENCY_RETENTION_S", "1")
+        .start();
+    let first = post_keyed(&d, "short-lived", r#"{"code":"exit 0"}"#);
+    assert_eq!(first.status, 201, "{first}");
+    // Until the window has passed a different request is refused; then the
+    // key makes a new process.
+    let second = poll("the key to expire", || {
+        let r = post_keyed(&d, "short-lived", r#"{"code":"exit 1"}"#);
+        match r.status {
+            201 => Ok(r),
+            409 => Err(r.to_string()),
+            _ => panic!("unexpected answer: {r}"),
+        }
+    });
+    assert_ne!(second.text(), first.text());
+    assert_eq!(d.list_ids("").len(), 2);
+}
