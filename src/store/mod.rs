@@ -791,8 +791,11 @@ struct Space {
 /// Free bytes on the filesystem of `dir` (`None` if it cannot be asked).
 fn free_bytes(dir: &Path) -> Option<u64> {
     let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
-    // SAFETY: statvfs fills the struct for a NUL-terminated path.
+    // SAFETY: libc::statvfs is a struct of integers: all-zero bytes are a
+    // valid value.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is a NUL-terminated CString alive for the whole call,
+    // and `st` a live, writable statvfs the call fills.
     if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
         return None;
     }

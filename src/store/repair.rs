@@ -377,10 +377,14 @@ fn lock(dir: &Path) -> Result<Option<DbLock>, StoreError> {
         Err(e) => return Err(StoreError::Salvage(format!("{}: {e}", path.display()))),
     };
     // The same kind of lock RocksDB takes (fcntl, whole file, write).
-    // SAFETY: a zeroed flock is valid; fcntl on an open descriptor.
+    // SAFETY: libc::flock is a struct of integers: all-zero bytes are a
+    // valid value (l_start 0 and l_len 0: the whole file).
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
     fl.l_type = libc::F_WRLCK as _;
     fl.l_whence = libc::SEEK_SET as _;
+    // SAFETY: `file` is open for the whole call (borrowed here), and
+    // F_SETLK reads one struct flock through the pointer, to `fl`, a live
+    // local of this frame.
     let rc = unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&file), libc::F_SETLK, &fl) };
     if rc != 0 {
         return Err(StoreError::Salvage(format!(
