@@ -17,8 +17,9 @@ pub use codec::{decode_change, decode_record, encode_change, encode_record, Deco
 pub use repair::{check, salvage, CheckReport, SalvageReport};
 
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, OnceLock};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBRecoveryMode, Direction, ErrorKind,
@@ -369,6 +370,16 @@ struct Job {
     done: Done,
 }
 
+/// Told about every group commit by the writer thread (the metrics): it
+/// must be quick and must not block.
+pub trait CommitObserver: Send + Sync {
+    /// One RocksDB write applied `writes` queued batches in `elapsed`
+    /// (including the log sync when `synced`).
+    fn committed(&self, writes: usize, synced: bool, elapsed: Duration);
+}
+
+type CommitHook = Arc<OnceLock<Arc<dyn CommitObserver>>>;
+
 /// Handle to the open store. Cheap to clone; the database closes when the
 /// last handle is dropped, after the writer has applied everything queued.
 #[derive(Clone)]
@@ -384,6 +395,7 @@ struct Inner {
     /// reclaim thread before the database closes.
     reclaimer: Option<Arc<reclaim::Reclaimer>>,
     memory: Memory,
+    commits: CommitHook,
 }
 
 impl Drop for Inner {
@@ -443,9 +455,11 @@ impl Store {
         };
         let reclaimer = Arc::new(reclaim::Reclaimer::start(db.clone(), dir.to_path_buf()));
         let writer_reclaimer = reclaimer.clone();
+        let commits = CommitHook::default();
+        let writer_commits = commits.clone();
         let writer = thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer_loop(&writer_db, &space, &writer_reclaimer, rx))
+            .spawn(move || writer_loop(&writer_db, &space, &writer_reclaimer, &writer_commits, rx))
             .expect("spawn store writer thread");
         Ok(Store {
             inner: Arc::new(Inner {
@@ -454,8 +468,15 @@ impl Store {
                 writer: Some(writer),
                 reclaimer: Some(reclaimer),
                 memory,
+                commits,
             }),
         })
+    }
+
+    /// Reports every later group commit to `observer` (once; a second
+    /// observer is ignored).
+    pub fn observe_commits(&self, observer: Arc<dyn CommitObserver>) {
+        let _ = self.inner.commits.set(observer);
     }
 
     /// Queues a batch; the returned completion fires once it is applied.
@@ -787,7 +808,13 @@ impl Space {
     }
 }
 
-fn writer_loop(db: &DB, space: &Space, reclaimer: &reclaim::Reclaimer, rx: mpsc::Receiver<Job>) {
+fn writer_loop(
+    db: &DB,
+    space: &Space,
+    reclaimer: &reclaim::Reclaimer,
+    commits: &CommitHook,
+    rx: mpsc::Receiver<Job>,
+) {
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         while jobs.len() < MAX_GROUP {
@@ -837,7 +864,11 @@ fn writer_loop(db: &DB, space: &Space, reclaimer: &reclaim::Reclaimer, rx: mpsc:
         }
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
+        let started = Instant::now();
         let res = db.write_opt(wb, &wo);
+        if let (Ok(()), Some(o)) = (&res, commits.get()) {
+            o.committed(jobs.len(), sync, started.elapsed());
+        }
         match &res {
             Err(e) => tracing::error!(error = %e, "storage write failed"),
             Ok(()) if !deleted_ids.is_empty() || events_below.is_some() => {
@@ -937,6 +968,29 @@ mod tests {
         assert_eq!(s.first_seq().unwrap(), Some(4));
         assert_eq!(seqs(s.changes_after(0, 10).unwrap()), vec![4, 5]);
         assert_eq!(s.last_seq().unwrap(), 5);
+    }
+
+    #[tokio::test]
+    async fn the_commit_observer_hears_of_every_group_commit() {
+        #[derive(Default)]
+        struct Heard(std::sync::Mutex<Vec<(usize, bool)>>);
+        impl CommitObserver for Heard {
+            fn committed(&self, writes: usize, synced: bool, _: Duration) {
+                self.0.lock().unwrap().push((writes, synced));
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 0).unwrap();
+        let heard = Arc::new(Heard::default());
+        s.observe_commits(heard.clone());
+        let mut b = Batch::buffered();
+        b.put_chunk(ProcessId(1), Stream::Stdout, 0, b"a".to_vec());
+        s.write(b).await.unwrap();
+        let mut b = Batch::durable();
+        b.put_next_id(2);
+        s.write(b).await.unwrap();
+        // Reported before the completions: nothing to wait for here.
+        assert_eq!(*heard.0.lock().unwrap(), vec![(1, false), (1, true)]);
     }
 
     #[tokio::test]
