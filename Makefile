@@ -17,7 +17,7 @@ CARGO_ENV = CCACHE_DIR=$(CACHE_DIR)/ccache CCACHE_BASEDIR=$(CURDIR) \
 
 APT_PACKAGES = libclang-dev ccache
 
-.PHONY: all run test build deps lint fmt check clean bench fuzz soak
+.PHONY: all run test build deps lint fmt check clean bench fuzz soak promtool
 
 all: build
 
@@ -52,9 +52,39 @@ lint: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO_ENV) $(CARGO) clippy --release --all-targets -- -D warnings
 
+# promtool (Prometheus' exposition linter, for tests/metrics.rs): the one on
+# PATH, else the binary unpacked from Debian's prometheus package into the
+# cache dir. Only that file is unpacked: installing the package would add a
+# Prometheus server with its service, user and web assets.
+PROMTOOL_DIR = $(CACHE_DIR)/prometheus-deb
+PROMTOOL = $(or $(shell command -v promtool 2>/dev/null),$(PROMTOOL_DIR)/usr/bin/promtool)
+
+## promtool: make promtool available for the metrics test (unpacked from Debian's prometheus package when missing)
+promtool:
+	@if [ ! -x "$(PROMTOOL)" ]; then \
+	  if ! command -v apt-get >/dev/null 2>&1 || ! command -v dpkg-deb >/dev/null 2>&1; then \
+	    echo "missing promtool: install Prometheus' promtool (Debian: apt-get install prometheus)"; \
+	    exit 1; \
+	  fi; \
+	  echo "unpacking promtool from Debian's prometheus package into $(PROMTOOL_DIR)"; \
+	  tmp=$$(mktemp -d) && cd "$$tmp" && \
+	  if ! apt-get -q -o APT::Sandbox::User=root download prometheus >/dev/null 2>&1; then \
+	    if [ "$$(id -u)" != 0 ]; then \
+	      echo "cannot download Debian's prometheus package; as root run:  apt-get update"; \
+	      rm -rf "$$tmp"; exit 1; \
+	    fi; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    apt-get -q -o APT::Sandbox::User=root download prometheus >/dev/null || { rm -rf "$$tmp"; exit 1; }; \
+	  fi; \
+	  mkdir -p "$(PROMTOOL_DIR)" && \
+	  dpkg-deb --fsys-tarfile prometheus_*.deb | tar -x -C "$(PROMTOOL_DIR)" ./usr/bin/promtool; \
+	  status=$$?; cd / && rm -rf "$$tmp"; [ $$status = 0 ] || exit 1; \
+	fi
+	@echo "promtool: $(PROMTOOL)"
+
 ## test: lint, every unit and integration test against the real daemon, then the schemathesis run (fuzz)
-test: lint
-	$(CARGO_ENV) $(CARGO) test --release
+test: lint promtool
+	PROMTOOL="$(PROMTOOL)" $(CARGO_ENV) $(CARGO) test --release
 	$(MAKE) --no-print-directory fuzz
 
 ## bench: the benchmark harness (release cyrneld against baselines measured in the same run)

@@ -19,6 +19,7 @@ use crate::api::ratelimit::Limiter;
 use crate::api::{self, ApiKey, ApiState, HttpLimits};
 use crate::config::Config;
 use crate::events::Hub;
+use crate::metrics::{Metrics, RunMetrics};
 use crate::model::SandboxLevel;
 use crate::proc::sandbox::{self, Policy, Requested};
 use crate::proc::{self, cgroup::CgroupRoot, Rlimit};
@@ -197,7 +198,15 @@ pub async fn run(
     if let Err(e) = proc::become_subreaper() {
         tracing::warn!(error = %e, "cannot become a child subreaper");
     }
-    let hub = Arc::new(Hub::new(config.event_buffer));
+    // The run metrics start from the stored records and follow every
+    // change the hub publishes from here on; both before the supervisor
+    // writes anything.
+    let runs = Arc::new(RunMetrics::census(&store)?);
+    let hub = Arc::new(Hub::with_observer(
+        config.event_buffer,
+        Some(runs.clone() as Arc<dyn crate::events::Observer>),
+    ));
+    let metrics = Metrics::new(store.clone(), sandbox.level, hub.clone(), &runs);
     let supervisor = Supervisor::start(
         store.clone(),
         Settings {
@@ -235,7 +244,6 @@ pub async fn run(
             policy,
         ))
     });
-    let metrics = crate::metrics::Metrics::new(store.clone(), sandbox.level);
     let state = Arc::new(ApiState {
         store,
         supervisor: supervisor.clone(),

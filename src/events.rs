@@ -6,8 +6,9 @@
 //! `broadcast` receiver that falls more than `capacity` events behind gets
 //! `Lagged`, and the API then closes that client's stream (it resumes from
 //! its last id, losing nothing because every event is also in the store).
-//! Publishing never waits for a subscriber. Knows nothing of HTTP or
-//! RocksDB.
+//! Publishing never waits for a subscriber. An optional [`Observer`] (the
+//! metrics) sees every change synchronously, before the broadcast, so it can
+//! never lag. Knows nothing of HTTP or RocksDB.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -16,8 +17,15 @@ use tokio::sync::{broadcast, watch};
 
 use crate::model::{Change, ProcessId};
 
+/// Sees every published change, in sequence order, on the publisher's
+/// thread: it must be quick and must not block.
+pub trait Observer: Send + Sync {
+    fn observe(&self, change: &Change);
+}
+
 pub struct Hub {
     changes: broadcast::Sender<Arc<Change>>,
+    observer: Option<Arc<dyn Observer>>,
     /// Only processes someone follows have an entry.
     output: Mutex<HashMap<ProcessId, watch::Sender<u64>>>,
     closing: watch::Sender<bool>,
@@ -27,8 +35,14 @@ impl Hub {
     /// `capacity`: how many events a subscriber may fall behind before its
     /// stream is closed.
     pub fn new(capacity: usize) -> Hub {
+        Hub::with_observer(capacity, None)
+    }
+
+    /// [`Hub::new`], with an observer that sees every change first.
+    pub fn with_observer(capacity: usize, observer: Option<Arc<dyn Observer>>) -> Hub {
         Hub {
             changes: broadcast::channel(capacity.max(1)).0,
+            observer,
             output: Mutex::new(HashMap::new()),
             closing: watch::channel(false).0,
         }
@@ -37,12 +51,20 @@ impl Hub {
     /// Publishes a durable transition (and wakes the process's followers).
     pub fn publish(&self, change: Change) {
         let id = change.record.id;
+        if let Some(o) = &self.observer {
+            o.observe(&change);
+        }
         let _ = self.changes.send(Arc::new(change));
         self.output_changed(id);
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Change>> {
         self.changes.subscribe()
+    }
+
+    /// Live subscribers of the change broadcast (event streams).
+    pub fn subscribers(&self) -> usize {
+        self.changes.receiver_count()
     }
 
     /// New output bytes of `id` are in the store.
@@ -133,6 +155,27 @@ mod tests {
             rx.recv().await,
             Err(broadcast::error::RecvError::Lagged(3))
         ));
+    }
+
+    #[tokio::test]
+    async fn the_observer_sees_every_change_and_is_no_subscriber() {
+        struct Seen(Mutex<Vec<u64>>);
+        impl Observer for Seen {
+            fn observe(&self, change: &Change) {
+                self.0.lock().unwrap().push(change.seq);
+            }
+        }
+        let seen = Arc::new(Seen(Mutex::new(Vec::new())));
+        let hub = Hub::with_observer(1, Some(seen.clone()));
+        assert_eq!(hub.subscribers(), 0);
+        let rx = hub.subscribe();
+        assert_eq!(hub.subscribers(), 1);
+        for seq in 1..=3 {
+            hub.publish(change(seq, 1));
+        }
+        assert_eq!(*seen.0.lock().unwrap(), vec![1, 2, 3]);
+        drop(rx);
+        assert_eq!(hub.subscribers(), 0);
     }
 
     #[tokio::test]

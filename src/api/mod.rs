@@ -18,7 +18,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper::header::{HeaderValue, ALLOW, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::header::{HeaderValue, ACCEPT, ALLOW, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
@@ -299,6 +299,26 @@ impl Route<'_> {
         }
     }
 
+    /// The route's path template (a metrics label: no ids).
+    fn template(&self) -> &'static str {
+        match self {
+            Route::Health => "/health",
+            Route::OpenApi => "/openapi.json",
+            Route::Metrics => "/metrics",
+            Route::Events => "/events",
+            Route::Processes => "/processes",
+            Route::ProcessEvents(_) => "/processes/{id}/events",
+            Route::Process(_) => "/processes/{id}",
+            Route::Code(_) => "/processes/{id}/code",
+            Route::Output(_) => "/processes/{id}/output",
+            Route::Stdout(_) => "/processes/{id}/stdout",
+            Route::Stderr(_) => "/processes/{id}/stderr",
+            Route::Run(_) => "/processes/{id}/signals/run",
+            Route::Kill(_) => "/processes/{id}/signals/kill",
+            Route::Backup => "/backup",
+        }
+    }
+
     fn id(&self) -> Option<&str> {
         match self {
             Route::Health
@@ -377,6 +397,13 @@ async fn dispatch(state: &ApiState, req: Request<Incoming>, peer: SocketAddr) ->
     }
     let limited = rate_limit(state, &route, req.method(), peer);
     if let Some(v) = limited.filter(|v| v.retry_after.is_some()) {
+        // Only the methods a route allows get here: a fixed set of labels.
+        let method = allowed
+            .iter()
+            .find(|m| **m == req.method().as_str())
+            .copied()
+            .unwrap_or("other");
+        state.metrics.rate_limited(method, route.template());
         return rate_limited(v);
     }
     let mut resp = route_request(state, req, route).await;
@@ -458,11 +485,14 @@ async fn route_request(
     match (route, id) {
         (Route::Health, _) => json(StatusCode::OK, r#"{"status":"ok"}"#),
         (Route::OpenApi, _) => json(StatusCode::OK, OPENAPI),
-        (Route::Metrics, _) => respond(
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            state.metrics.render(),
-        ),
+        (Route::Metrics, _) => {
+            let format = metrics_format(req.headers().get(ACCEPT).and_then(|v| v.to_str().ok()));
+            respond(
+                StatusCode::OK,
+                format.content_type(),
+                state.metrics.render(format),
+            )
+        }
         (Route::Processes, _) if method == Method::POST => create(state, req).await,
         (Route::Processes, _) => list(state, req.uri().query().unwrap_or("")).await,
         (Route::Process(_), Some(id)) if method == Method::DELETE => {
@@ -484,6 +514,34 @@ async fn route_request(
             Err(r) => r,
         },
         _ => error(StatusCode::NOT_FOUND, "Not found."),
+    }
+}
+
+/// OpenMetrics when the client prefers it (Prometheus asks for it first),
+/// else the Prometheus text format (curl, `promtool check metrics`, older
+/// scrapers): the q-values of `application/openmetrics-text` and of
+/// `text/plain` (or a wildcard covering it) decide, ties going to OpenMetrics.
+fn metrics_format(accept: Option<&str>) -> crate::metrics::Format {
+    use crate::metrics::Format;
+    let (mut open, mut text) = (0.0f32, 0.0f32);
+    for range in accept.unwrap_or("").split(',') {
+        let mut parts = range.split(';').map(str::trim);
+        let media = parts.next().unwrap_or("").to_ascii_lowercase();
+        let q = parts
+            .filter_map(|p| p.split_once('='))
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+            .and_then(|(_, v)| v.trim().parse::<f32>().ok())
+            .unwrap_or(1.0);
+        match media.as_str() {
+            "application/openmetrics-text" => open = open.max(q),
+            "text/plain" | "text/*" | "*/*" => text = text.max(q),
+            _ => {}
+        }
+    }
+    if open > 0.0 && open >= text {
+        Format::OpenMetrics
+    } else {
+        Format::Text
     }
 }
 
@@ -1119,6 +1177,32 @@ mod tests {
         assert!(parse_list_query("cursor=0").is_err());
         assert!(parse_list_query("ref=%20").is_err());
         assert_eq!(percent_decode("%41%zz%"), "A%zz%");
+    }
+
+    #[test]
+    fn metrics_format_follows_the_accept_header() {
+        use crate::metrics::Format::{OpenMetrics, Text};
+        // What Prometheus 2.x and 3.x send.
+        for prometheus in [
+            "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+            "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.6,text/plain;version=1.0.0;escaping=allow-utf-8;q=0.5,*/*;q=0.1",
+        ] {
+            assert_eq!(metrics_format(Some(prometheus)), OpenMetrics, "{prometheus}");
+        }
+        for (accept, want) in [
+            (None, Text),
+            (Some("*/*"), Text),
+            (Some("text/plain"), Text),
+            (Some("application/openmetrics-text"), OpenMetrics),
+            (
+                Some("text/plain, application/openmetrics-text; q=0.5"),
+                Text,
+            ),
+            (Some("application/openmetrics-text; q=0"), Text),
+            (Some("application/json"), Text),
+        ] {
+            assert_eq!(metrics_format(accept), want, "{accept:?}");
+        }
     }
 
     #[test]

@@ -23,6 +23,7 @@
 pub mod cgroup;
 pub mod sandbox;
 mod spawn;
+pub mod usage;
 
 use std::collections::HashSet;
 use std::ffi::OsStr;

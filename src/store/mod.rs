@@ -18,8 +18,9 @@ pub use codec::{decode_change, decode_record, encode_change, encode_record, Deco
 pub use repair::{check, salvage, CheckReport, SalvageReport};
 
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, OnceLock};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBRecoveryMode, Direction, ErrorKind,
@@ -378,6 +379,16 @@ struct Job {
     done: Done,
 }
 
+/// Told about every group commit by the writer thread (the metrics): it
+/// must be quick and must not block.
+pub trait CommitObserver: Send + Sync {
+    /// One RocksDB write applied `writes` queued batches in `elapsed`
+    /// (including the log sync when `synced`).
+    fn committed(&self, writes: usize, synced: bool, elapsed: Duration);
+}
+
+type CommitHook = Arc<OnceLock<Arc<dyn CommitObserver>>>;
+
 /// Handle to the open store. Cheap to clone; the database closes when the
 /// last handle is dropped, after the writer has applied everything queued.
 #[derive(Clone)]
@@ -393,6 +404,7 @@ struct Inner {
     /// reclaim thread before the database closes.
     reclaimer: Option<Arc<reclaim::Reclaimer>>,
     memory: Memory,
+    commits: CommitHook,
     /// The writer's reserve, moved by tests.
     #[cfg(test)]
     reserve: Arc<std::sync::atomic::AtomicU64>,
@@ -456,9 +468,11 @@ impl Store {
         };
         let reclaimer = Arc::new(reclaim::Reclaimer::start(db.clone(), dir.to_path_buf()));
         let writer_reclaimer = reclaimer.clone();
+        let commits = CommitHook::default();
+        let writer_commits = commits.clone();
         let writer = thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer_loop(&writer_db, &space, &writer_reclaimer, rx))
+            .spawn(move || writer_loop(&writer_db, &space, &writer_reclaimer, &writer_commits, rx))
             .expect("spawn store writer thread");
         Ok(Store {
             inner: Arc::new(Inner {
@@ -467,10 +481,17 @@ impl Store {
                 writer: Some(writer),
                 reclaimer: Some(reclaimer),
                 memory,
+                commits,
                 #[cfg(test)]
                 reserve,
             }),
         })
+    }
+
+    /// Reports every later group commit to `observer` (once; a second
+    /// observer is ignored).
+    pub fn observe_commits(&self, observer: Arc<dyn CommitObserver>) {
+        let _ = self.inner.commits.set(observer);
     }
 
     /// Queues a batch; the returned completion fires once it is applied.
@@ -816,7 +837,13 @@ impl Space {
     }
 }
 
-fn writer_loop(db: &DB, space: &Space, reclaimer: &reclaim::Reclaimer, rx: mpsc::Receiver<Job>) {
+fn writer_loop(
+    db: &DB,
+    space: &Space,
+    reclaimer: &reclaim::Reclaimer,
+    commits: &CommitHook,
+    rx: mpsc::Receiver<Job>,
+) {
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         while jobs.len() < MAX_GROUP {
@@ -839,7 +866,7 @@ fn writer_loop(db: &DB, space: &Space, reclaimer: &reclaim::Reclaimer, rx: mpsc:
         }
         let written = |j: &Job| !low || j.batch.essential;
         let res = if jobs.iter().any(written) {
-            write_group(db, reclaimer, jobs.iter_mut().filter(|j| written(j)))
+            write_group(db, reclaimer, commits, jobs.iter_mut().filter(|j| written(j)))
         } else {
             Ok(())
         };
@@ -861,13 +888,16 @@ fn writer_loop(db: &DB, space: &Space, reclaimer: &reclaim::Reclaimer, rx: mpsc:
 fn write_group<'a>(
     db: &DB,
     reclaimer: &reclaim::Reclaimer,
+    commits: &CommitHook,
     jobs: impl Iterator<Item = &'a mut Job>,
 ) -> Result<(), rocksdb::Error> {
     let mut wb = WriteBatch::default();
+    let mut count = 0;
     let mut sync = false;
     let mut deleted_ids = Vec::new();
     let mut events_below: Option<u64> = None;
     for job in jobs {
+        count += 1;
         sync |= job.batch.sync;
         deleted_ids.append(&mut job.batch.deleted_ids);
         if let Some(seq) = job.batch.events_below {
@@ -885,7 +915,11 @@ fn write_group<'a>(
     }
     let mut wo = WriteOptions::default();
     wo.set_sync(sync);
+    let started = Instant::now();
     let res = db.write_opt(wb, &wo);
+    if let (Ok(()), Some(o)) = (&res, commits.get()) {
+        o.committed(count, sync, started.elapsed());
+    }
     match &res {
         Err(e) => tracing::error!(error = %e, "storage write failed"),
         Ok(()) if !deleted_ids.is_empty() || events_below.is_some() => {
@@ -978,6 +1012,29 @@ mod tests {
         assert_eq!(s.first_seq().unwrap(), Some(4));
         assert_eq!(seqs(s.changes_after(0, 10).unwrap()), vec![4, 5]);
         assert_eq!(s.last_seq().unwrap(), 5);
+    }
+
+    #[tokio::test]
+    async fn the_commit_observer_hears_of_every_group_commit() {
+        #[derive(Default)]
+        struct Heard(std::sync::Mutex<Vec<(usize, bool)>>);
+        impl CommitObserver for Heard {
+            fn committed(&self, writes: usize, synced: bool, _: Duration) {
+                self.0.lock().unwrap().push((writes, synced));
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 0).unwrap();
+        let heard = Arc::new(Heard::default());
+        s.observe_commits(heard.clone());
+        let mut b = Batch::buffered();
+        b.put_chunk(ProcessId(1), Stream::Stdout, 0, b"a".to_vec());
+        s.write(b).await.unwrap();
+        let mut b = Batch::durable();
+        b.put_next_id(2);
+        s.write(b).await.unwrap();
+        // Reported before the completions: nothing to wait for here.
+        assert_eq!(*heard.0.lock().unwrap(), vec![(1, false), (1, true)]);
     }
 
     #[tokio::test]
