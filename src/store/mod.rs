@@ -866,7 +866,12 @@ fn writer_loop(
         }
         let written = |j: &Job| !low || j.batch.essential;
         let res = if jobs.iter().any(written) {
-            write_group(db, reclaimer, commits, jobs.iter_mut().filter(|j| written(j)))
+            write_group(
+                db,
+                reclaimer,
+                commits,
+                jobs.iter_mut().filter(|j| written(j)),
+            )
         } else {
             Ok(())
         };

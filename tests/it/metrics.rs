@@ -5,7 +5,6 @@
 //! move exactly as runs, kills, rate-limited requests, event streams and a
 //! restart happen.
 
-
 use crate::support::*;
 use std::collections::BTreeMap;
 use std::io::Write;
