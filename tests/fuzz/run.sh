@@ -118,6 +118,7 @@ st_rc=0
 # In the background, so that a signal to this script is handled at once
 # (bash runs traps only between foreground commands).
 CYRNEL_FUZZ_URL="http://127.0.0.1:$port" CYRNEL_FUZZ_KEY="$key" \
+  SCHEMATHESIS_HOOKS=hooks PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" \
   "$st" --config-file "$here/schemathesis.toml" run "$spec" \
   --max-examples "$max_examples" --seed "$seed" --no-color \
   --report ndjson --report-ndjson-path "$report" &
