@@ -130,12 +130,37 @@ fmt:
 clean:
 	$(CARGO) clean
 
-.PHONY: package test-packages
+.PHONY: package package-checkers lint-packages test-packages
 
-## package: the .deb and .rpm in packaging/dist/ (cargo-deb and cargo-generate-rpm, installed at pinned versions when missing)
+## package: the .deb and .rpm in packaging/dist/ (cargo-deb, installed at a pinned version when missing; rpmbuild from apt)
 package: deps
 	$(CARGO_ENV) CACHE_DIR=$(CACHE_DIR) CARGO=$(CARGO) packaging/build.sh packaging/dist
 
-## test-packages: build both packages, install them into Debian roots (debootstrap, cached under $(CACHE_DIR)) and an rpm root, and check them
-test-packages: package
+# The distributions' package checkers, from apt: lintian (Debian's) and
+# rpmlint.
+PACKAGE_CHECKERS = lintian rpmlint
+
+package-checkers:
+	@missing=""; \
+	for tool in $(PACKAGE_CHECKERS); do \
+	  command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing:$$missing"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null || exit 1; \
+	  else \
+	    echo "missing package checkers:$$missing"; \
+	    echo "install them with:  sudo apt-get install -y$$missing"; \
+	    exit 1; \
+	  fi; \
+	fi
+
+## lint-packages: build both packages and run lintian on the .deb, rpmlint on the .rpm and its spec: no error or warning but the rpm's missing signature
+lint-packages: package package-checkers
+	packaging/lint.sh packaging/dist
+
+## test-packages: lint-packages, then install both packages into Debian roots (debootstrap, cached under $(CACHE_DIR)) and an rpm root, and check them
+test-packages: lint-packages
 	CACHE_DIR=$(CACHE_DIR) packaging/test-install.sh packaging/dist

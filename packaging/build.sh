@@ -1,22 +1,26 @@
 #!/usr/bin/env bash
-# Builds the cyrnel .deb (cargo-deb) and .rpm (cargo-generate-rpm) into
-# DIST (default: packaging/dist/). Run by `make package`, which passes the
+# Builds the cyrnel .deb (cargo-deb) and .rpm (rpmbuild) into DIST
+# (default: packaging/dist/). Run by `make package`, which passes the
 # ccache settings for the RocksDB build.
 #
 # 1. Installs what is missing: dpkg-dev (dpkg-shlibdeps, for the .deb's
-#    library dependencies) and binutils with apt-get, and the two cargo
-#    subcommands with `cargo install --locked` at pinned versions.
-# 2. Builds the release binaries (the same profile `make test` uses, so a
+#    library dependencies), binutils and rpm (rpmbuild) with apt-get, and
+#    cargo-deb with `cargo install --locked` at a pinned version.
+# 2. Checks that the newest entry of each packaging changelog
+#    (packaging/debian/changelog, the %changelog of packaging/rpm/cyrnel.spec)
+#    is for Cargo.toml's version: a release needs an entry in both.
+# 3. Builds the release binaries (the same profile `make test` uses, so a
 #    tested tree does not rebuild RocksDB).
-# 3. Stages what is generated at package-build time in packaging/build/:
-#    the packaged config (platform/cyrneld.toml with data_dir set), man
-#    pages and shell completions produced by the built cyrnelctl, and
-#    stripped copies of the binaries for the .rpm (cargo-deb strips its own).
-# 4. Runs cargo-deb and cargo-generate-rpm; the metadata is in Cargo.toml.
+# 4. Stages what is generated at package-build time in packaging/build/:
+#    the packaged config (platform/cyrneld.toml with data_dir set), the man
+#    pages (`cyrneld --man`, `cyrnelctl man`) and shell completions produced
+#    by the built binaries, and stripped copies of the binaries for the .rpm
+#    (cargo-deb strips its own).
+# 5. Runs cargo-deb (metadata in Cargo.toml) and packaging/rpm/build.sh
+#    (rpmbuild on packaging/rpm/cyrnel.spec).
 set -euo pipefail
 
 CARGO_DEB_VERSION=3.8.0
-CARGO_GENERATE_RPM_VERSION=0.21.1
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
 dist=${1:-$repo/packaging/dist}
@@ -59,8 +63,20 @@ need_cargo_tool() {
 need_apt dpkg-shlibdeps dpkg-dev
 need_apt strip binutils
 need_apt gzip gzip
+need_apt rpmbuild rpm
 need_cargo_tool cargo-deb "$CARGO_DEB_VERSION"
-need_cargo_tool cargo-generate-rpm "$CARGO_GENERATE_RPM_VERSION"
+
+version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n1)
+deb_changelog=$(dpkg-parsechangelog -l packaging/debian/changelog -S Version)
+[ "$deb_changelog" = "$version-1" ] || {
+	echo "packaging/debian/changelog: the newest entry is $deb_changelog, not $version-1 (Cargo.toml)" >&2
+	exit 1
+}
+rpm_changelog=$(sed -n '/^%changelog/,$ s/^\* .* - \([^ ]*\)$/\1/p' packaging/rpm/cyrnel.spec | head -n1)
+[ "$rpm_changelog" = "$version-1" ] || {
+	echo "packaging/rpm/cyrnel.spec: the newest %changelog entry is ${rpm_changelog:-missing}, not $version-1 (Cargo.toml)" >&2
+	exit 1
+}
 
 log "building release binaries"
 "$cargo" build --release --bins
@@ -95,8 +111,9 @@ EOF
 	' platform/cyrneld.toml
 } >"$stage/cyrneld.toml"
 
+"$bin/cyrneld" --man >"$stage/man/cyrneld.8"
 "$bin/cyrnelctl" man --out-dir "$stage/man"
-gzip -9n "$stage"/man/*.1
+gzip -9n "$stage"/man/*.[18]
 "$bin/cyrnelctl" completions bash >"$stage/completions/cyrnelctl.bash"
 "$bin/cyrnelctl" completions zsh >"$stage/completions/_cyrnelctl"
 "$bin/cyrnelctl" completions fish >"$stage/completions/cyrnelctl.fish"
@@ -112,8 +129,8 @@ done
 log "building the .deb (cargo-deb $CARGO_DEB_VERSION)"
 rm -f "$dist"/cyrnel_*.deb "$dist"/cyrnel-*.rpm
 "$cargo" deb --no-build --quiet --output "$dist/"
-log "building the .rpm (cargo-generate-rpm $CARGO_GENERATE_RPM_VERSION)"
-"$cargo" generate-rpm --output "$dist/"
+log "building the .rpm (rpmbuild, packaging/rpm/cyrnel.spec)"
+packaging/rpm/build.sh "$dist"
 
 log "packages:"
 ls -l "$dist"/cyrnel_*.deb "$dist"/cyrnel-*.rpm

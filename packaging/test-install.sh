@@ -20,9 +20,11 @@
 #   - "systemd": minbase plus systemd (installed, not running, as in an
 #     image build): the user comes from sysusers.d, the data dir from
 #     tmpfiles.d, the unit is enabled, and `systemd-analyze verify` passes.
-# The .rpm: metadata, file list, config flags, scriptlets and dependencies
-# with `rpm -qp`, then `rpm --root` install (scriptlets run, chrooted), an
-# upgrade and an erase in a copy of the minbase root.
+# The .rpm: metadata (URL, Packager, Group, %changelog), file list, config
+# flags, scriptlets and dependencies with `rpm -qp`, then `rpm --root`
+# install (scriptlets run, chrooted), an upgrade and an erase in a copy of
+# the minbase root. (lintian and rpmlint run before this script: see
+# packaging/lint.sh.)
 #
 # The machine running this has no running systemd, so nothing is started
 # by systemctl; the daemon is started by hand from the installed unit's
@@ -442,7 +444,7 @@ json_string() { # KEY JSON: the value of a string member (flat JSON only)
 
 # check_files ROOT: modes and owners of everything the package installs.
 check_files() {
-	local root=$1 zsh_dir=$2 f
+	local root=$1 zsh_dir=$2 changelog=$3 f
 	while read -r mode owner f; do
 		check_eq "$f: $mode $owner" "$mode $owner" "$(in_root "$root" stat -c '%a %U:%G' "$f" 2>&1)"
 	done <<EOF
@@ -455,14 +457,19 @@ check_files() {
 700 cyrnel:cyrnel /var/lib/cyrnel
 644 root:root /usr/share/man/man1/cyrnelctl.1.gz
 644 root:root /usr/share/man/man1/cyrnelctl-run.1.gz
+644 root:root /usr/share/man/man8/cyrneld.8.gz
 644 root:root /usr/share/bash-completion/completions/cyrnelctl
 644 root:root $zsh_dir/_cyrnelctl
 644 root:root /usr/share/fish/vendor_completions.d/cyrnelctl.fish
 644 root:root /usr/share/doc/cyrnel/README.md
-644 root:root /usr/share/doc/cyrnel/CHANGELOG.md
+644 root:root $changelog
 EOF
 	check "man page cyrnelctl(1) is a gzipped roff page" \
 		sh -c "zcat '$root/usr/share/man/man1/cyrnelctl.1.gz' | grep -q '^\.TH cyrnelctl'"
+	check "man page cyrneld(8) is a gzipped roff page in section 8" \
+		sh -c "zcat '$root/usr/share/man/man8/cyrneld.8.gz' | grep -q '^\.TH cyrneld 8'"
+	check_eq "cyrneld --man prints the installed cyrneld(8)" \
+		"$(zcat "$root/usr/share/man/man8/cyrneld.8.gz" | md5sum)" "$(in_root "$root" cyrneld --man | md5sum)"
 	check "bash completion parses" bash -n "$root/usr/share/bash-completion/completions/cyrnelctl"
 	check "zsh completion is a #compdef file" grep -q '^#compdef cyrnelctl' "$root$zsh_dir/_cyrnelctl"
 	check "fish completion completes cyrnelctl" grep -q 'complete -c cyrnelctl' \
@@ -516,9 +523,16 @@ check_eq "dpkg status" "install ok installed $version" \
 	"$(in_root "$R" dpkg-query -W -f '${Status} ${Version}' cyrnel)"
 check_eq "conffiles" "/etc/cyrnel/cyrneld.toml" \
 	"$(in_root "$R" dpkg-query -W -f '${Conffiles}' cyrnel | awk 'NF {print $1}')"
-check "the copyright file names Apache-2.0" grep -q 'Apache' "$R/usr/share/doc/cyrnel/copyright"
+check "the copyright file is machine-readable (DEP-5) and says Apache-2.0" \
+	sh -c "head -n1 '$R/usr/share/doc/cyrnel/copyright' | grep -q '^Format: .*copyright-format/1.0/' &&
+		grep -qx 'License: Apache-2.0' '$R/usr/share/doc/cyrnel/copyright' &&
+		grep -q '/usr/share/common-licenses/Apache-2.0' '$R/usr/share/doc/cyrnel/copyright'"
+check_eq "changelog.Debian's newest entry is this version" "$version" \
+	"$(zcat "$R/usr/share/doc/cyrnel/changelog.Debian.gz" | sed -n '1s/^cyrnel (\([^)]*\)).*/\1/p')"
+check "the upstream changelog is changelog.gz (CHANGELOG.md)" \
+	sh -c "zcat '$R/usr/share/doc/cyrnel/changelog.gz' | cmp -s - '$repo/CHANGELOG.md'"
 check_user "$R"
-check_files "$R" /usr/share/zsh/vendor-completions
+check_files "$R" /usr/share/zsh/vendor-completions /usr/share/doc/cyrnel/changelog.gz
 check "the unit is enabled (multi-user.target.wants), offline" \
 	test -L "$R/etc/systemd/system/multi-user.target.wants/cyrneld.service"
 
@@ -641,6 +655,13 @@ check "purge (systemd installed) removes the data and the enablement" \
 log ".rpm metadata"
 check_eq "name version release arch license" "cyrnel $upstream 1 x86_64 Apache-2.0" \
 	"$(rpm -qp --qf '%{NAME} %{VERSION} %{RELEASE} %{ARCH} %{LICENSE}' "$rpm_file")"
+check_eq "URL is Cargo.toml's homepage" "$(sed -n 's/^homepage = "\(.*\)"$/\1/p' "$repo/Cargo.toml")" \
+	"$(rpm -qp --qf '%{URL}' "$rpm_file")"
+check_eq "Packager is Cargo.toml's maintainer (the .deb's Maintainer)" "$(dpkg-deb -f "$deb" Maintainer)" \
+	"$(rpm -qp --qf '%{PACKAGER}' "$rpm_file")"
+check_eq "Group" "System Environment/Daemons" "$(rpm -qp --qf '%{GROUP}' "$rpm_file")"
+check "the newest %changelog entry is $upstream-1" \
+	sh -c "rpm -qp --changelog '$rpm_file' | head -n1 | grep -q ' - $upstream-1\$'"
 check "the payload digests verify" sh -c "rpm -K --nosignature '$rpm_file' >/dev/null"
 rpm -qplv "$rpm_file" >"$work/rpm-files"
 while read -r mode user group f; do
@@ -653,16 +674,19 @@ done <<'EOF'
 -rw-r--r-- root root /usr/lib/sysusers.d/cyrnel.conf
 -rw-r--r-- root root /usr/lib/tmpfiles.d/cyrnel.conf
 -rw-r--r-- root root /usr/share/man/man1/cyrnelctl.1.gz
+-rw-r--r-- root root /usr/share/man/man8/cyrneld.8.gz
 -rw-r--r-- root root /usr/share/bash-completion/completions/cyrnelctl
 -rw-r--r-- root root /usr/share/zsh/site-functions/_cyrnelctl
 -rw-r--r-- root root /usr/share/fish/vendor_completions.d/cyrnelctl.fish
 -rw-r--r-- root root /usr/share/doc/cyrnel/README.md
 -rw-r--r-- root root /usr/share/licenses/cyrnel/LICENSE
 EOF
-check "nothing under /var/lib/cyrnel is packaged (data is never the package's)" \
-	sh -c "! grep -q '/var/lib/cyrnel' '$work/rpm-files'"
+check "the package owns the directory /var/lib/cyrnel, 0700 cyrnel:cyrnel" \
+	grep -qE '^drwx------ +[0-9]+ +cyrnel +cyrnel +[0-9]+ .* /var/lib/cyrnel$' "$work/rpm-files"
+check "nothing in /var/lib/cyrnel is packaged (data is never the package's)" \
+	sh -c "! grep -q '/var/lib/cyrnel/' '$work/rpm-files'"
 check_eq "config files (noreplace)" "/etc/cyrnel/cyrneld.toml cn" \
-	"$(rpm -qp --qf '[%{FILENAMES} %{FILEFLAGS:fflags}\n]' "$rpm_file" | grep '^/etc/')"
+	"$(rpm -qp --qf '[%{FILENAMES} %{FILEFLAGS:fflags}\n]' "$rpm_file" | awk '$1 ~ /^\/etc\// && NF > 1')"
 rpm -qp --scripts "$rpm_file" >"$work/rpm-scripts"
 for s in preinstall postinstall preuninstall postuninstall; do
 	check "rpm has a $s scriptlet" grep -q "^$s scriptlet" "$work/rpm-scripts"
@@ -684,15 +708,14 @@ rpm --root "$P" -i --nodeps "$rpm_file" >"$work/rpm.log" 2>&1 || {
 ok "rpm --root … -i --nodeps $(basename "$rpm_file")"
 check "rpm -V --nodeps: installed files match the package" rpm --root "$P" -V --nodeps cyrnel
 check_user "$P"
-check_files "$P" /usr/share/zsh/site-functions
+check_files "$P" /usr/share/zsh/site-functions /usr/share/doc/cyrnel/CHANGELOG.md
 start_daemon "$P"
 exercise_daemon "$P"
 stop_daemon
 
 log ".rpm upgrade (release 2) and erase"
 echo 'max_running = 8' >>"$P/etc/cyrnel/cyrneld.toml"
-(cd "$repo" && cargo generate-rpm --set-metadata 'release = "2"' --output "$work/") >/dev/null ||
-	fail "building the release-2 .rpm"
+"$repo/packaging/rpm/build.sh" "$work" 2 >/dev/null || fail "building the release-2 .rpm"
 rpm --root "$P" -U --nodeps "$work/cyrnel-$upstream-2.x86_64.rpm" >"$work/rpm.log" 2>&1 || {
 	cat "$work/rpm.log" >&2
 	fail "rpm -U"

@@ -1,6 +1,7 @@
-//! `cyrneld`: parses the command line, loads the configuration, sets up
-//! logging and the daemon's own signals, and hands over to `app::run`
-//! on a runtime thread. The main thread stays behind as the reaper of
+//! `cyrneld`: parses the command line (which also produces the cyrneld(8)
+//! man page, `--man`), loads the configuration, sets up logging and the
+//! daemon's own signals, and hands over to `app::run` on a runtime
+//! thread. The main thread stays behind as the reaper of
 //! orphans reparented to the daemon (`proc::OrphanReaper`).
 //!
 //! Signals: SIGTERM and SIGINT stop the daemon gracefully. SIGHUP re-reads
@@ -46,7 +47,8 @@ use cyrnel::config::{self, Config, Flags, Reload};
     after_help = "Signals: SIGTERM or SIGINT stop the daemon gracefully (running processes \
                   are terminated and recorded canceled; queued ones run after the next \
                   start). SIGHUP reloads api_key, the rate limits and log_level from \
-                  the configuration without touching running processes."
+                  the configuration without touching running processes. \
+                  More in cyrneld(8): `cyrneld --man | man -l -`."
 )]
 struct Cli {
     /// TOML configuration file.
@@ -68,6 +70,10 @@ struct Cli {
     /// id they can have held, and exit. The daemon must be stopped.
     #[arg(long)]
     salvage: bool,
+    /// Print this manual page, cyrneld(8), as roff and exit (the packages
+    /// install it; `cyrneld --man | man -l -` reads it anywhere).
+    #[arg(long, exclusive = true)]
+    man: bool,
 }
 
 type LogFilter = reload::Handle<EnvFilter, Registry>;
@@ -109,6 +115,9 @@ fn main() -> ExitCode {
     );
     scrub_api_key_from_environment();
     let cli = Cli::parse();
+    if cli.man {
+        return print_man_page();
+    }
     let flags = Flags {
         config: cli.config,
         listen: cli.listen,
@@ -377,3 +386,98 @@ impl Reloader {
         Ok(())
     }
 }
+
+/// `cyrneld --man`: cyrneld(8) on stdout.
+fn print_man_page() -> ExitCode {
+    use std::io::Write;
+    let written = man_page().and_then(|page| {
+        let mut out = std::io::stdout().lock();
+        out.write_all(&page)?;
+        out.flush()
+    });
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cyrneld --man: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// cyrneld(8), generated like cyrnelctl(1): clap's page of the command line
+/// (in section 8, system daemons), with the hand-written sections below in
+/// place of the help's closing paragraph, before VERSION.
+fn man_page() -> std::io::Result<Vec<u8>> {
+    use clap::CommandFactory;
+    let cmd = Cli::command().after_help(None::<&str>);
+    let mut page = Vec::new();
+    clap_mangen::Man::new(cmd).section("8").render(&mut page)?;
+    let at = page
+        .windows(12)
+        .position(|w| w == b"\n.SH VERSION")
+        .map_or(page.len(), |i| i + 1);
+    page.splice(at..at, MAN_SECTIONS.bytes());
+    Ok(page)
+}
+
+/// What the command line does not say. Every signal named in `--help` is
+/// described under SIGNALS (tests/cli.rs checks it).
+const MAN_SECTIONS: &str = r#".SH CONFIGURATION
+Every key of the configuration file can also be given as a \fBCYRNEL_\fR\fIKEY\fR
+environment variable (upper case, e.g. \fBCYRNEL_MAX_RUNNING\fR); \fB\-\-listen\fR
+and \fB\-\-data\-dir\fR override \fBlisten\fR and \fBdata_dir\fR. Flags win over
+the environment, which wins over the file, which wins over the built\-in
+defaults. The packaged file lists every key with its default and meaning. An
+invalid value stops the daemon at start with a message naming the key.
+.SH SIGNALS
+.TP
+\fBSIGTERM\fR, \fBSIGINT\fR
+Stop gracefully: creating and running answer 503, every running process
+group is terminated (SIGTERM, then SIGKILL after \fBkill_grace_ms\fR) and
+recorded \fBcanceled\fR, then the daemon exits 0. Queued runs stay queued and
+start after the next start.
+.TP
+\fBSIGHUP\fR
+Re\-read the configuration the daemon was started with (same flags,
+environment and file) and apply \fBapi_key\fR (or \fBapi_key_file\fR), the
+\fBrate_limit_*\fR keys and \fBlog_level\fR without touching running processes.
+Every other key keeps its running value until a restart; an invalid file is
+logged and the running configuration kept. \fBsystemctl reload cyrneld\fR
+sends it.
+.SH ENVIRONMENT
+.TP
+\fBCYRNEL_\fR\fIKEY\fR
+A configuration key (see CONFIGURATION). \fBCYRNEL_API_KEY\fR is removed from
+the daemon's environment at start, so nothing that can read it learns the key.
+.TP
+\fBRUST_LOG\fR
+A log filter (tracing's \fIEnvFilter\fR syntax) that wins over \fBlog_level\fR,
+at start and on reload.
+.TP
+\fBNOTIFY_SOCKET\fR
+Set by systemd for \fBType=notify\fR: the daemon sends READY=1 once it
+listens, RELOADING=1 and READY=1 around a reload, STOPPING=1 when a stop
+begins. Managed processes never see it: they get a clean environment.
+.SH FILES
+.TP
+\fI/etc/cyrnel/cyrneld.toml\fR
+The configuration file of packaged installs (\fB\-\-config\fR), 0640
+root:cyrnel because it may hold the API key.
+.TP
+\fI/var/lib/cyrnel\fR
+The data directory of packaged installs: the database and the staged code of
+every run, 0700 cyrnel:cyrnel. Without a configuration it is
+\fIcyrnel\-data\fR in the working directory.
+.TP
+\fI/usr/lib/systemd/system/cyrneld.service\fR
+The packaged unit: runs the daemon as \fBcyrnel\fR with the capabilities that
+isolate every run; each setting is explained inside.
+.SH "EXIT STATUS"
+0 after a graceful stop; 1 when the daemon cannot run (the address is in use,
+the database cannot be opened, ...); 2 for an invalid command line or
+configuration. \fB\-\-check\fR exits 0 when everything is readable, 1 when the
+database is damaged, 2 when it cannot check. \fB\-\-salvage\fR exits 0 once the
+database is rebuilt, 1 when it cannot be.
+.SH "SEE ALSO"
+\fBcyrnelctl\fR(1), \fBsystemctl\fR(1), \fI/usr/share/doc/cyrnel/README.md\fR
+"#;

@@ -1,12 +1,11 @@
-# %post of the cyrnel .rpm ($1: 1 = install, 2 = upgrade): the data dir,
-# then on a first install enable the unit, and start it when systemd runs.
-# (An upgrade restarts it in %postun, once the old files are gone.) Never
-# fails the transaction: containers and chroots have no running systemd.
-if ! { command -v systemd-tmpfiles >/dev/null 2>&1 &&
-	systemd-tmpfiles --create cyrnel.conf; }; then
-	mkdir -p /var/lib/cyrnel
-	chown cyrnel:cyrnel /var/lib/cyrnel
-	chmod 0700 /var/lib/cyrnel
+# %post of the cyrnel .rpm ($1: 1 = install, 2 = upgrade): apply
+# tmpfiles.d, then on a first install enable the unit, and start it when
+# systemd runs. (An upgrade restarts it in %postun, once the old files are
+# gone.) Never fails the transaction: containers and chroots have no
+# running systemd. The data dir needs no fallback where systemd-tmpfiles
+# is missing: it is a directory of the package (0700 cyrnel:cyrnel).
+if command -v systemd-tmpfiles >/dev/null 2>&1; then
+	systemd-tmpfiles --create cyrnel.conf || :
 fi
 if [ -d /run/systemd/system ]; then
 	systemctl daemon-reload >/dev/null 2>&1 || :

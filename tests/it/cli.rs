@@ -675,3 +675,66 @@ fn completions_and_man_page_are_generated() {
     let main_page = fs::read_to_string(dir.path().join("cyrnelctl.1")).unwrap();
     assert!(main_page.contains(".SH ENVIRONMENT"), "{main_page}");
 }
+
+/// `cyrneld --man`: cyrneld(8), which the packages install. Every signal
+/// that `cyrneld --help` names is described in its SIGNALS section, so the
+/// two cannot drift apart; `--man` with anything else is a usage error.
+#[test]
+fn cyrneld_man_page_is_generated() {
+    let daemon = |args: &[&str]| {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args).stdin(Stdio::null());
+        finish(cmd, None)
+    };
+    let page = daemon(&["--man"]).ok().stdout;
+    assert!(page.contains(".TH cyrneld 8"), "{page}");
+    for section in [
+        ".SH NAME",
+        ".SH SYNOPSIS",
+        ".SH OPTIONS",
+        ".SH CONFIGURATION",
+        ".SH SIGNALS",
+        ".SH ENVIRONMENT",
+        ".SH FILES",
+        ".SH \"EXIT STATUS\"",
+        ".SH \"SEE ALSO\"",
+        ".SH VERSION",
+    ] {
+        assert!(
+            page.contains(section),
+            "no {section} in cyrneld(8):\n{page}"
+        );
+    }
+    for flag in ["config", "listen", "data\\-dir", "check", "salvage"] {
+        assert!(
+            page.contains(&format!("\\-\\-{flag}")),
+            "--{flag} missing:\n{page}"
+        );
+    }
+    let signals_section = page
+        .split(".SH SIGNALS")
+        .nth(1)
+        .and_then(|rest| rest.split("\n.SH ").next())
+        .unwrap();
+    let help = daemon(&["--help"]).ok().stdout;
+    assert!(help.contains("cyrneld(8)"), "{help}");
+    let named: Vec<&str> = help
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|w| {
+            w.len() > 3 && w.starts_with("SIG") && w[3..].bytes().all(|b| b.is_ascii_uppercase())
+        })
+        .collect();
+    assert!(
+        named.contains(&"SIGTERM") && named.contains(&"SIGHUP"),
+        "{help}"
+    );
+    for signal in named {
+        assert!(
+            signals_section.contains(&format!("\\fB{signal}\\fR")),
+            "{signal} is in --help but not in cyrneld(8)'s SIGNALS:\n{signals_section}"
+        );
+    }
+    let both = daemon(&["--man", "--check"]);
+    assert_eq!(both.code, Some(2), "{both:?}");
+    assert!(both.stderr.contains("cannot be used with"), "{both:?}");
+}
