@@ -794,10 +794,11 @@ impl Store {
     }
 
     /// Every record not idle, oldest first: what recovery must look at.
-    /// Read from the list index, so a restart does not read every record.
+    /// Reads every record, not the list index: that read is also what
+    /// finds a damaged `records` table before the daemon serves.
     pub fn unsettled(&self) -> Result<Vec<Record>, StoreError> {
         let mut out = Vec::new();
-        self.scan_indexed(&index::unsettled_prefixes(), None, |r| {
+        self.scan_newest_first(None, |r| {
             if r.state != State::Idle {
                 out.push(r);
             }
@@ -860,7 +861,7 @@ fn upgrade_from_v1(db: &mut DB, mem: &Memory, dir: &Path) -> Result<(), StoreErr
     };
     tracing::info!(
         path = %dir.display(),
-        "store: upgrading the data dir from format version 1 to {FORMAT_VERSION}: building the list index from every record (once)"
+        "upgrading the data dir from format version 1 to {FORMAT_VERSION}: building the list index from every record (once)"
     );
     let started = std::time::Instant::now();
     if db.cf_handle(CF_INDEX).is_some() {
@@ -870,7 +871,7 @@ fn upgrade_from_v1(db: &mut DB, mem: &Memory, dir: &Path) -> Result<(), StoreErr
         .map_err(fail)?;
     let built = index::build(db).map_err(fail)?;
     for skipped in &built.skipped {
-        tracing::warn!(%skipped, "store: a record that does not decode was left out of the list index");
+        tracing::warn!(%skipped, "a record that does not decode was left out of the list index");
     }
     let mut wo = WriteOptions::default();
     wo.set_sync(true);
@@ -881,7 +882,7 @@ fn upgrade_from_v1(db: &mut DB, mem: &Memory, dir: &Path) -> Result<(), StoreErr
         records = built.records,
         skipped = built.skipped.len(),
         took_ms = started.elapsed().as_millis() as u64,
-        "store: upgraded the data dir to format version {FORMAT_VERSION}"
+        "upgraded the data dir to format version {FORMAT_VERSION}"
     );
     Ok(())
 }
