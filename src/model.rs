@@ -282,6 +282,34 @@ impl Record {
     }
 }
 
+/// Which records a list asks for: every field that is set must match.
+/// The store answers it from its index, so a filter costs what its matches
+/// cost, however many other records there are.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Filter {
+    pub state: Option<State>,
+    /// `Some(None)`: records without an exit state.
+    pub status: Option<Option<ExitState>>,
+    /// Exact match.
+    pub r#ref: Option<String>,
+}
+
+impl Filter {
+    /// Whether it selects anything narrower than every record.
+    pub fn is_narrowing(&self) -> bool {
+        self.state.is_some() || self.status.is_some() || self.r#ref.is_some()
+    }
+
+    pub fn matches(&self, r: &Record) -> bool {
+        self.state.is_none_or(|s| r.state == s)
+            && self.status.is_none_or(|s| r.exit_state == s)
+            && self
+                .r#ref
+                .as_deref()
+                .is_none_or(|f| r.r#ref.as_deref() == Some(f))
+    }
+}
+
 /// What a state-transition event reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ChangeKind {

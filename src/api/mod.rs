@@ -31,7 +31,7 @@ use ratelimit::{Bucket, Limit, Limiter, Verdict};
 use std::sync::RwLock;
 
 use crate::events::Hub;
-use crate::model::{Change, ExitState, Idempotency, ProcessId, Record, State, Stream};
+use crate::model::{Change, ExitState, Filter, Idempotency, ProcessId, Record, State, Stream};
 use crate::store::{Store, StoreError};
 use crate::supervisor::machine::Reject;
 use crate::supervisor::{Supervisor, SupervisorError};
@@ -735,41 +735,26 @@ fn stream(state: &ApiState, id: ProcessId, which: Stream, query: Option<&str>) -
 
 /// Filters of `GET /processes`.
 struct ListQuery {
-    state: Option<State>,
-    status: Option<Option<ExitState>>,
-    r#ref: Option<String>,
+    filter: Filter,
     limit: Option<usize>,
     cursor: Option<ProcessId>,
 }
 
-impl ListQuery {
-    fn matches(&self, r: &Record) -> bool {
-        self.state.is_none_or(|s| r.state == s)
-            && self.status.is_none_or(|s| r.exit_state == s)
-            && self
-                .r#ref
-                .as_deref()
-                .is_none_or(|f| r.r#ref.as_deref() == Some(f))
-    }
-}
-
 fn parse_list_query(query: &str) -> Result<ListQuery, Invalid> {
     let mut q = ListQuery {
-        state: None,
-        status: None,
-        r#ref: None,
+        filter: Filter::default(),
         limit: None,
         cursor: None,
     };
     for (k, v) in query_pairs(query) {
         match k.as_str() {
             "state" => {
-                q.state = Some(State::parse(&v).ok_or(Invalid(
+                q.filter.state = Some(State::parse(&v).ok_or(Invalid(
                     "Invalid value for 'state': must be one of queued, running, idle, terminating.",
                 ))?)
             }
             "status" => {
-                q.status = Some(if v == "null" {
+                q.filter.status = Some(if v == "null" {
                     None
                 } else {
                     Some(ExitState::parse(&v).ok_or(Invalid(
@@ -782,7 +767,7 @@ fn parse_list_query(query: &str) -> Result<ListQuery, Invalid> {
                 if t.is_empty() {
                     return Err(Invalid("Invalid value for 'ref': must not be empty."));
                 }
-                q.r#ref = Some(t.to_string());
+                q.filter.r#ref = Some(t.to_string());
             }
             "limit" => {
                 q.limit = Some(
@@ -853,10 +838,7 @@ async fn list(state: &ApiState, query: &str) -> Response<Body> {
                 let mut items = Vec::with_capacity(limit.min(128));
                 let mut more = false;
                 store
-                    .scan_newest_first(q.cursor, |r| {
-                        if !q.matches(&r) {
-                            return true;
-                        }
+                    .scan_matching(&q.filter, q.cursor, |r| {
                         if items.len() == limit {
                             more = true;
                             return false;
@@ -901,10 +883,7 @@ fn stream_list(store: Store, q: ListQuery) -> Response<Body> {
         buf.extend_from_slice(b"{\"processes\":[");
         let mut first = true;
         let mut open = true;
-        let res = store.scan_newest_first(q.cursor, |r| {
-            if !q.matches(&r) {
-                return true;
-            }
+        let res = store.scan_matching(&q.filter, q.cursor, |r| {
             if !first {
                 buf.push(b',');
             }
@@ -1162,7 +1141,7 @@ mod tests {
             parse_list_query("state=running&status=null&ref=%20a%20&limit=10&cursor=5").is_ok()
         );
         let q = parse_list_query("ref=a+b").unwrap();
-        assert_eq!(q.r#ref.as_deref(), Some("a b"));
+        assert_eq!(q.filter.r#ref.as_deref(), Some("a b"));
         assert_eq!(
             parse_list_query("state=done").err().unwrap().0,
             "Invalid value for 'state': must be one of queued, running, idle, terminating."

@@ -110,7 +110,7 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn state_tag(s: State) -> u8 {
+pub(super) fn state_tag(s: State) -> u8 {
     match s {
         State::Queued => 1,
         State::Running => 2,
@@ -119,7 +119,7 @@ fn state_tag(s: State) -> u8 {
     }
 }
 
-fn exit_tag(s: ExitState) -> u8 {
+pub(super) fn exit_tag(s: ExitState) -> u8 {
     match s {
         ExitState::Success => 1,
         ExitState::Failed => 2,

@@ -10,6 +10,7 @@
 
 mod codec;
 mod idempotency;
+mod index;
 mod logfile;
 mod reclaim;
 mod repair;
@@ -23,15 +24,20 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use rocksdb::{
-    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBRecoveryMode, Direction, ErrorKind,
-    IteratorMode, Options, WriteBatch, WriteBufferManager, WriteOptions, DB,
+    BlockBasedIndexType, BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBRecoveryMode,
+    Direction, ErrorKind, IteratorMode, Options, WriteBatch, WriteBufferManager, WriteOptions, DB,
 };
 use tokio::sync::oneshot;
 
-use crate::model::{Change, ChangeKind, ProcessId, Record, State, Stream};
+use crate::model::{Change, ChangeKind, Filter, ProcessId, Record, State, Stream};
 
-/// The on-disk format this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+use index::CF_INDEX;
+
+/// The on-disk format this build writes and reads. Version 2 added the
+/// list index (`index`); a version-1 database is upgraded in place at open.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format this build opens (and upgrades).
+const OLDEST_FORMAT_VERSION: u32 = 1;
 
 const CF_META: &str = "meta";
 const CF_RECORDS: &str = "records";
@@ -41,7 +47,7 @@ const CF_CHUNKS: &str = "chunks";
 const CF_EVENTS: &str = "events";
 /// Idempotency keys of creates (see `idempotency.rs`).
 const CF_IDEMPOTENCY: &str = "idempotency";
-const ALL_CFS: [&str; 7] = [
+const ALL_CFS: [&str; 8] = [
     CF_META,
     CF_RECORDS,
     CF_CODE,
@@ -49,6 +55,7 @@ const ALL_CFS: [&str; 7] = [
     CF_CHUNKS,
     CF_EVENTS,
     CF_IDEMPOTENCY,
+    CF_INDEX,
 ];
 
 const KEY_FORMAT_VERSION: &[u8] = b"format_version";
@@ -169,17 +176,33 @@ fn db_options(mem: &Memory) -> Options {
     opts
 }
 
+/// The options of one column family.
+fn cf_options(mem: &Memory, name: &str) -> Options {
+    // Each family's memtables are bounded; defaults are sized for much
+    // larger write rates than a supervisor produces.
+    let mut cf = Options::default();
+    cf.set_write_buffer_size(mem.write_buffer_size());
+    cf.set_max_write_buffer_number(2);
+    let mut table = mem.table_options();
+    if name == CF_INDEX {
+        // The writer looks up every entry it adds (absent, nearly always)
+        // or removes: a whole-key filter answers most of those lookups
+        // without reading a block. Partitioned, with a two-level index:
+        // one table of a million entries has a filter of over a megabyte,
+        // more than a shard of the shared block cache holds (32 MiB make
+        // 64 shards of 512 KiB), so a whole filter block would be read
+        // and checksummed again on every lookup; partitions are 4 KiB.
+        table.set_bloom_filter(10.0, false);
+        table.set_partition_filters(true);
+        table.set_index_type(BlockBasedIndexType::TwoLevelIndexSearch);
+    }
+    cf.set_block_based_table_factory(&table);
+    cf
+}
+
 fn cf_descriptors(mem: &Memory) -> Vec<ColumnFamilyDescriptor> {
     ALL_CFS
-        .map(|name| {
-            // Each family's memtables are bounded; defaults are sized for
-            // much larger write rates than a supervisor produces.
-            let mut cf = Options::default();
-            cf.set_write_buffer_size(mem.write_buffer_size());
-            cf.set_max_write_buffer_number(2);
-            cf.set_block_based_table_factory(&mem.table_options());
-            ColumnFamilyDescriptor::new(name, cf)
-        })
+        .map(|name| ColumnFamilyDescriptor::new(name, cf_options(mem, name)))
         .into()
 }
 
@@ -193,8 +216,10 @@ pub enum StoreError {
         path: PathBuf,
         source: rocksdb::Error,
     },
-    #[error("the database in {path} has format version {found}; this cyrneld reads version {FORMAT_VERSION} (refusing to touch it)")]
+    #[error("the database in {path} has format version {found}; this cyrneld reads versions {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION} (refusing to touch it)")]
     FormatVersion { path: PathBuf, found: String },
+    #[error("cannot upgrade the database in {path} from format version 1: {reason}. The records were not changed; the next start tries again")]
+    Upgrade { path: PathBuf, reason: String },
     #[error("the database in {0} holds data but no format version: it is not a cyrnel data dir or it is damaged (refusing to touch it)")]
     NoVersion(PathBuf),
     #[error("cannot open the database in {path}: it is damaged: {found}. Nothing was changed. {WAY_OUT}")]
@@ -219,6 +244,10 @@ pub enum StoreError {
 
 /// One write operation, as the writer applies it.
 enum Op {
+    /// A record and its list index entries.
+    Record(u64, Vec<u8>, index::Keys),
+    /// A record's deletion (its index entries go too).
+    DeleteRecord(u64),
     Put(&'static str, Vec<u8>, Vec<u8>),
     Delete(&'static str, Vec<u8>),
     DeleteRange(&'static str, Vec<u8>, Vec<u8>),
@@ -276,7 +305,7 @@ impl Batch {
 
     pub fn put_record(&mut self, r: &Record) {
         self.ops
-            .push(Op::Put(CF_RECORDS, id_key(r.id).to_vec(), encode_record(r)));
+            .push(Op::Record(r.id.0, encode_record(r), index::keys_of(r)));
     }
 
     pub fn put_next_id(&mut self, next: u64) {
@@ -343,7 +372,7 @@ impl Batch {
     /// Removes everything stored for a process.
     pub fn delete_process(&mut self, id: ProcessId) {
         self.clear_outputs(id);
-        self.ops.push(Op::Delete(CF_RECORDS, id_key(id).to_vec()));
+        self.ops.push(Op::DeleteRecord(id.0));
         self.ops.push(Op::Delete(CF_CODE, id_key(id).to_vec()));
     }
 
@@ -440,7 +469,7 @@ impl Store {
     /// [`Store::open`] with RocksDB's memory budget (`storage_memory_bytes`).
     pub fn open_with_budget(dir: &Path, reserve: u64, memory: u64) -> Result<Store, StoreError> {
         let memory = Memory::new(memory);
-        let db = DB::open_cf_descriptors(&db_options(&memory), dir, cf_descriptors(&memory))
+        let mut db = DB::open_cf_descriptors(&db_options(&memory), dir, cf_descriptors(&memory))
             .map_err(|source| {
                 if source.kind() != ErrorKind::Corruption {
                     return StoreError::Open {
@@ -457,7 +486,9 @@ impl Store {
                     found: found.join("; "),
                 }
             })?;
-        check_format(&db, dir)?;
+        if check_format(&db, dir)? == 1 {
+            upgrade_from_v1(&mut db, &memory, dir)?;
+        }
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel();
         let writer_db = db.clone();
@@ -753,7 +784,64 @@ impl Store {
         Ok(())
     }
 
+    /// Visits the records `filter` selects, newest first, starting below
+    /// `before` (exclusive) when given, until `visit` returns false. A
+    /// filter on state, exit state or ref walks the list index, so it reads
+    /// only the records it returns: its cost does not grow with the
+    /// records that do not match.
+    pub fn scan_matching(
+        &self,
+        filter: &Filter,
+        before: Option<ProcessId>,
+        mut visit: impl FnMut(Record) -> bool,
+    ) -> Result<(), StoreError> {
+        match index::prefixes(filter) {
+            None => self.scan_newest_first(before, visit),
+            Some(prefixes) => self.scan_indexed(&prefixes, before, |r| {
+                // Refs longer than the indexed part share entries.
+                !filter.matches(&r) || visit(r)
+            }),
+        }
+    }
+
+    /// Visits the records under index `prefixes`, newest first, reading
+    /// the index and the records at one snapshot.
+    fn scan_indexed(
+        &self,
+        prefixes: &[Vec<u8>],
+        before: Option<ProcessId>,
+        mut visit: impl FnMut(Record) -> bool,
+    ) -> Result<(), StoreError> {
+        let snapshot = self.db().snapshot();
+        let records = self.cf(CF_RECORDS);
+        index::walk_newest_first(
+            &snapshot,
+            self.cf(CF_INDEX),
+            prefixes,
+            before.map(|b| b.0),
+            |id| {
+                let v = snapshot
+                    .get_pinned_cf(records, id.to_be_bytes())
+                    .map_err(StoreError::read)?;
+                let Some(v) = v else {
+                    tracing::warn!(
+                        id,
+                        "list index: an entry names a record that does not exist"
+                    );
+                    return Ok(true);
+                };
+                let rec = decode_record(&v).map_err(|source| StoreError::Corrupt {
+                    key: id.to_string(),
+                    source,
+                })?;
+                Ok(visit(rec))
+            },
+        )
+    }
+
     /// Every record not idle, oldest first: what recovery must look at.
+    /// Reads every record, not the list index: that read is also what
+    /// finds a damaged `records` table before the daemon serves.
     pub fn unsettled(&self) -> Result<Vec<Record>, StoreError> {
         let mut out = Vec::new();
         self.scan_newest_first(None, |r| {
@@ -767,13 +855,20 @@ impl Store {
     }
 }
 
-fn check_format(db: &DB, dir: &Path) -> Result<(), StoreError> {
+/// The format version of an opened database (a new one gets today's).
+fn check_format(db: &DB, dir: &Path) -> Result<u32, StoreError> {
     let meta = db.cf_handle(CF_META).expect("meta cf");
     let found = db
         .get_cf(meta, KEY_FORMAT_VERSION)
         .map_err(StoreError::read)?;
+    let known = |v: &[u8]| {
+        <[u8; 4]>::try_from(v)
+            .map(u32::from_be_bytes)
+            .ok()
+            .filter(|n| (OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(n))
+    };
     match found {
-        Some(v) if v[..] == FORMAT_VERSION.to_be_bytes() => Ok(()),
+        Some(v) if known(&v).is_some() => Ok(known(&v).expect("known")),
         Some(v) => Err(StoreError::FormatVersion {
             path: dir.to_path_buf(),
             found: match <[u8; 4]>::try_from(&v[..]) {
@@ -794,9 +889,48 @@ fn check_format(db: &DB, dir: &Path) -> Result<(), StoreError> {
             let mut wo = WriteOptions::default();
             wo.set_sync(true);
             db.put_cf_opt(meta, KEY_FORMAT_VERSION, FORMAT_VERSION.to_be_bytes(), &wo)
-                .map_err(|e| StoreError::Write(e.to_string()))
+                .map_err(|e| StoreError::Write(e.to_string()))?;
+            Ok(FORMAT_VERSION)
         }
     }
+}
+
+/// Format 1 to 2: builds the list index from the records, once. The index
+/// family is dropped and created empty first (an upgrade interrupted by a
+/// crash left part of one), filled, flushed, and only then is version 2
+/// written, synced: until that write, the next start upgrades again.
+/// Nothing else touches the database meanwhile (the writer has not started).
+fn upgrade_from_v1(db: &mut DB, mem: &Memory, dir: &Path) -> Result<(), StoreError> {
+    let fail = |e: rocksdb::Error| StoreError::Upgrade {
+        path: dir.to_path_buf(),
+        reason: e.into_string(),
+    };
+    tracing::info!(
+        path = %dir.display(),
+        "upgrading the data dir from format version 1 to {FORMAT_VERSION}: building the list index from every record (once)"
+    );
+    let started = std::time::Instant::now();
+    if db.cf_handle(CF_INDEX).is_some() {
+        db.drop_cf(CF_INDEX).map_err(fail)?;
+    }
+    db.create_cf(CF_INDEX, &cf_options(mem, CF_INDEX))
+        .map_err(fail)?;
+    let built = index::build(db).map_err(fail)?;
+    for skipped in &built.skipped {
+        tracing::warn!(%skipped, "a record that does not decode was left out of the list index");
+    }
+    let mut wo = WriteOptions::default();
+    wo.set_sync(true);
+    let meta = db.cf_handle(CF_META).expect("meta cf");
+    db.put_cf_opt(meta, KEY_FORMAT_VERSION, FORMAT_VERSION.to_be_bytes(), &wo)
+        .map_err(fail)?;
+    tracing::info!(
+        records = built.records,
+        skipped = built.skipped.len(),
+        took_ms = started.elapsed().as_millis() as u64,
+        "upgraded the data dir to format version {FORMAT_VERSION}"
+    );
+    Ok(())
 }
 
 /// Group commit: takes every job queued right now (up to MAX_GROUP), applies
@@ -901,6 +1035,10 @@ fn write_group<'a>(
     let mut sync = false;
     let mut deleted_ids = Vec::new();
     let mut events_below: Option<u64> = None;
+    let records = db.cf_handle(CF_RECORDS).expect("records cf");
+    let mut index = index::Maintainer::new(db);
+    // A failed read of the index's current state: nothing is written.
+    let mut indexed: Result<(), rocksdb::Error> = Ok(());
     for job in jobs {
         count += 1;
         sync |= job.batch.sync;
@@ -910,6 +1048,18 @@ fn write_group<'a>(
         }
         for op in job.batch.ops.drain(..) {
             match op {
+                Op::Record(id, v, keys) => {
+                    wb.put_cf(records, id.to_be_bytes(), v);
+                    if indexed.is_ok() {
+                        indexed = index.written(&mut wb, id, keys);
+                    }
+                }
+                Op::DeleteRecord(id) => {
+                    wb.delete_cf(records, id.to_be_bytes());
+                    if indexed.is_ok() {
+                        indexed = index.deleted(&mut wb, id);
+                    }
+                }
                 Op::Put(cf, k, v) => wb.put_cf(db.cf_handle(cf).expect("cf"), k, v),
                 Op::Delete(cf, k) => wb.delete_cf(db.cf_handle(cf).expect("cf"), k),
                 Op::DeleteRange(cf, from, to) => {
@@ -921,7 +1071,7 @@ fn write_group<'a>(
     let mut wo = WriteOptions::default();
     wo.set_sync(sync);
     let started = Instant::now();
-    let res = db.write_opt(wb, &wo);
+    let res = indexed.and_then(|()| db.write_opt(wb, &wo));
     if let (Ok(()), Some(o)) = (&res, commits.get()) {
         o.committed(count, sync, started.elapsed());
     }
@@ -1134,6 +1284,206 @@ mod tests {
         assert_eq!(seen, expected, "(batch, written) in completion order");
     }
 
+    /// Every entry of the list index.
+    fn index_entries(s: &Store) -> std::collections::BTreeSet<Vec<u8>> {
+        s.db()
+            .iterator_cf(s.cf(CF_INDEX), IteratorMode::Start)
+            .map(|i| i.unwrap().0.to_vec())
+            .collect()
+    }
+
+    /// The entries every record should have.
+    fn expected_entries(s: &Store) -> std::collections::BTreeSet<Vec<u8>> {
+        let mut out = std::collections::BTreeSet::new();
+        s.scan_newest_first(None, |r| {
+            out.extend(index::keys_of(&r));
+            true
+        })
+        .unwrap();
+        out
+    }
+
+    /// Every filter the list route can be given, over these refs.
+    fn all_filters(refs: &[&str]) -> Vec<Filter> {
+        let mut out = Vec::new();
+        let states = std::iter::once(None).chain(State::ALL.map(Some));
+        for state in states {
+            let statuses = [None, Some(None)]
+                .into_iter()
+                .chain(crate::model::ExitState::ALL.map(|e| Some(Some(e))));
+            for status in statuses {
+                for r in std::iter::once(None).chain(refs.iter().map(|r| Some(r.to_string()))) {
+                    out.push(Filter {
+                        state,
+                        status,
+                        r#ref: r,
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// The ids `filter` selects below `before`: through the index, and by
+    /// reading every record.
+    fn both_ways(s: &Store, filter: &Filter, before: Option<ProcessId>) -> (Vec<u64>, Vec<u64>) {
+        let mut indexed = Vec::new();
+        s.scan_matching(filter, before, |r| {
+            indexed.push(r.id.0);
+            true
+        })
+        .unwrap();
+        let mut scanned = Vec::new();
+        s.scan_newest_first(before, |r| {
+            if filter.matches(&r) {
+                scanned.push(r.id.0);
+            }
+            true
+        })
+        .unwrap();
+        (indexed, scanned)
+    }
+
+    #[tokio::test]
+    async fn the_list_index_follows_every_write_and_answers_like_a_full_scan() {
+        use crate::model::ExitState;
+        let dir = tempfile::tempdir().unwrap();
+        // A long ref: its entries hold only its first 255 bytes, shared
+        // with another ref that starts alike.
+        let long_a = format!("{}a", "x".repeat(300));
+        let long_b = format!("{}b", "x".repeat(300));
+        let refs = ["r0", "r1", "", long_a.as_str(), long_b.as_str()];
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        let mut live: std::collections::BTreeMap<u64, Record> = Default::default();
+        for round in 0..3 {
+            let s = Store::open(dir.path(), 0).unwrap();
+            for _ in 0..150 {
+                // Several writes per batch and several batches per group:
+                // the same record may change more than once in a group.
+                let mut pending = Vec::new();
+                for _ in 0..1 + next(4) {
+                    let mut b = Batch::durable();
+                    for _ in 0..1 + next(3) {
+                        let id = 1 + next(40);
+                        if next(8) == 0 {
+                            b.delete_process(ProcessId(id));
+                            live.remove(&id);
+                            continue;
+                        }
+                        let r = live.entry(id).or_insert_with(|| {
+                            let rf = refs[next(refs.len() as u64) as usize];
+                            let rf = (!rf.is_empty()).then(|| rf.to_string());
+                            Record::new(ProcessId(id), rf, 0)
+                        });
+                        r.state = State::ALL[next(4) as usize];
+                        r.exit_state = match next(5) {
+                            0 => None,
+                            n => Some(ExitState::ALL[n as usize - 1]),
+                        };
+                        r.stdout_len += 1;
+                        b.put_record(r);
+                    }
+                    pending.push(s.submit(b));
+                }
+                for p in pending {
+                    p.await.unwrap().unwrap();
+                }
+            }
+            assert_eq!(index_entries(&s), expected_entries(&s), "round {round}");
+            for f in all_filters(&refs) {
+                for before in [None, Some(ProcessId(20)), Some(ProcessId(1))] {
+                    let (indexed, scanned) = both_ways(&s, &f, before);
+                    assert_eq!(indexed, scanned, "{f:?} before {before:?}");
+                }
+            }
+            let unsettled: Vec<u64> = s.unsettled().unwrap().iter().map(|r| r.id.0).collect();
+            let want: Vec<u64> = live
+                .values()
+                .filter(|r| r.state != State::Idle)
+                .map(|r| r.id.0)
+                .collect();
+            assert_eq!(unsettled, want);
+        }
+    }
+
+    /// A database as format 1 left it: records, no index, version 1.
+    fn write_v1(dir: &Path, records: &[Record]) {
+        let opts = {
+            let mut o = Options::default();
+            o.create_if_missing(true);
+            o.create_missing_column_families(true);
+            o
+        };
+        let db = DB::open_cf(&opts, dir, &ALL_CFS[..6]).unwrap();
+        let meta = db.cf_handle(CF_META).unwrap();
+        db.put_cf(meta, KEY_FORMAT_VERSION, 1u32.to_be_bytes())
+            .unwrap();
+        let cf = db.cf_handle(CF_RECORDS).unwrap();
+        for r in records {
+            db.put_cf(cf, id_key(r.id), encode_record(r)).unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_format_1_database_is_upgraded_once_also_after_an_interrupted_upgrade() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut records = Vec::new();
+        for i in 1..=50u64 {
+            let mut r = Record::new(ProcessId(i), (i % 3 == 0).then(|| format!("r{}", i % 2)), 0);
+            r.state = State::ALL[(i % 4) as usize];
+            records.push(r);
+        }
+        write_v1(dir.path(), &records);
+        {
+            // An upgrade that stopped half-way: the index family exists
+            // with some entries (one of them stale), the version is still 1.
+            let mut opts = Options::default();
+            opts.create_missing_column_families(true);
+            let db = DB::open_cf(&opts, dir.path(), ALL_CFS).unwrap();
+            let index = db.cf_handle(CF_INDEX).unwrap();
+            for k in index::keys_of(&records[0]) {
+                db.put_cf(index, k, []).unwrap();
+            }
+            db.put_cf(index, [b'S', 2, 0, 0, 0, 0, 0, 0, 0, 0, 99], [])
+                .unwrap();
+        }
+        let s = Store::open(dir.path(), 0).unwrap();
+        assert_eq!(index_entries(&s), expected_entries(&s));
+        let meta = s.cf(CF_META);
+        assert_eq!(
+            s.db().get_cf(meta, KEY_FORMAT_VERSION).unwrap().unwrap(),
+            FORMAT_VERSION.to_be_bytes()
+        );
+        // Writes after the upgrade keep it exact (SingleDelete of entries
+        // the upgrade put).
+        let mut r = records[1].clone();
+        r.state = State::Idle;
+        r.exit_state = Some(crate::model::ExitState::Success);
+        let mut b = Batch::durable();
+        b.put_record(&r);
+        b.delete_process(ProcessId(3));
+        s.write(b).await.unwrap();
+        assert_eq!(index_entries(&s), expected_entries(&s));
+        drop(s);
+        let s = Store::open(dir.path(), 0).unwrap();
+        assert_eq!(index_entries(&s), expected_entries(&s));
+        let (indexed, scanned) = both_ways(
+            &s,
+            &Filter {
+                state: Some(State::Running),
+                ..Filter::default()
+            },
+            None,
+        );
+        assert_eq!(indexed, scanned);
+    }
+
     #[test]
     fn refuses_unknown_format_version() {
         let dir = tempfile::tempdir().unwrap();
@@ -1146,5 +1496,6 @@ mod tests {
         }
         let err = Store::open(dir.path(), 0).err().expect("must refuse");
         assert!(err.to_string().contains("format version 9"), "{err}");
+        assert!(err.to_string().contains("versions 1 to 2"), "{err}");
     }
 }

@@ -28,10 +28,11 @@ use std::path::{Path, PathBuf};
 
 use rocksdb::{DBRecoveryMode, LiveFile, Options, WriteBatch, WriteOptions, DB};
 
+use super::index::{self, CF_INDEX};
 use super::logfile::{self, LogKind, LogScan};
 use super::{
     db_options, StoreError, ALL_CFS, CF_CHUNKS, CF_CODE, CF_EVENTS, CF_META, CF_OUTPUT, CF_RECORDS,
-    FORMAT_VERSION, KEY_FORMAT_VERSION, KEY_LAST_SEQ, KEY_NEXT_ID,
+    FORMAT_VERSION, KEY_FORMAT_VERSION, KEY_LAST_SEQ, KEY_NEXT_ID, OLDEST_FORMAT_VERSION,
 };
 
 /// The fewest log bytes an id or an event can have taken: every id is a
@@ -468,7 +469,9 @@ pub fn salvage(data_dir: &Path) -> Result<SalvageReport, StoreError> {
     let files = old.live_files().unwrap_or_default();
     let mut seen = Seen::default();
     let mut failure: Option<rocksdb::Error> = None;
-    for name in ALL_CFS {
+    // Everything but the list index, which is built anew from the records
+    // kept (it may describe records that were lost).
+    for name in ALL_CFS.into_iter().filter(|n| *n != CF_INDEX) {
         let cf_new = new.cf_handle(name).expect("column family exists");
         let mut wb = WriteBatch::default();
         let w = walk(&old, name, &files, |k, v| {
@@ -491,11 +494,22 @@ pub fn salvage(data_dir: &Path) -> Result<SalvageReport, StoreError> {
         return Err(err("writing the new database", &e));
     }
     if let Some(f) = &seen.format {
-        if f[..] != FORMAT_VERSION.to_be_bytes() {
+        let version = <[u8; 4]>::try_from(&f[..]).map(u32::from_be_bytes);
+        if !version.is_ok_and(|v| (OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&v)) {
             return Err(StoreError::Salvage(format!(
-                "the readable part says format version {f:02x?}; this cyrneld salvages only version {FORMAT_VERSION}"
+                "the readable part says format version {f:02x?}; this cyrneld salvages versions {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}"
             )));
         }
+    }
+    let built = index::build(&new).map_err(|e| err("building the list index", &e))?;
+    lines.push(format!(
+        "list index built from the {} records kept",
+        built.records
+    ));
+    for skipped in &built.skipped {
+        lines.push(format!(
+            "not in the list index (does not decode): {skipped}"
+        ));
     }
     let next_id = seen
         .next_id

@@ -11,6 +11,7 @@ mod events;
 mod idempotency;
 mod kill;
 mod lifecycle;
+mod list_index;
 mod metrics;
 mod openapi;
 mod props;
