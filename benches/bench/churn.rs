@@ -274,13 +274,11 @@ pub(crate) async fn bench_churn(k: &Knobs, bin: &Path, root: &Path, rep: &mut Re
         fmt_rate(base_rate)
     ))
     .ratio(ratio)
-    .target("ratio ≥ 0.5", ratio >= 0.5);
-    rep.target(
+    .meets(Target::at_least(
         &format!("spawn throughput ratio after {label} deleted runs"),
         ratio,
-        ">= 0.5",
-        ratio >= 0.5,
-    );
+        0.5,
+    ));
     rep.json.insert(
         "churn".into(),
         json!({

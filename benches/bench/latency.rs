@@ -320,7 +320,12 @@ pub(crate) async fn bench_latency(k: &Knobs, d: &Daemon, ev: &Events, rep: &mut 
         "kill → `idle` (cooperative `sleep`), p50 / p99",
         to_idle.cell(),
     )
-    .target("p99 ≤ 10 ms", to_idle.p99 <= 10.0);
+    .meets(Target::at_most(
+        "kill -> idle p99 (ms)",
+        to_idle.p99,
+        10.0,
+        "ms",
+    ));
     rep.row(
         &format!(
             "kill → `idle` minus {} ms grace (TERM ignored), p50 / p99",
@@ -328,24 +333,17 @@ pub(crate) async fn bench_latency(k: &Knobs, d: &Daemon, ev: &Events, rep: &mut 
         ),
         overshoot.cell(),
     )
-    .target("p99 ≤ 20 ms", overshoot.p99 <= 20.0);
+    .meets(Target::at_most(
+        "escalation overshoot p99 (ms)",
+        overshoot.p99,
+        20.0,
+        "ms",
+    ));
     rep.row(
         "create sent → its event on `/events`, p50 / p99",
         to_event.cell(),
     )
     .baseline(format!("201 reply: {}", to_reply.cell()));
-    rep.target(
-        "kill -> idle p99 (ms)",
-        to_idle.p99,
-        "<= 10",
-        to_idle.p99 <= 10.0,
-    );
-    rep.target(
-        "escalation overshoot p99 (ms)",
-        overshoot.p99,
-        "<= 20",
-        overshoot.p99 <= 20.0,
-    );
     rep.json.insert(
         "latency".into(),
         json!({

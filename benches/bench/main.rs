@@ -362,7 +362,8 @@ async fn run(k: Knobs) {
 
     let total = t_all.elapsed();
     let table = rep.table();
-    let met = rep.targets.iter().filter(|t| t["met"] == true).count();
+    let targets = rep.targets();
+    let met = targets.iter().filter(|t| t["met"] == true).count();
     let mut out = rep.json;
     out.insert("date".into(), json!(date));
     out.insert("machine".into(), machine.clone());
@@ -375,7 +376,7 @@ async fn run(k: Knobs) {
     );
     out.insert("loadavg_end".into(), json!(loadavg()));
     out.insert("duration_s".into(), json!(r3(total.as_secs_f64())));
-    out.insert("targets".into(), Value::Array(rep.targets.clone()));
+    out.insert("targets".into(), Value::Array(targets.clone()));
     out.insert("table_markdown".into(), json!(table));
     if !rep.steps_table.is_empty() {
         out.insert("steps_table_markdown".into(), json!(rep.steps_table));
@@ -411,7 +412,7 @@ async fn run(k: Knobs) {
     }
     println!(
         "Targets met: {met} of {}. Total {:.0} s. Results: {}",
-        rep.targets.len(),
+        targets.len(),
         total.as_secs_f64(),
         path.display()
     );

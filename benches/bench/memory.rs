@@ -78,7 +78,7 @@ pub(crate) async fn bench_memory(k: &Knobs, bin: &Path, root: &Path, rep: &mut R
 
     let idle_mb = idle_kb as f64 / 1024.0;
     rep.row("Daemon RSS, idle (fresh start)", format!("{idle_mb:.1} MB"))
-        .target("≤ 20 MB", idle_mb <= 20.0);
+        .meets(Target::at_most("idle RSS (MB)", idle_mb, 20.0, "MB"));
     rep.row(
         &format!("Daemon RSS per running `sleep` ({n} at once)"),
         format!("{per_proc:.1} KB"),
@@ -87,14 +87,12 @@ pub(crate) async fn bench_memory(k: &Knobs, bin: &Path, root: &Path, rep: &mut R
         "RSS {:.1} MB with {n} running",
         busy_kb as f64 / 1024.0
     ))
-    .target("≤ 30 KB", per_proc <= 30.0);
-    rep.target("idle RSS (MB)", idle_mb, "<= 20", idle_mb <= 20.0);
-    rep.target(
+    .meets(Target::at_most(
         "RSS per running process (KB)",
         per_proc,
-        "<= 30",
-        per_proc <= 30.0,
-    );
+        30.0,
+        "KB",
+    ));
     rep.json.insert(
         "memory".into(),
         json!({

@@ -149,8 +149,7 @@ pub(crate) async fn bench_read(k: &Knobs, d: &Daemon, root: &Path, id: u64, rep:
         body.len()
     ))
     .ratio(ratio)
-    .target("ratio ≥ 0.7", ratio >= 0.7);
-    rep.target("read throughput ratio", ratio, ">= 0.7", ratio >= 0.7);
+    .meets(Target::at_least("read throughput ratio", ratio, 0.7));
     rep.json.insert(
         "read".into(),
         json!({

@@ -62,20 +62,69 @@ pub(crate) fn fmt_rate(x: f64) -> String {
     }
 }
 
+/// A benchmark target: one value against one limit (or several, all
+/// needed). Rendered once into the table's Target and Met columns and the
+/// JSON's `targets`, so the two never disagree.
+#[derive(Clone, Debug)]
+pub(crate) struct Target {
+    /// The JSON name (what is measured, with its unit).
+    pub(crate) name: String,
+    pub(crate) value: f64,
+    /// How the table and the JSON state the limit, e.g. `≥ 0.5`.
+    pub(crate) text: String,
+    pub(crate) met: bool,
+}
+
+impl Target {
+    /// `value ≥ limit`.
+    pub(crate) fn at_least(name: &str, value: f64, limit: f64) -> Target {
+        Target {
+            name: name.to_string(),
+            value,
+            text: format!("≥ {limit}"),
+            met: value >= limit,
+        }
+    }
+
+    /// `value ≤ limit` (in `unit`, which may be empty).
+    pub(crate) fn at_most(name: &str, value: f64, limit: f64, unit: &str) -> Target {
+        let unit = if unit.is_empty() {
+            String::new()
+        } else {
+            format!(" {unit}")
+        };
+        Target {
+            name: name.to_string(),
+            value,
+            text: format!("≤ {limit}{unit}"),
+            met: value <= limit,
+        }
+    }
+
+    /// Both this and `other` (their texts joined; the value stays this one's).
+    pub(crate) fn and(mut self, other: Target) -> Target {
+        self.text = format!("{} and {}: {}", self.text, other.name, other.text);
+        self.met &= other.met;
+        self
+    }
+
+    fn json(&self) -> Value {
+        json!({"name": self.name, "value": r3(self.value), "target": self.text, "met": self.met})
+    }
+}
+
 pub(crate) struct Row {
     pub(crate) metric: String,
     pub(crate) value: String,
     pub(crate) baseline: String,
     pub(crate) ratio: String,
-    pub(crate) target: String,
-    pub(crate) met: Option<bool>,
+    pub(crate) target: Option<Target>,
 }
 
 #[derive(Default)]
 pub(crate) struct Report {
     pub(crate) rows: Vec<Row>,
     pub(crate) json: serde_json::Map<String, Value>,
-    pub(crate) targets: Vec<Value>,
     /// The isolation-step table (section `steps`), printed after the main one.
     pub(crate) steps_table: String,
 }
@@ -87,15 +136,18 @@ impl Report {
             value,
             baseline: String::new(),
             ratio: String::new(),
-            target: String::new(),
-            met: None,
+            target: None,
         });
         self.rows.last_mut().expect("row")
     }
 
-    pub(crate) fn target(&mut self, name: &str, value: f64, target: &str, met: bool) {
-        self.targets
-            .push(json!({"name": name, "value": r3(value), "target": target, "met": met}));
+    /// Every target of the rows, for the JSON document.
+    pub(crate) fn targets(&self) -> Vec<Value> {
+        self.rows
+            .iter()
+            .filter_map(|r| r.target.as_ref())
+            .map(Target::json)
+            .collect()
     }
 
     pub(crate) fn table(&self) -> String {
@@ -103,10 +155,9 @@ impl Report {
         out.push_str("| # | Metric | cyrneld | Baseline (same run) | Ratio | Target | Met |\n");
         out.push_str("| --- | --- | --- | --- | --- | --- | --- |\n");
         for (i, r) in self.rows.iter().enumerate() {
-            let met = match r.met {
-                Some(true) => "yes",
-                Some(false) => "**no**",
-                None => "",
+            let (target, met) = match &r.target {
+                Some(t) => (t.text.as_str(), if t.met { "yes" } else { "**no**" }),
+                None => ("", ""),
             };
             let _ = writeln!(
                 out,
@@ -116,7 +167,7 @@ impl Report {
                 r.value,
                 r.baseline,
                 r.ratio,
-                r.target,
+                target,
                 met
             );
         }
@@ -133,9 +184,8 @@ impl Row {
         self.ratio = format!("{r:.2}");
         self
     }
-    pub(crate) fn target(&mut self, t: &str, met: bool) -> &mut Row {
-        self.target = t.to_string();
-        self.met = Some(met);
+    pub(crate) fn meets(&mut self, t: Target) -> &mut Row {
+        self.target = Some(t);
         self
     }
 }

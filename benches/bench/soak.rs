@@ -110,8 +110,7 @@ pub(crate) async fn bench_soak(bin: &Path, root: &Path, rep: &mut Report) {
         format!("{peak_mb:.1} MB"),
     )
     .baseline(format!("{:.1} MB at start", start_kb as f64 / 1024.0))
-    .target("≤ 64 MB", peak_mb <= 64.0);
-    rep.target("soak peak RSS (MB)", peak_mb, "<= 64", peak_mb <= 64.0);
+    .meets(Target::at_most("soak peak RSS (MB)", peak_mb, 64.0, "MB"));
     let series: Vec<Value> = samples.iter().map(|(t, kb)| json!([t, kb])).collect();
     rep.json.insert(
         "soak".into(),

@@ -199,8 +199,7 @@ pub(crate) async fn bench_spawn(k: &Knobs, d: &Daemon, ev: &Events, rep: &mut Re
         fmt_rate(base_rate)
     ))
     .ratio(ratio)
-    .target("ratio ≥ 0.5", ratio >= 0.5);
-    rep.target("spawn throughput ratio", ratio, ">= 0.5", ratio >= 0.5);
+    .meets(Target::at_least("spawn throughput ratio", ratio, 0.5));
     let per_round: Vec<_> = all
         .iter()
         .map(|r| {
