@@ -115,6 +115,9 @@ pub struct Policy {
     shared_paths: Vec<CString>,
     /// Whether `/dev/shm` exists to be replaced (level `full`).
     has_dev_shm: bool,
+    /// Level `full`: the `proc` and mask instances runs get clones of
+    /// (`None`: a kernel that cannot clone them; each run mounts its own).
+    shared_mounts: Option<SharedMounts>,
     /// Features missing on this kernel, for the start-up log.
     pub degraded: Vec<&'static str>,
 }
@@ -202,7 +205,8 @@ pub struct Steps<'p> {
     pub mounts: Option<Mounts>,
     /// Bring `lo` up (a new network namespace).
     pub loopback_up: bool,
-    /// Empty the bounding set (the daemon holds CAP_SETPCAP).
+    /// Empty the bounding set: the spawning thread empties its own once
+    /// (the daemon holds CAP_SETPCAP) and the child inherits it.
     pub drop_bounding: bool,
     pub no_new_privs: bool,
     pub landlock: Option<OwnedFd>,
@@ -213,6 +217,12 @@ pub struct Steps<'p> {
 pub struct Mounts {
     pub private_tmp: RawFd,
     pub mask_dirs: Vec<*const libc::c_char>,
+    /// Detached clones of the shared mask tmpfs, one per `mask_dirs`
+    /// entry (empty: the child mounts a new tmpfs on each).
+    pub masks: Vec<OwnedFd>,
+    /// A detached clone of the shared `proc` (`None`: the child mounts a
+    /// new instance).
+    pub proc: Option<OwnedFd>,
     pub mask_files: Vec<*const libc::c_char>,
     /// Bound onto themselves read-write after the read-only pass.
     pub shared: Vec<*const libc::c_char>,
@@ -494,7 +504,15 @@ impl Policy {
         let cstr = |p: &Path| CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other);
         let (mut mask_dirs, mut mask_files, mut shared_paths) =
             (Vec::new(), Vec::new(), Vec::new());
+        let mut shared_mounts = None;
         if level == SandboxLevel::Full {
+            shared_mounts = match SharedMounts::new() {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    tracing::debug!(error = %e, "no shared proc and mask mounts; each run mounts its own");
+                    None
+                }
+            };
             mask_dirs.push(cstr(&paths.data_dir)?);
             for f in &paths.secret_files {
                 mask_files.push(cstr(f)?);
@@ -523,18 +541,27 @@ impl Policy {
             mask_files,
             shared_paths,
             has_dev_shm: Path::new("/dev/shm").is_dir(),
+            shared_mounts,
             degraded,
         })
     }
 
-    /// Starts `shell -c exit` with this policy and checks it exits 0.
+    /// Starts `shell -c exit` with this policy and checks it exits 0. On
+    /// a thread of its own: the spawning thread's bounding set is emptied
+    /// (`spawn.rs`), and the caller's must stay as it is.
     fn probe(&self, shell: &str) -> io::Result<()> {
         let uid = match self.level {
             SandboxLevel::Full => Some((0x7FFD_FFFF, 0x7FFD_FFFF)),
             _ => None,
         };
-        let prepared = self.prepare(0, b"exit 0\n", uid, true)?;
-        let code = super::probe_spawn(shell, &prepared, uid)?;
+        let code = std::thread::scope(|s| {
+            s.spawn(|| {
+                let prepared = self.prepare(0, b"exit 0\n", uid, true)?;
+                super::probe_spawn(shell, &prepared, uid)
+            })
+            .join()
+            .map_err(|_| io::Error::other("the probe thread panicked"))?
+        })?;
         if code != Some(0) {
             return Err(io::Error::other(format!(
                 "a probe run ended with {code:?} instead of exit code 0"
@@ -606,9 +633,18 @@ impl Policy {
                 let FolderKind::Private { mount } = &folder.kind else {
                     unreachable!("level full has a private folder")
                 };
+                let (proc, masks) = match &self.shared_mounts {
+                    Some(shared) => {
+                        let (proc, masks) = shared.clone_for_run(self.mask_dirs.len())?;
+                        (Some(proc), masks)
+                    }
+                    None => (None, Vec::new()),
+                };
                 steps.mounts = Some(Mounts {
                     private_tmp: mount.as_raw_fd(),
                     mask_dirs: self.mask_dirs.iter().map(|c| c.as_ptr()).collect(),
+                    masks,
+                    proc,
                     mask_files: self.mask_files.iter().map(|c| c.as_ptr()).collect(),
                     shared: self.shared_paths.iter().map(|c| c.as_ptr()).collect(),
                     dev_shm: self.has_dev_shm,
@@ -751,35 +787,43 @@ impl Policy {
     }
 }
 
-/// A detached tmpfs for one run (size and inode capped), mounted nowhere.
-fn private_tmpfs(limits: FolderLimits) -> io::Result<OwnedFd> {
+const MOUNT_ATTR_RDONLY: libc::c_uint = 0x1;
+const MOUNT_ATTR_NOSUID: libc::c_uint = 0x2;
+const MOUNT_ATTR_NODEV: libc::c_uint = 0x4;
+const MOUNT_ATTR_NOEXEC: libc::c_uint = 0x8;
+
+/// A new file system instance of type `fstype`, configured with `options`
+/// (string values; `None`: a flag such as `ro`), as a detached mount with
+/// the mount attributes `attrs`: mounted nowhere until someone moves it.
+fn detached_mount(
+    fstype: &CStr,
+    options: &[(&CStr, Option<&CStr>)],
+    attrs: libc::c_uint,
+) -> io::Result<OwnedFd> {
+    const FSCONFIG_SET_FLAG: libc::c_uint = 0;
     const FSCONFIG_SET_STRING: libc::c_uint = 1;
     const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
     const FSMOUNT_CLOEXEC: libc::c_uint = 1;
-    const MOUNT_ATTR_NOSUID: libc::c_uint = 0x2;
-    const MOUNT_ATTR_NODEV: libc::c_uint = 0x4;
-    // SAFETY: fsopen with a static name; returns a new fd.
-    let fs = unsafe { libc::syscall(libc::SYS_fsopen, c"tmpfs".as_ptr(), 1u32) };
+    // SAFETY: fsopen with a C string; returns a new fd.
+    let fs = unsafe { libc::syscall(libc::SYS_fsopen, fstype.as_ptr(), 1u32) };
     if fs < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: a fresh descriptor.
     let fs = unsafe { OwnedFd::from_raw_fd(fs as RawFd) };
-    let size = CString::new(limits.bytes.to_string()).map_err(io::Error::other)?;
-    let inodes = CString::new(limits.inodes.to_string()).map_err(io::Error::other)?;
-    for (key, value) in [
-        (c"size", size.as_c_str()),
-        (c"nr_inodes", inodes.as_c_str()),
-        (c"mode", c"1777"),
-    ] {
+    for (key, value) in options {
+        let (cmd, value) = match value {
+            Some(v) => (FSCONFIG_SET_STRING, v.as_ptr()),
+            None => (FSCONFIG_SET_FLAG, std::ptr::null()),
+        };
         // SAFETY: valid C strings for the duration of the call.
         let r = unsafe {
             libc::syscall(
                 libc::SYS_fsconfig,
                 fs.as_raw_fd(),
-                FSCONFIG_SET_STRING,
+                cmd,
                 key.as_ptr(),
-                value.as_ptr(),
+                value,
                 0,
             )
         };
@@ -802,19 +846,96 @@ fn private_tmpfs(limits: FolderLimits) -> io::Result<OwnedFd> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: as above; returns a new fd on the mount.
-    let m = unsafe {
-        libc::syscall(
-            libc::SYS_fsmount,
-            fs.as_raw_fd(),
-            FSMOUNT_CLOEXEC,
-            MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
-        )
-    };
+    let m = unsafe { libc::syscall(libc::SYS_fsmount, fs.as_raw_fd(), FSMOUNT_CLOEXEC, attrs) };
     if m < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: a fresh descriptor.
     Ok(unsafe { OwnedFd::from_raw_fd(m as RawFd) })
+}
+
+/// A detached tmpfs for one run (size and inode capped), mounted nowhere.
+fn private_tmpfs(limits: FolderLimits) -> io::Result<OwnedFd> {
+    let size = CString::new(limits.bytes.to_string()).map_err(io::Error::other)?;
+    let inodes = CString::new(limits.inodes.to_string()).map_err(io::Error::other)?;
+    detached_mount(
+        c"tmpfs",
+        &[
+            (c"size", Some(&size)),
+            (c"nr_inodes", Some(&inodes)),
+            (c"mode", Some(c"1777")),
+        ],
+        MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+    )
+}
+
+/// File system instances every run of level `full` gets a mount of,
+/// made once: a `proc` that shows a process only to those who may trace
+/// it (`hidepid=invisible`: with a uid per run, a run sees its own
+/// processes only), and an empty read-only tmpfs that masks the data dir.
+/// Per run, [`SharedMounts::clone_for_run`] makes new detached mounts of
+/// them (`open_tree(OPEN_TREE_CLONE)`: no new superblock) that the child
+/// moves into its view. A new `proc` and a new tmpfs per run cost two
+/// superblocks made and torn down per spawn.
+struct SharedMounts {
+    proc: OwnedFd,
+    mask: OwnedFd,
+}
+
+impl SharedMounts {
+    /// Makes both instances and checks that this kernel lets them be
+    /// cloned (Linux 6.15 and later clone a detached mount; before, the
+    /// caller falls back to new instances per run).
+    fn new() -> io::Result<SharedMounts> {
+        let proc = detached_mount(
+            c"proc",
+            &[(c"hidepid", Some(c"invisible"))],
+            MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC,
+        )?;
+        let mask = detached_mount(
+            c"tmpfs",
+            &[
+                (c"size", Some(c"4k")),
+                (c"nr_inodes", Some(c"2")),
+                (c"mode", Some(c"000")),
+                (c"ro", None),
+            ],
+            MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC,
+        )?;
+        let shared = SharedMounts { proc, mask };
+        shared.clone_for_run(1)?;
+        Ok(shared)
+    }
+
+    /// Detached mounts for one run: its `proc`, and one mask per masked
+    /// directory. Closing one before it was moved anywhere unmounts it.
+    fn clone_for_run(&self, masks: usize) -> io::Result<(OwnedFd, Vec<OwnedFd>)> {
+        let proc = clone_mount(&self.proc)?;
+        let masks = (0..masks)
+            .map(|_| clone_mount(&self.mask))
+            .collect::<io::Result<_>>()?;
+        Ok((proc, masks))
+    }
+}
+
+/// A new detached mount of the same tree as `mount` (`open_tree` with
+/// `OPEN_TREE_CLONE`): same superblock, same mount attributes.
+fn clone_mount(mount: &OwnedFd) -> io::Result<OwnedFd> {
+    const OPEN_TREE_CLONE: libc::c_uint = 1;
+    // SAFETY: open_tree on a valid fd with an empty path; returns a new fd.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            mount.as_raw_fd(),
+            c"".as_ptr(),
+            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | libc::AT_EMPTY_PATH as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
 fn check(r: libc::c_int) -> io::Result<()> {

@@ -122,6 +122,10 @@ struct ChildMounts {
     private_tmp: RawFd,
     mask_dirs: *const *const libc::c_char,
     n_mask_dirs: usize,
+    /// Detached mounts for `mask_dirs` (null: mount a new tmpfs on each).
+    mask_fds: *const RawFd,
+    /// A detached `proc` for `/proc` (-1: mount a new instance).
+    proc: RawFd,
     mask_files: *const *const libc::c_char,
     n_mask_files: usize,
     shared: *const *const libc::c_char,
@@ -146,7 +150,6 @@ struct ChildArgs {
     unshare: libc::c_int,
     mounts: Option<ChildMounts>,
     loopback_up: bool,
-    drop_bounding: bool,
     no_new_privs: bool,
     landlock: RawFd,
     seccomp: *const libc::sock_fprog,
@@ -199,10 +202,53 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok((above_stdio(r)?, above_stdio(w)?))
 }
 
+thread_local! {
+    /// Whether this thread's capability bounding set is already empty.
+    static BOUNDING_EMPTY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Empties the calling thread's capability bounding set, once per thread.
+///
+/// A child inherits the bounding set of the thread that clones it, so a
+/// thread whose children must all start with an empty one drops every
+/// capability from its own set once, instead of each child dropping them
+/// one by one (a `PR_CAPBSET_DROP` per capability, each of which copies
+/// and commits the credentials: about 80 µs per spawn measured here).
+/// The thread keeps its effective and permitted sets: the bounding set
+/// only limits what an `execve` can grant, and the threads that spawn
+/// runs never exec anything else. But threads it creates later inherit
+/// the empty set too, and a root child exec'd from it by other code would
+/// start without capabilities: spawn sandboxed runs from dedicated
+/// threads (the starter; the probe runs on a thread of its own).
+fn empty_bounding_set() -> io::Result<()> {
+    if BOUNDING_EMPTY.get() {
+        return Ok(());
+    }
+    for cap in 0..64 {
+        // SAFETY: prctl on this thread's own credentials.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } != 0 {
+            let e = io::Error::last_os_error();
+            // EINVAL past the kernel's last capability.
+            if e.raw_os_error() != Some(libc::EINVAL) {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("emptying the capability bounding set: {e}"),
+                ));
+            }
+        }
+    }
+    BOUNDING_EMPTY.set(true);
+    Ok(())
+}
+
 /// Starts `exec` as a child of the calling thread. Returns once the child
 /// has called execve (or failed before it, in which case it is reaped and
-/// the error returned).
+/// the error returned). With `sandbox.drop_bounding`, the calling thread's
+/// own bounding set is emptied first (once; see [`empty_bounding_set`]).
 pub fn spawn(exec: &Exec<'_>) -> io::Result<Child> {
+    if exec.sandbox.drop_bounding {
+        empty_bounding_set()?;
+    }
     let program = cstring(exec.program.as_os_str().as_bytes())?;
     let mut argv_own = Vec::with_capacity(exec.args.len() + 1);
     argv_own.push(program.clone());
@@ -235,6 +281,12 @@ pub fn spawn(exec: &Exec<'_>) -> io::Result<Child> {
     });
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
+    let mask_fds: Vec<RawFd> = exec
+        .sandbox
+        .mounts
+        .as_ref()
+        .map(|m| m.masks.iter().map(|f| f.as_raw_fd()).collect())
+        .unwrap_or_default();
 
     let args = ChildArgs {
         program: program.as_ptr(),
@@ -253,6 +305,12 @@ pub fn spawn(exec: &Exec<'_>) -> io::Result<Child> {
             private_tmp: m.private_tmp,
             mask_dirs: m.mask_dirs.as_ptr(),
             n_mask_dirs: m.mask_dirs.len(),
+            mask_fds: if mask_fds.len() == m.mask_dirs.len() && !mask_fds.is_empty() {
+                mask_fds.as_ptr()
+            } else {
+                std::ptr::null()
+            },
+            proc: m.proc.as_ref().map_or(-1, |f| f.as_raw_fd()),
             mask_files: m.mask_files.as_ptr(),
             n_mask_files: m.mask_files.len(),
             shared: m.shared.as_ptr(),
@@ -260,7 +318,6 @@ pub fn spawn(exec: &Exec<'_>) -> io::Result<Child> {
             dev_shm: m.dev_shm,
         }),
         loopback_up: exec.sandbox.loopback_up,
-        drop_bounding: exec.sandbox.drop_bounding,
         no_new_privs: exec.sandbox.no_new_privs,
         landlock: exec.sandbox.landlock.as_ref().map_or(-1, |f| f.as_raw_fd()),
         seccomp: seccomp.as_ref().map_or(std::ptr::null(), |p| p as *const _),
@@ -411,17 +468,9 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         if a.loopback_up && !loopback_up() {
             return fail(Step::Loopback);
         }
-        if a.drop_bounding {
-            // Every capability out of the bounding set, so nothing the run
-            // executes can ever regain one. EINVAL past the kernel's last.
-            for cap in 0..64 {
-                if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0
-                    && *libc::__errno_location() != libc::EINVAL
-                {
-                    return fail(Step::Capabilities);
-                }
-            }
-        }
+        // The bounding set is already empty when `drop_bounding` is set:
+        // the child inherited the calling thread's (`empty_bounding_set`),
+        // so nothing the run executes can ever regain a capability.
         // A sandboxed run (`no_new_privs`) also leaves with every
         // capability set empty.
         if a.no_new_privs {
@@ -516,7 +565,6 @@ unsafe fn private_view(m: &ChildMounts) -> bool {
     }
     const MOUNT_ATTR_RDONLY: u64 = 0x1;
     const MOUNT_ATTR_NOSUID: u64 = 0x2;
-    const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
     let null = std::ptr::null::<libc::c_char>();
     if libc::mount(
         null,
@@ -529,14 +577,19 @@ unsafe fn private_view(m: &ChildMounts) -> bool {
         return false;
     }
     for i in 0..m.n_mask_dirs {
-        if libc::mount(
-            c"tmpfs".as_ptr(),
-            *m.mask_dirs.add(i),
-            c"tmpfs".as_ptr(),
-            libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-            c"size=4k,nr_inodes=2,mode=000".as_ptr().cast(),
-        ) != 0
-        {
+        let dir = *m.mask_dirs.add(i);
+        let ok = if m.mask_fds.is_null() {
+            libc::mount(
+                c"tmpfs".as_ptr(),
+                dir,
+                c"tmpfs".as_ptr(),
+                libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                c"size=4k,nr_inodes=2,mode=000".as_ptr().cast(),
+            ) == 0
+        } else {
+            attach(*m.mask_fds.add(i), dir)
+        };
+        if !ok {
             return false;
         }
     }
@@ -592,15 +645,7 @@ unsafe fn private_view(m: &ChildMounts) -> bool {
             return false;
         }
     }
-    if libc::syscall(
-        libc::SYS_move_mount,
-        m.private_tmp,
-        c"".as_ptr(),
-        libc::AT_FDCWD,
-        c"/tmp".as_ptr(),
-        MOVE_MOUNT_F_EMPTY_PATH,
-    ) != 0
-    {
+    if !attach(m.private_tmp, c"/tmp".as_ptr()) {
         return false;
     }
     if m.dev_shm
@@ -614,12 +659,32 @@ unsafe fn private_view(m: &ChildMounts) -> bool {
     {
         return false;
     }
-    libc::mount(
-        c"proc".as_ptr(),
-        c"/proc".as_ptr(),
-        c"proc".as_ptr(),
-        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-        c"hidepid=invisible".as_ptr().cast(),
+    if m.proc >= 0 {
+        attach(m.proc, c"/proc".as_ptr())
+    } else {
+        libc::mount(
+            c"proc".as_ptr(),
+            c"/proc".as_ptr(),
+            c"proc".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            c"hidepid=invisible".as_ptr().cast(),
+        ) == 0
+    }
+}
+
+/// Moves the detached mount `fd` onto `target` (`move_mount`).
+///
+/// # Safety
+/// `target` must be a valid C string.
+unsafe fn attach(fd: RawFd, target: *const libc::c_char) -> bool {
+    const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+    libc::syscall(
+        libc::SYS_move_mount,
+        fd,
+        c"".as_ptr(),
+        libc::AT_FDCWD,
+        target,
+        MOVE_MOUNT_F_EMPTY_PATH,
     ) == 0
 }
 
