@@ -155,8 +155,10 @@ pub struct RunCgroup {
     mount: PathBuf,
 }
 
-/// Opened before spawning: the child writes "0" to this fd between clone
-/// and exec, moving itself in before it can run any code of its own.
+/// Opened before spawning: the cgroup's directory. The child is created in
+/// it (`clone3` with `CLONE_INTO_CGROUP`), or joins it between clone and
+/// exec where the kernel cannot (`spawn.rs`), before it can run any code
+/// of its own.
 pub struct Joiner {
     fd: OwnedFd,
 }
@@ -215,7 +217,7 @@ impl RunCgroup {
     }
 
     /// Creates the cgroup (an empty leftover from a crash is reused) and
-    /// opens its `cgroup.procs` for the child to join.
+    /// opens its directory for the child to be created in.
     pub fn prepare(&self, limits: &[(&str, u64)]) -> io::Result<Joiner> {
         match fs::create_dir(&self.dir) {
             Ok(()) => {}
@@ -226,10 +228,14 @@ impl RunCgroup {
         for (file, value) in limits {
             fs::write(self.dir.join(file), value.to_string())?;
         }
-        let path = CString::new(self.dir.join("cgroup.procs").as_os_str().as_bytes())
-            .map_err(io::Error::other)?;
+        let path = CString::new(self.dir.as_os_str().as_bytes()).map_err(io::Error::other)?;
         // SAFETY: plain open(2) of a NUL-terminated path.
-        let fd = unsafe { libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
+        let fd = unsafe {
+            libc::open(
+                path.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }

@@ -38,8 +38,10 @@ pub struct Exec<'a> {
     pub args: &'a [&'a OsStr],
     pub env: &'a [(String, String)],
     pub cwd: &'a Path,
-    /// An fd on the cgroup's `cgroup.procs`: the child writes "0" to join.
-    pub cgroup_procs: Option<RawFd>,
+    /// An fd on the run's cgroup directory: the child is created in it
+    /// (`clone3` with `CLONE_INTO_CGROUP`) or, where the kernel cannot,
+    /// joins it by writing "0" to its `cgroup.procs`.
+    pub cgroup: Option<RawFd>,
     pub rlimits: &'a [(libc::__rlimit_resource_t, libc::rlim_t)],
     /// `(uid, gid)`; supplementary groups are dropped.
     pub credentials: Option<(u32, u32)>,
@@ -143,7 +145,9 @@ struct ChildArgs {
     stdin: RawFd,
     stdout: RawFd,
     stderr: RawFd,
-    cgroup_procs: RawFd,
+    /// A cgroup directory to join through its `cgroup.procs` (-1: none, or
+    /// the child was created in it).
+    join_cgroup: RawFd,
     rlimits: *const (libc::__rlimit_resource_t, libc::rlim_t),
     n_rlimits: usize,
     credentials: Option<(u32, u32)>,
@@ -200,6 +204,87 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     // SAFETY: fresh descriptors from pipe2.
     let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     Ok((above_stdio(r)?, above_stdio(w)?))
+}
+
+/// `struct clone_args` of `clone3(2)` (the fields up to `cgroup`, Linux 5.7).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// Set once `clone3` with `CLONE_INTO_CGROUP` turned out to be missing.
+static CLONE3_UNAVAILABLE: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// `clone3(args)`, the child running `f(arg)` on the stack `args` gives
+/// and exiting with its return value. The C library has no wrapper that
+/// takes a function, so the system call is made here: in the child, which
+/// starts on the new stack with the parent's registers, the callee-saved
+/// registers still hold `f` and `arg`.
+///
+/// # Safety
+/// `args` must describe a valid stack for the child (and `CLONE_VM` with
+/// `CLONE_VFORK`, the only way it is used, so the parent's memory stays
+/// untouched while the child runs); `f` must follow `child_main`'s rules.
+#[cfg(target_arch = "x86_64")]
+unsafe fn clone3(
+    args: &CloneArgs,
+    f: extern "C" fn(*mut libc::c_void) -> libc::c_int,
+    arg: *mut libc::c_void,
+) -> io::Result<i32> {
+    let ret: i64;
+    std::arch::asm!(
+        "syscall",
+        "test rax, rax",
+        "jnz 2f",
+        // The child: no frame above this one; the stack top is 16-byte
+        // aligned, as a call expects.
+        "xor ebp, ebp",
+        "mov rdi, r12",
+        "call r13",
+        "mov edi, eax",
+        "mov eax, {exit}",
+        "syscall",
+        "ud2",
+        "2:",
+        exit = const libc::SYS_exit,
+        inlateout("rax") libc::SYS_clone3 => ret,
+        in("rdi") args as *const CloneArgs,
+        in("rsi") std::mem::size_of::<CloneArgs>(),
+        in("r12") arg,
+        in("r13") f,
+        lateout("rcx") _,
+        lateout("r11") _,
+        options(nostack),
+    );
+    if ret < 0 {
+        Err(io::Error::from_raw_os_error(-ret as i32))
+    } else {
+        Ok(ret as i32)
+    }
+}
+
+/// Elsewhere the child joins its cgroup through `cgroup.procs`.
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn clone3(
+    _args: &CloneArgs,
+    _f: extern "C" fn(*mut libc::c_void) -> libc::c_int,
+    _arg: *mut libc::c_void,
+) -> io::Result<i32> {
+    Err(io::Error::from_raw_os_error(libc::ENOSYS))
 }
 
 thread_local! {
@@ -288,7 +373,7 @@ pub fn spawn(exec: &Exec<'_>) -> io::Result<Child> {
         .map(|m| m.masks.iter().map(|f| f.as_raw_fd()).collect())
         .unwrap_or_default();
 
-    let args = ChildArgs {
+    let mut args = ChildArgs {
         program: program.as_ptr(),
         argv: argv.as_ptr(),
         envp: envp.as_ptr(),
@@ -296,7 +381,7 @@ pub fn spawn(exec: &Exec<'_>) -> io::Result<Child> {
         stdin,
         stdout: out_w.as_raw_fd(),
         stderr: err_w.as_raw_fd(),
-        cgroup_procs: exec.cgroup_procs.unwrap_or(-1),
+        join_cgroup: -1,
         rlimits: exec.rlimits.as_ptr(),
         n_rlimits: exec.rlimits.len(),
         credentials: exec.credentials,
@@ -341,34 +426,85 @@ pub fn spawn(exec: &Exec<'_>) -> io::Result<Child> {
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
     }
-    // SAFETY: the child runs child_main on `stack` with a pointer to `args`;
-    // with CLONE_VFORK this thread is suspended until the child has called
-    // execve or exited, so `args`, `stack` and everything they point to
-    // outlive its use. CLONE_PIDFD stores the pidfd in `pidfd`. No exit
-    // signal (the low byte of the flags is 0): the leader's exit is seen
-    // through the pidfd, and SIGCHLD stays for orphans, which the kernel
-    // always reparents with SIGCHLD as their exit signal (OrphanReaper).
-    // Waiting for such a "clone" child takes __WALL.
-    let pid = unsafe {
-        libc::clone(
-            child_main,
-            top,
-            libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD,
-            (&args as *const ChildArgs).cast_mut().cast(),
-            &mut pidfd as *mut libc::c_int,
-            std::ptr::null_mut::<libc::c_void>(),
-            std::ptr::null_mut::<libc::c_int>(),
-        )
-    };
-    let clone_err = io::Error::last_os_error();
+    // The child is created in its cgroup where the kernel can do that
+    // (Linux 5.7): moving it in afterwards by writing to `cgroup.procs`
+    // takes the cgroup core's fork lock for writing, which waits for an
+    // RCU grace period, and this thread waits for the child (0.3-0.45 ms
+    // a spawn measured here).
+    let mut result = Err(io::Error::from_raw_os_error(libc::ENOSYS));
+    if let Some(cgroup) = exec.cgroup {
+        if !CLONE3_UNAVAILABLE.load(Ordering::Relaxed) {
+            let clone_args = CloneArgs {
+                flags: (libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD) as u64
+                    | CLONE_INTO_CGROUP,
+                pidfd: &mut pidfd as *mut libc::c_int as u64,
+                stack: stack.as_mut_ptr() as u64,
+                stack_size: (top as usize - stack.as_ptr() as usize) as u64,
+                cgroup: cgroup as u64,
+                ..CloneArgs::default()
+            };
+            // SAFETY: as for clone below; the kernel starts the child on
+            // the stack described in `clone_args`.
+            result = unsafe {
+                clone3(
+                    &clone_args,
+                    child_main,
+                    (&args as *const ChildArgs).cast_mut().cast(),
+                )
+            };
+            if let Err(e) = &result {
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ENOSYS | libc::E2BIG | libc::EPERM)
+                ) {
+                    // No clone3 (before 5.3, or filtered), or one without
+                    // CLONE_INTO_CGROUP (before 5.7): join the old way.
+                    CLONE3_UNAVAILABLE.store(true, Ordering::Relaxed);
+                } else {
+                    result = Err(io::Error::new(
+                        e.kind(),
+                        format!("{}: {e}", Step::Cgroup.describe()),
+                    ));
+                }
+            }
+        }
+        if CLONE3_UNAVAILABLE.load(Ordering::Relaxed) {
+            args.join_cgroup = cgroup;
+        }
+    }
+    if exec.cgroup.is_none() || CLONE3_UNAVAILABLE.load(Ordering::Relaxed) {
+        // SAFETY: the child runs child_main on `stack` with a pointer to
+        // `args`; with CLONE_VFORK this thread is suspended until the child
+        // has called execve or exited, so `args`, `stack` and everything
+        // they point to outlive its use. CLONE_PIDFD stores the pidfd in
+        // `pidfd`. No exit signal (the low byte of the flags is 0): the
+        // leader's exit is seen through the pidfd, and SIGCHLD stays for
+        // orphans, which the kernel always reparents with SIGCHLD as their
+        // exit signal (OrphanReaper). Waiting for such a "clone" child
+        // takes __WALL.
+        let pid = unsafe {
+            libc::clone(
+                child_main,
+                top,
+                libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD,
+                (&args as *const ChildArgs).cast_mut().cast(),
+                &mut pidfd as *mut libc::c_int,
+                std::ptr::null_mut::<libc::c_void>(),
+                std::ptr::null_mut::<libc::c_int>(),
+            )
+        };
+        result = if pid < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(pid)
+        };
+    }
     // SAFETY: restores the mask saved above.
     unsafe {
         libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
     }
     drop(stack);
-    if pid < 0 {
-        return Err(clone_err);
-    }
+    let pid = result?;
     // SAFETY: CLONE_PIDFD gave us a fresh descriptor on the child.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
     drop((out_w, err_w));
@@ -443,8 +579,16 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         if libc::setpgid(0, 0) != 0 {
             return fail(Step::ProcessGroup);
         }
-        if a.cgroup_procs >= 0 && libc::write(a.cgroup_procs, b"0".as_ptr().cast(), 1) != 1 {
-            return fail(Step::Cgroup);
+        if a.join_cgroup >= 0 {
+            let procs = libc::openat(
+                a.join_cgroup,
+                c"cgroup.procs".as_ptr(),
+                libc::O_WRONLY | libc::O_CLOEXEC,
+            );
+            if procs < 0 || libc::write(procs, b"0".as_ptr().cast(), 1) != 1 {
+                return fail(Step::Cgroup);
+            }
+            libc::close(procs);
         }
         // Before dropping privileges, so a root daemon may also raise them.
         for i in 0..a.n_rlimits {
