@@ -91,7 +91,7 @@ pub struct SpawnSpec<'a> {
     /// Run as this uid/gid (supplementary groups dropped).
     pub credentials: Option<(u32, u32)>,
     /// The run's isolation steps.
-    pub sandbox: &'a sandbox::Steps<'a>,
+    pub sandbox: &'a sandbox::Steps,
 }
 
 /// A resource limit of a child.
@@ -225,7 +225,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
 /// waits for it; returns its exit code (`None`: killed by a signal).
 pub fn probe_spawn(
     shell: &str,
-    prepared: &sandbox::Prepared<'_>,
+    prepared: &sandbox::Prepared,
     credentials: Option<(u32, u32)>,
 ) -> io::Result<Option<i32>> {
     let code = prepared.cwd.join("code");

@@ -31,6 +31,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::model::SandboxLevel;
 
@@ -106,13 +107,13 @@ pub struct Policy {
     /// `shared_dirs`, for their read-write rules.
     shared: Vec<(OwnedFd, bool)>,
     /// Filters for runs with and without network.
-    seccomp_net: Vec<libc::sock_filter>,
-    seccomp_no_net: Vec<libc::sock_filter>,
+    seccomp_net: Arc<[libc::sock_filter]>,
+    seccomp_no_net: Arc<[libc::sock_filter]>,
     /// Directories (data dir) and files (config, key) masked at `full`.
-    mask_dirs: Vec<CString>,
-    mask_files: Vec<CString>,
+    mask_dirs: Arc<[CString]>,
+    mask_files: Arc<[CString]>,
     /// `shared_dirs`, made writable again in a run's read-only view.
-    shared_paths: Vec<CString>,
+    shared_paths: Arc<[CString]>,
     /// Whether `/dev/shm` exists to be replaced (level `full`).
     has_dev_shm: bool,
     /// Level `full`: the `proc` and mask instances runs get clones of
@@ -184,7 +185,7 @@ impl RunFolder {
 
 /// What the child does for one run, prepared by the parent. Borrowed by
 /// `spawn::Exec` for the duration of the clone.
-pub struct Prepared<'p> {
+pub struct Prepared {
     pub folder: RunFolder,
     /// The run's working directory as the run sees it.
     pub cwd: PathBuf,
@@ -192,13 +193,15 @@ pub struct Prepared<'p> {
     pub output_path: PathBuf,
     /// Extra environment (`TMPDIR` where `/tmp` is not private).
     pub env: Vec<(String, String)>,
-    pub steps: Steps<'p>,
+    pub steps: Steps,
 }
 
 /// The child's isolation steps: plain data and descriptors, applied
-/// without allocating (see `spawn.rs`).
+/// without allocating (see `spawn.rs`). Owned (the paths and the filter
+/// are shared with the [`Policy`]), so a run can be prepared on one thread
+/// and spawned on another.
 #[derive(Default)]
-pub struct Steps<'p> {
+pub struct Steps {
     /// `unshare(2)` flags (mount, IPC, network namespaces).
     pub unshare: libc::c_int,
     /// Level `full`: the mount work.
@@ -210,22 +213,22 @@ pub struct Steps<'p> {
     pub drop_bounding: bool,
     pub no_new_privs: bool,
     pub landlock: Option<OwnedFd>,
-    /// The filter program (it lives in the [`Policy`]).
-    pub seccomp: Option<&'p [libc::sock_filter]>,
+    /// The filter program (shared with the [`Policy`]).
+    pub seccomp: Option<Arc<[libc::sock_filter]>>,
 }
 
 pub struct Mounts {
     pub private_tmp: RawFd,
-    pub mask_dirs: Vec<*const libc::c_char>,
+    pub mask_dirs: Arc<[CString]>,
     /// Detached clones of the shared mask tmpfs, one per `mask_dirs`
     /// entry (empty: the child mounts a new tmpfs on each).
     pub masks: Vec<OwnedFd>,
     /// A detached clone of the shared `proc` (`None`: the child mounts a
     /// new instance).
     pub proc: Option<OwnedFd>,
-    pub mask_files: Vec<*const libc::c_char>,
+    pub mask_files: Arc<[CString]>,
     /// Bound onto themselves read-write after the read-only pass.
-    pub shared: Vec<*const libc::c_char>,
+    pub shared: Arc<[CString]>,
     pub dev_shm: bool,
 }
 
@@ -494,12 +497,12 @@ impl Policy {
         let private_ipc = level == SandboxLevel::Full;
         let (seccomp_net, seccomp_no_net) = if seccomp_on {
             (
-                seccomp_program(private_ipc, false),
+                seccomp_program(private_ipc, false).into(),
                 // At full, a network namespace takes the network away.
-                seccomp_program(private_ipc, level == SandboxLevel::Landlock),
+                seccomp_program(private_ipc, level == SandboxLevel::Landlock).into(),
             )
         } else {
-            (Vec::new(), Vec::new())
+            (Arc::from([]), Arc::from([]))
         };
         let cstr = |p: &Path| CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other);
         let (mut mask_dirs, mut mask_files, mut shared_paths) =
@@ -537,9 +540,9 @@ impl Policy {
             shared,
             seccomp_net,
             seccomp_no_net,
-            mask_dirs,
-            mask_files,
-            shared_paths,
+            mask_dirs: mask_dirs.into(),
+            mask_files: mask_files.into(),
+            shared_paths: shared_paths.into(),
             has_dev_shm: Path::new("/dev/shm").is_dir(),
             shared_mounts,
             degraded,
@@ -577,7 +580,7 @@ impl Policy {
         code: &[u8],
         uid: Option<(u32, u32)>,
         network: bool,
-    ) -> io::Result<Prepared<'_>> {
+    ) -> io::Result<Prepared> {
         let (folder, cwd, output_path, env, own) = match self.level {
             SandboxLevel::Full => {
                 let mount = private_tmpfs(self.limits)?;
@@ -642,11 +645,11 @@ impl Policy {
                 };
                 steps.mounts = Some(Mounts {
                     private_tmp: mount.as_raw_fd(),
-                    mask_dirs: self.mask_dirs.iter().map(|c| c.as_ptr()).collect(),
+                    mask_dirs: self.mask_dirs.clone(),
                     masks,
                     proc,
-                    mask_files: self.mask_files.iter().map(|c| c.as_ptr()).collect(),
-                    shared: self.shared_paths.iter().map(|c| c.as_ptr()).collect(),
+                    mask_files: self.mask_files.clone(),
+                    shared: self.shared_paths.clone(),
                     dev_shm: self.has_dev_shm,
                 });
                 steps.drop_bounding = true;
@@ -666,7 +669,7 @@ impl Policy {
                 &self.seccomp_no_net
             };
             if !prog.is_empty() {
-                steps.seccomp = Some(prog);
+                steps.seccomp = Some(prog.clone());
             }
         }
         Ok(Prepared {

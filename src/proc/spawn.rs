@@ -46,7 +46,7 @@ pub struct Exec<'a> {
     /// `(uid, gid)`; supplementary groups are dropped.
     pub credentials: Option<(u32, u32)>,
     /// The run's isolation (`sandbox.rs`).
-    pub sandbox: &'a Steps<'a>,
+    pub sandbox: &'a Steps,
 }
 
 /// A child that has called execve: its pid, a pidfd on it, and the read
@@ -360,7 +360,7 @@ pub fn spawn(exec: &Exec<'_>) -> io::Result<Child> {
         .collect();
     let cwd = cstring(exec.cwd.as_os_str().as_bytes())?;
     let stdin = dev_null()?;
-    let seccomp = exec.sandbox.seccomp.map(|prog| libc::sock_fprog {
+    let seccomp = exec.sandbox.seccomp.as_ref().map(|prog| libc::sock_fprog {
         len: prog.len() as libc::c_ushort,
         filter: prog.as_ptr().cast_mut(),
     });
@@ -371,6 +371,21 @@ pub fn spawn(exec: &Exec<'_>) -> io::Result<Child> {
         .mounts
         .as_ref()
         .map(|m| m.masks.iter().map(|f| f.as_raw_fd()).collect())
+        .unwrap_or_default();
+    let pointers = |paths: &[CString]| -> Vec<*const libc::c_char> {
+        paths.iter().map(|c| c.as_ptr()).collect()
+    };
+    let (mask_dirs, mask_files, shared) = exec
+        .sandbox
+        .mounts
+        .as_ref()
+        .map(|m| {
+            (
+                pointers(&m.mask_dirs),
+                pointers(&m.mask_files),
+                pointers(&m.shared),
+            )
+        })
         .unwrap_or_default();
 
     let mut args = ChildArgs {
@@ -388,18 +403,18 @@ pub fn spawn(exec: &Exec<'_>) -> io::Result<Child> {
         unshare: exec.sandbox.unshare,
         mounts: exec.sandbox.mounts.as_ref().map(|m| ChildMounts {
             private_tmp: m.private_tmp,
-            mask_dirs: m.mask_dirs.as_ptr(),
-            n_mask_dirs: m.mask_dirs.len(),
-            mask_fds: if mask_fds.len() == m.mask_dirs.len() && !mask_fds.is_empty() {
+            mask_dirs: mask_dirs.as_ptr(),
+            n_mask_dirs: mask_dirs.len(),
+            mask_fds: if mask_fds.len() == mask_dirs.len() && !mask_fds.is_empty() {
                 mask_fds.as_ptr()
             } else {
                 std::ptr::null()
             },
             proc: m.proc.as_ref().map_or(-1, |f| f.as_raw_fd()),
-            mask_files: m.mask_files.as_ptr(),
-            n_mask_files: m.mask_files.len(),
-            shared: m.shared.as_ptr(),
-            n_shared: m.shared.len(),
+            mask_files: mask_files.as_ptr(),
+            n_mask_files: mask_files.len(),
+            shared: shared.as_ptr(),
+            n_shared: shared.len(),
             dev_shm: m.dev_shm,
         }),
         loopback_up: exec.sandbox.loopback_up,
