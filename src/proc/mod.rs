@@ -205,7 +205,10 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
     let pid = child.pid;
     let identity = ProcIdentity {
         pid,
-        start_time: stat(pid).map(|s| s.start_time).unwrap_or(0),
+        start_time: child
+            .start_time
+            .or_else(|| stat(pid).map(|s| s.start_time))
+            .unwrap_or(0),
         boot_id: boot_id().to_string(),
     };
     // SAFETY: the AsyncFd takes ownership of the OwnedFd, which stays open

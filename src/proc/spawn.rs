@@ -56,6 +56,10 @@ pub struct Child {
     pub pidfd: OwnedFd,
     pub stdout: OwnedFd,
     pub stderr: OwnedFd,
+    /// The child's start time in clock ticks since boot, as
+    /// `/proc/<pid>/stat` shows it, when the clock alone tells it (see
+    /// [`start_ticks`]); `None`: read it from `/proc`.
+    pub start_time: Option<u64>,
 }
 
 /// Which step failed in the child (stored with its errno).
@@ -160,6 +164,8 @@ struct ChildArgs {
     /// Written by the child on failure: the step and its errno.
     failed_step: AtomicI32,
     failed_errno: AtomicI32,
+    /// `CLOCK_BOOTTIME` in ns, read by the child first thing.
+    child_boottime: std::sync::atomic::AtomicU64,
 }
 
 fn cstring(bytes: &[u8]) -> io::Result<CString> {
@@ -423,6 +429,7 @@ pub fn spawn(exec: &Exec<'_>) -> io::Result<Child> {
         seccomp: seccomp.as_ref().map_or(std::ptr::null(), |p| p as *const _),
         failed_step: AtomicI32::new(0),
         failed_errno: AtomicI32::new(0),
+        child_boottime: std::sync::atomic::AtomicU64::new(0),
     };
     let mut stack: Vec<MaybeUninit<u8>> = Vec::with_capacity(CHILD_STACK);
     // The stack grows down: hand clone its 16-byte aligned top.
@@ -431,6 +438,7 @@ pub fn spawn(exec: &Exec<'_>) -> io::Result<Child> {
         (end & !0xf) as *mut libc::c_void
     };
     let mut pidfd: libc::c_int = -1;
+    let before_clone = boottime_ns();
 
     // Block every signal in this thread across the clone: the child starts
     // with them blocked and unblocks only after resetting the handlers.
@@ -543,12 +551,51 @@ pub fn spawn(exec: &Exec<'_>) -> io::Result<Child> {
             other => io::Error::new(err.kind(), format!("{}: {err}", other.describe())),
         });
     }
+    let start_time = start_ticks(before_clone, args.child_boottime.load(Ordering::Acquire));
     Ok(Child {
         pid,
         pidfd,
         stdout: out_r,
         stderr: err_r,
+        start_time,
     })
+}
+
+/// `CLOCK_BOOTTIME` in ns (0 if it cannot be read).
+fn boottime_ns() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime fills the timespec.
+    if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut t) } != 0 {
+        return 0;
+    }
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
+/// The start time `/proc/<pid>/stat` will show for a child (field 22,
+/// clock ticks since boot), without reading it: the kernel takes it from
+/// `CLOCK_BOOTTIME` while creating the child, so it lies between a clock
+/// reading before the clone and the child's first reading, and those two
+/// fall in the same tick for most spawns (a tick is 10 ms, the gap tens
+/// of µs). `None` when they do not, or a reading is missing.
+fn start_ticks(before_ns: u64, child_ns: u64) -> Option<u64> {
+    static NS_PER_TICK: OnceLock<u64> = OnceLock::new();
+    let per_tick = *NS_PER_TICK.get_or_init(|| {
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        if hz > 0 && 1_000_000_000 % hz as u64 == 0 {
+            1_000_000_000 / hz as u64
+        } else {
+            0
+        }
+    });
+    if per_tick == 0 || before_ns == 0 || child_ns < before_ns {
+        return None;
+    }
+    let tick = before_ns / per_tick;
+    (child_ns / per_tick == tick).then_some(tick)
 }
 
 /// The child, between clone and execve. See the module docs for its rules.
@@ -556,6 +603,9 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `arg` points to the parent's ChildArgs, alive and unchanged
     // while the parent is suspended (CLONE_VFORK).
     let a = unsafe { &*(arg as *const ChildArgs) };
+    // First, for the start time (the C library reads the clock through
+    // the vDSO: no lock, no errno unless it fails).
+    a.child_boottime.store(boottime_ns(), Ordering::Release);
     let fail = |step: Step| -> libc::c_int {
         // SAFETY: errno of this thread (the parent's slot, which is
         // suspended); then the child ends without running any atexit code.
@@ -865,4 +915,55 @@ unsafe fn loopback_up() -> bool {
     };
     libc::close(s);
     ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_ticks_only_when_both_readings_share_a_tick() {
+        let tick = 1_000_000_000 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+        assert_eq!(start_ticks(5 * tick + 1, 5 * tick + 2), Some(5));
+        assert_eq!(start_ticks(5 * tick, 6 * tick - 1), Some(5));
+        assert_eq!(start_ticks(6 * tick - 1, 6 * tick), None);
+        assert_eq!(start_ticks(0, 5), None);
+        assert_eq!(start_ticks(10, 5), None);
+    }
+
+    /// The start time worked out from the clock is the one `/proc` shows.
+    #[test]
+    fn start_time_matches_proc() {
+        let steps = Steps::default();
+        let mut known = 0;
+        for _ in 0..50 {
+            let child = spawn(&Exec {
+                program: Path::new("/bin/true"),
+                args: &[],
+                env: &[],
+                cwd: Path::new("/"),
+                cgroup: None,
+                rlimits: &[],
+                credentials: None,
+                sandbox: &steps,
+            })
+            .unwrap();
+            // Unreaped (a zombie at worst), so its /proc entry is there.
+            let from_proc = super::super::stat(child.pid).unwrap().start_time;
+            if let Some(t) = child.start_time {
+                assert_eq!(t, from_proc);
+                known += 1;
+            }
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            unsafe {
+                libc::waitid(
+                    libc::P_PIDFD,
+                    child.pidfd.as_raw_fd() as libc::id_t,
+                    &mut info,
+                    libc::WEXITED | libc::__WALL,
+                )
+            };
+        }
+        assert!(known > 0, "the clock never told the start time");
+    }
 }
