@@ -1152,7 +1152,9 @@ enum Action {
 /// The numbers are searched as a binary tree, not a list: the kernel runs
 /// a new filter once for every system call number when it is installed
 /// (to cache which calls are always allowed), so a list of ~60 compares
-/// cost about that many instructions per number for every spawn.
+/// cost about that many instructions per number for every spawn; and the
+/// tree is over intervals with shared outcomes ([`search`]), so the
+/// program is small.
 pub fn seccomp_program(private_ipc: bool, deny_ip_sockets: bool) -> Vec<libc::sock_filter> {
     let Some(arch) = seccomp_arch() else {
         return Vec::new();
@@ -1212,26 +1214,96 @@ fn action(a: Action) -> Vec<libc::sock_filter> {
     }
 }
 
-/// A binary search over `entries` (sorted by number) that ends in the
-/// entry's action, or in "allow" for a number not listed.
+/// What a run of consecutive system call numbers leads to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Leaf {
+    Allow,
+    Act(Action),
+}
+
+/// A binary search over `entries` (sorted by number, distinct) that ends
+/// in the entry's action, or in "allow" for a number not listed.
+///
+/// The numbers are first merged into intervals of the same outcome
+/// (`mount` to `reboot` is one, and so is every gap between denied
+/// numbers), and the search compares against interval starts only. Each
+/// outcome's instructions appear once, at the end, and every comparison
+/// that settles an interval jumps straight there: the program is about
+/// one instruction per interval. (The kernel validates, converts and
+/// JIT-compiles the filter for every new run; its size was most of what
+/// installing it cost.)
 fn search(entries: &[(u32, Action)]) -> Vec<libc::sock_filter> {
-    if entries.len() <= 3 {
-        let mut p = Vec::new();
-        for &(nr, a) in entries {
-            let body = action(a);
-            p.push(jump(JEQ_K, nr, 0, body.len() as u8));
-            p.extend(body);
+    // Intervals as (first number, outcome), covering 0..=u32::MAX.
+    let mut intervals: Vec<(u32, Leaf)> = Vec::new();
+    let mut next = 0u32;
+    for &(nr, a) in entries {
+        if nr > next {
+            intervals.push((next, Leaf::Allow));
         }
-        p.push(stmt(RET_K, RET_ALLOW));
-        return p;
+        let leaf = Leaf::Act(a);
+        if intervals.last().map(|i| i.1) != Some(leaf) || nr != next {
+            intervals.push((nr, leaf));
+        }
+        next = nr + 1;
     }
-    let mid = entries.len() / 2;
-    let left = search(&entries[..mid]);
-    let right = search(&entries[mid..]);
-    let skip = u8::try_from(left.len()).expect("a subtree fits a BPF jump");
-    let mut p = vec![jump(JGE_K, entries[mid].0, skip, 0)];
-    p.extend(left);
-    p.extend(right);
+    intervals.push((next, Leaf::Allow));
+    intervals.dedup_by(|b, a| a.1 == b.1);
+
+    /// Where a jump goes before the program is laid out.
+    #[derive(Clone, Copy)]
+    enum Target {
+        At(usize),
+        Leaf(Leaf),
+    }
+    // Comparisons, each with where it goes when the number is at least
+    // its interval start (jt) and when it is below (jf).
+    fn tree(iv: &[(u32, Leaf)], out: &mut Vec<(u32, Target, Target)>) -> Target {
+        if iv.len() == 1 {
+            return Target::Leaf(iv[0].1);
+        }
+        let mid = iv.len() / 2;
+        let at = out.len();
+        out.push((iv[mid].0, Target::At(0), Target::At(0)));
+        let below = tree(&iv[..mid], out);
+        let above = tree(&iv[mid..], out);
+        out[at].1 = above;
+        out[at].2 = below;
+        Target::At(at)
+    }
+    let mut nodes = Vec::new();
+    tree(&intervals, &mut nodes);
+    // The outcomes' blocks follow the comparisons, each once.
+    let mut leaves: Vec<Leaf> = Vec::new();
+    for (_, l) in &intervals {
+        if !leaves.contains(l) {
+            leaves.push(*l);
+        }
+    }
+    let mut leaf_at = Vec::new();
+    // (With no comparison at all, the one outcome's block comes first.)
+    let mut pos = nodes.len();
+    let mut blocks = Vec::new();
+    for l in &leaves {
+        let body = match l {
+            Leaf::Allow => vec![stmt(RET_K, RET_ALLOW)],
+            Leaf::Act(a) => action(*a),
+        };
+        leaf_at.push((*l, pos));
+        pos += body.len();
+        blocks.extend(body);
+    }
+    let resolve = |t: Target| match t {
+        Target::At(i) => i,
+        Target::Leaf(l) => leaf_at.iter().find(|(x, _)| *x == l).expect("a block").1,
+    };
+    let mut p = Vec::new();
+    for (i, &(k, above, below)) in nodes.iter().enumerate() {
+        let off = |t: Target| -> u8 {
+            u8::try_from(resolve(t) - (i + 1)).expect("the filter fits BPF's jump range")
+        };
+        p.push(jump(JGE_K, k, off(above), off(below)));
+    }
+    p.extend(blocks);
     p
 }
 
@@ -1354,7 +1426,9 @@ mod tests {
             assert_eq!(run_filter(&p, arch, 0, 0) & 0xffff_0000, RET_ALLOW);
             assert_eq!(run_filter(&p, 0x1234, 0, 0), RET_KILL_PROCESS);
             // A binary search: far fewer instructions per call than entries.
-            assert!(p.len() < 4 * denied.len(), "{}", p.len());
+            // About one comparison per interval of numbers with the same
+            // outcome, each outcome's instructions once.
+            assert!(p.len() < 2 * denied.len() + 16, "{}", p.len());
         }
     }
 
@@ -1368,7 +1442,8 @@ mod tests {
                     assert!(i + 1 + (ins.jt.max(ins.jf) as usize) < p.len());
                 }
             }
-            assert_eq!(p.last().unwrap().k, RET_ALLOW);
+            // The program cannot run off its end.
+            assert_eq!(p.last().unwrap().code, RET_K);
         }
     }
 }
