@@ -59,79 +59,101 @@ pub(crate) fn step_costs(dir: &Path, iterations: usize) -> Result<Vec<StepSample
     let full = Policy::detect(Requested::Full, paths, limits, shell)?;
     let base = sandbox::default_uid_base(&data_dir);
     let uid = (base + 1, base + 1);
-    let code = b"true\n";
     let pid = std::process::id();
+    // One spawn of `row`: prepare, spawn and wait, drop; µs each and in all.
+    let one = |row: usize, i: usize| -> Result<[f64; 4], String> {
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        let t0 = Instant::now();
+        if row == 0 {
+            let status = Command::new("/bin/sh")
+                .args(["-c", "true"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .map_err(|e| e.to_string())?;
+            if !status.success() {
+                return Err(format!("`sh -c true` exited with {status}"));
+            }
+            let t = us(t0.elapsed());
+            return Ok([0.0, t, 0.0, t]);
+        }
+        let id = (i * STEP_ROWS.len() + row) as u64;
+        let mut prepared = if row == 1 {
+            none.prepare(id, b"true\n", None, true)
+        } else {
+            full.prepare(id, b"true\n", Some(uid), row < 7)
+        }
+        .map_err(|e| format!("{}: prepare: {e}", STEP_ROWS[row]))?;
+        let s = std::mem::take(&mut prepared.steps);
+        if row == 2 {
+            // The folder exists but no namespace: the child (still
+            // root) enters it through this process's mount descriptor.
+            let fd = s
+                .mounts
+                .as_ref()
+                .map(|m| m.private_tmp)
+                .ok_or("level full prepared no mount")?;
+            prepared.cwd = PathBuf::from(format!("/proc/{pid}/fd/{fd}/cyrnel"));
+        }
+        prepared.steps = sandbox::Steps {
+            unshare: if row >= 3 { s.unshare } else { 0 },
+            mounts: if row >= 3 { s.mounts } else { None },
+            loopback_up: row >= 7 && s.loopback_up,
+            drop_bounding: row >= 4 && s.drop_bounding,
+            no_new_privs: row >= 4 && s.no_new_privs,
+            landlock: if row >= 5 { s.landlock } else { None },
+            seccomp: if row >= 6 { s.seccomp } else { None },
+        };
+        let credentials = (row >= 4).then_some(uid);
+        let t1 = Instant::now();
+        let exit = cyrnel::proc::probe_spawn(shell, &prepared, credentials)
+            .map_err(|e| format!("{}: spawn: {e}", STEP_ROWS[row]))?;
+        if exit != Some(0) {
+            return Err(format!("{}: the child ended with {exit:?}", STEP_ROWS[row]));
+        }
+        let t2 = Instant::now();
+        drop(prepared);
+        let t3 = Instant::now();
+        Ok([us(t1 - t0), us(t2 - t1), us(t3 - t2), us(t3 - t0)])
+    };
     let mut out: Vec<StepSamples> = STEP_ROWS.iter().map(|_| StepSamples::default()).collect();
     let warmup = 20;
-    for i in 0..warmup + iterations {
-        for (row, samples) in out.iter_mut().enumerate() {
-            let t0 = Instant::now();
-            if row == 0 {
-                let status = Command::new("/bin/sh")
-                    .args(["-c", "true"])
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status()
-                    .map_err(|e| e.to_string())?;
-                if !status.success() {
-                    return Err(format!("`sh -c true` exited with {status}"));
+    // Rows with `drop_bounding` empty the spawning thread's bounding set
+    // once (`proc::spawn`), as the daemon's starter thread does; a root
+    // child of such a thread execs without capabilities. The rows before
+    // them (raw, `none`, the root child entering its folder through
+    // `/proc/<pid>/fd`) therefore run on a thread of their own, which
+    // keeps its bounding set; the timing is taken on that thread.
+    std::thread::scope(|scope| {
+        let (to_plain, plain_rx) = std::sync::mpsc::channel::<(usize, usize)>();
+        let (plain_tx, from_plain) = std::sync::mpsc::channel();
+        let one = &one;
+        scope.spawn(move || {
+            for (row, i) in plain_rx {
+                if plain_tx.send(one(row, i)).is_err() {
+                    return;
                 }
+            }
+        });
+        for i in 0..warmup + iterations {
+            for (row, samples) in out.iter_mut().enumerate() {
+                let [prepare, spawn, drop, total] = if row < 4 {
+                    to_plain.send((row, i)).map_err(|e| e.to_string())?;
+                    from_plain.recv().map_err(|e| e.to_string())??
+                } else {
+                    one(row, i)?
+                };
                 if i >= warmup {
-                    let t = t0.elapsed().as_secs_f64() * 1e6;
-                    samples.spawn.push(t);
-                    samples.total.push(t);
-                    samples.prepare.push(0.0);
-                    samples.drop.push(0.0);
+                    samples.prepare.push(prepare);
+                    samples.spawn.push(spawn);
+                    samples.drop.push(drop);
+                    samples.total.push(total);
                 }
-                continue;
-            }
-            let id = (i * STEP_ROWS.len() + row) as u64;
-            let mut prepared = if row == 1 {
-                none.prepare(id, code, None, true)
-            } else {
-                full.prepare(id, code, Some(uid), row < 7)
-            }
-            .map_err(|e| format!("{}: prepare: {e}", STEP_ROWS[row]))?;
-            let s = std::mem::take(&mut prepared.steps);
-            if row == 2 {
-                // The folder exists but no namespace: the child (still
-                // root) enters it through this process's mount descriptor.
-                let fd = s
-                    .mounts
-                    .as_ref()
-                    .map(|m| m.private_tmp)
-                    .ok_or("level full prepared no mount")?;
-                prepared.cwd = PathBuf::from(format!("/proc/{pid}/fd/{fd}/cyrnel"));
-            }
-            prepared.steps = sandbox::Steps {
-                unshare: if row >= 3 { s.unshare } else { 0 },
-                mounts: if row >= 3 { s.mounts } else { None },
-                loopback_up: row >= 7 && s.loopback_up,
-                drop_bounding: row >= 4 && s.drop_bounding,
-                no_new_privs: row >= 4 && s.no_new_privs,
-                landlock: if row >= 5 { s.landlock } else { None },
-                seccomp: if row >= 6 { s.seccomp } else { None },
-            };
-            let credentials = (row >= 4).then_some(uid);
-            let t1 = Instant::now();
-            let exit = cyrnel::proc::probe_spawn(shell, &prepared, credentials)
-                .map_err(|e| format!("{}: spawn: {e}", STEP_ROWS[row]))?;
-            if exit != Some(0) {
-                return Err(format!("{}: the child ended with {exit:?}", STEP_ROWS[row]));
-            }
-            let t2 = Instant::now();
-            drop(prepared);
-            let t3 = Instant::now();
-            if i >= warmup {
-                let us = |d: Duration| d.as_secs_f64() * 1e6;
-                samples.prepare.push(us(t1 - t0));
-                samples.spawn.push(us(t2 - t1));
-                samples.drop.push(us(t3 - t2));
-                samples.total.push(us(t3 - t0));
             }
         }
-    }
+        Ok::<(), String>(())
+    })?;
     let _ = fs::remove_dir_all(&shm);
     Ok(out)
 }
@@ -149,9 +171,15 @@ pub(crate) async fn bench_steps(k: &Knobs, root: &Path, rep: &mut Report) {
         STEP_ROWS.len()
     );
     let dir = root.to_path_buf();
-    let res = tokio::task::spawn_blocking(move || step_costs(&dir, n))
-        .await
-        .expect("step thread");
+    // A thread of its own, which ends with the section: level `full`
+    // empties the spawning thread's capability bounding set.
+    let res = tokio::task::spawn_blocking(move || {
+        std::thread::spawn(move || step_costs(&dir, n))
+            .join()
+            .expect("step thread")
+    })
+    .await
+    .expect("step thread");
     let rows = match res {
         Ok(rows) => rows,
         Err(e) if !is_root => {

@@ -8,6 +8,7 @@ use std::fs;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// Whether the cgroup v2 line of a `/proc/<pid>/cgroup` text names exactly
@@ -194,8 +195,10 @@ pub struct RunCgroup {
     mount: PathBuf,
 }
 
-/// Opened before spawning: the child writes "0" to this fd between clone
-/// and exec, moving itself in before it can run any code of its own.
+/// Opened before spawning: the cgroup's directory. The child is created in
+/// it (`clone3` with `CLONE_INTO_CGROUP`), or joins it between clone and
+/// exec where the kernel cannot (`spawn.rs`), before it can run any code
+/// of its own.
 pub struct Joiner {
     fd: OwnedFd,
 }
@@ -243,7 +246,7 @@ impl RunCgroup {
     }
 
     /// Creates the cgroup (an empty leftover from a crash is reused) and
-    /// opens its `cgroup.procs` for the child to join.
+    /// opens its directory for the child to be created in.
     pub fn prepare(&self, limits: &[(&str, u64)]) -> io::Result<Joiner> {
         match fs::create_dir(&self.dir) {
             Ok(()) => {}
@@ -254,12 +257,14 @@ impl RunCgroup {
         for (file, value) in limits {
             fs::write(self.dir.join(file), value.to_string())?;
         }
-        // O_WRONLY | O_CLOEXEC (std sets O_CLOEXEC on every open).
-        let file = fs::OpenOptions::new()
-            .write(true)
-            .open(self.dir.join("cgroup.procs"))?;
+        // O_RDONLY | O_DIRECTORY | O_CLOEXEC (std sets O_CLOEXEC on every
+        // open): the cgroup's directory, for clone3(CLONE_INTO_CGROUP).
+        let dir = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY)
+            .open(&self.dir)?;
         Ok(Joiner {
-            fd: OwnedFd::from(file),
+            fd: OwnedFd::from(dir),
         })
     }
 

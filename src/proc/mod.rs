@@ -92,7 +92,7 @@ pub struct SpawnSpec<'a> {
     /// Run as this uid/gid (supplementary groups dropped).
     pub credentials: Option<(u32, u32)>,
     /// The run's isolation steps.
-    pub sandbox: &'a sandbox::Steps<'a>,
+    pub sandbox: &'a sandbox::Steps,
 }
 
 /// A resource limit of a child.
@@ -191,7 +191,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
         args,
         env: spec.env,
         cwd: spec.cwd,
-        cgroup_procs: spec.cgroup.map(Joiner::raw_fd),
+        cgroup: spec.cgroup.map(Joiner::raw_fd),
         rlimits: &rlimits,
         credentials: spec.credentials,
         sandbox: spec.sandbox,
@@ -199,7 +199,10 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
     let pid = child.pid;
     let identity = ProcIdentity {
         pid,
-        start_time: stat(pid).map(|s| s.start_time).unwrap_or(0),
+        start_time: child
+            .start_time
+            .or_else(|| stat(pid).map(|s| s.start_time))
+            .unwrap_or(0),
         boot_id: boot_id().to_string(),
     };
     // SAFETY: the AsyncFd takes ownership of the OwnedFd, which stays open
@@ -219,7 +222,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
 /// waits for it; returns its exit code (`None`: killed by a signal).
 pub fn probe_spawn(
     shell: &str,
-    prepared: &sandbox::Prepared<'_>,
+    prepared: &sandbox::Prepared,
     credentials: Option<(u32, u32)>,
 ) -> io::Result<Option<i32>> {
     let code = prepared.cwd.join("code");
@@ -229,7 +232,7 @@ pub fn probe_spawn(
         args: &args,
         env: &[],
         cwd: &prepared.cwd,
-        cgroup_procs: None,
+        cgroup: None,
         rlimits: &[],
         credentials,
         sandbox: &prepared.steps,

@@ -31,6 +31,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::model::SandboxLevel;
 
@@ -106,15 +107,18 @@ pub struct Policy {
     /// `shared_dirs`, for their read-write rules.
     shared: Vec<(OwnedFd, bool)>,
     /// Filters for runs with and without network.
-    seccomp_net: Vec<libc::sock_filter>,
-    seccomp_no_net: Vec<libc::sock_filter>,
+    seccomp_net: Arc<[libc::sock_filter]>,
+    seccomp_no_net: Arc<[libc::sock_filter]>,
     /// Directories (data dir) and files (config, key) masked at `full`.
-    mask_dirs: Vec<CString>,
-    mask_files: Vec<CString>,
+    mask_dirs: Arc<[CString]>,
+    mask_files: Arc<[CString]>,
     /// `shared_dirs`, made writable again in a run's read-only view.
-    shared_paths: Vec<CString>,
+    shared_paths: Arc<[CString]>,
     /// Whether `/dev/shm` exists to be replaced (level `full`).
     has_dev_shm: bool,
+    /// Level `full`: the `proc` and mask instances runs get clones of
+    /// (`None`: a kernel that cannot clone them; each run mounts its own).
+    shared_mounts: Option<SharedMounts>,
     /// Features missing on this kernel, for the start-up log.
     pub degraded: Vec<&'static str>,
 }
@@ -181,7 +185,7 @@ impl RunFolder {
 
 /// What the child does for one run, prepared by the parent. Borrowed by
 /// `spawn::Exec` for the duration of the clone.
-pub struct Prepared<'p> {
+pub struct Prepared {
     pub folder: RunFolder,
     /// The run's working directory as the run sees it.
     pub cwd: PathBuf,
@@ -189,33 +193,42 @@ pub struct Prepared<'p> {
     pub output_path: PathBuf,
     /// Extra environment (`TMPDIR` where `/tmp` is not private).
     pub env: Vec<(String, String)>,
-    pub steps: Steps<'p>,
+    pub steps: Steps,
 }
 
 /// The child's isolation steps: plain data and descriptors, applied
-/// without allocating (see `spawn.rs`).
+/// without allocating (see `spawn.rs`). Owned (the paths and the filter
+/// are shared with the [`Policy`]), so a run can be prepared on one thread
+/// and spawned on another.
 #[derive(Default)]
-pub struct Steps<'p> {
+pub struct Steps {
     /// `unshare(2)` flags (mount, IPC, network namespaces).
     pub unshare: libc::c_int,
     /// Level `full`: the mount work.
     pub mounts: Option<Mounts>,
     /// Bring `lo` up (a new network namespace).
     pub loopback_up: bool,
-    /// Empty the bounding set (the daemon holds CAP_SETPCAP).
+    /// Empty the bounding set: the spawning thread empties its own once
+    /// (the daemon holds CAP_SETPCAP) and the child inherits it.
     pub drop_bounding: bool,
     pub no_new_privs: bool,
     pub landlock: Option<OwnedFd>,
-    /// The filter program (it lives in the [`Policy`]).
-    pub seccomp: Option<&'p [libc::sock_filter]>,
+    /// The filter program (shared with the [`Policy`]).
+    pub seccomp: Option<Arc<[libc::sock_filter]>>,
 }
 
 pub struct Mounts {
     pub private_tmp: RawFd,
-    pub mask_dirs: Vec<*const libc::c_char>,
-    pub mask_files: Vec<*const libc::c_char>,
+    pub mask_dirs: Arc<[CString]>,
+    /// Detached clones of the shared mask tmpfs, one per `mask_dirs`
+    /// entry (empty: the child mounts a new tmpfs on each).
+    pub masks: Vec<OwnedFd>,
+    /// A detached clone of the shared `proc` (`None`: the child mounts a
+    /// new instance).
+    pub proc: Option<OwnedFd>,
+    pub mask_files: Arc<[CString]>,
     /// Bound onto themselves read-write after the read-only pass.
-    pub shared: Vec<*const libc::c_char>,
+    pub shared: Arc<[CString]>,
     pub dev_shm: bool,
 }
 
@@ -484,17 +497,25 @@ impl Policy {
         let private_ipc = level == SandboxLevel::Full;
         let (seccomp_net, seccomp_no_net) = if seccomp_on {
             (
-                seccomp_program(private_ipc, false),
+                seccomp_program(private_ipc, false).into(),
                 // At full, a network namespace takes the network away.
-                seccomp_program(private_ipc, level == SandboxLevel::Landlock),
+                seccomp_program(private_ipc, level == SandboxLevel::Landlock).into(),
             )
         } else {
-            (Vec::new(), Vec::new())
+            (Arc::from([]), Arc::from([]))
         };
         let cstr = |p: &Path| CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other);
         let (mut mask_dirs, mut mask_files, mut shared_paths) =
             (Vec::new(), Vec::new(), Vec::new());
+        let mut shared_mounts = None;
         if level == SandboxLevel::Full {
+            shared_mounts = match SharedMounts::new() {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    tracing::debug!(error = %e, "no shared proc and mask mounts; each run mounts its own");
+                    None
+                }
+            };
             mask_dirs.push(cstr(&paths.data_dir)?);
             for f in &paths.secret_files {
                 mask_files.push(cstr(f)?);
@@ -519,22 +540,31 @@ impl Policy {
             shared,
             seccomp_net,
             seccomp_no_net,
-            mask_dirs,
-            mask_files,
-            shared_paths,
+            mask_dirs: mask_dirs.into(),
+            mask_files: mask_files.into(),
+            shared_paths: shared_paths.into(),
             has_dev_shm: Path::new("/dev/shm").is_dir(),
+            shared_mounts,
             degraded,
         })
     }
 
-    /// Starts `shell -c exit` with this policy and checks it exits 0.
+    /// Starts `shell -c exit` with this policy and checks it exits 0. On
+    /// a thread of its own: the spawning thread's bounding set is emptied
+    /// (`spawn.rs`), and the caller's must stay as it is.
     fn probe(&self, shell: &str) -> io::Result<()> {
         let uid = match self.level {
             SandboxLevel::Full => Some((0x7FFD_FFFF, 0x7FFD_FFFF)),
             _ => None,
         };
-        let prepared = self.prepare(0, b"exit 0\n", uid, true)?;
-        let code = super::probe_spawn(shell, &prepared, uid)?;
+        let code = std::thread::scope(|s| {
+            s.spawn(|| {
+                let prepared = self.prepare(0, b"exit 0\n", uid, true)?;
+                super::probe_spawn(shell, &prepared, uid)
+            })
+            .join()
+            .map_err(|_| io::Error::other("the probe thread panicked"))?
+        })?;
         if code != Some(0) {
             return Err(io::Error::other(format!(
                 "a probe run ended with {code:?} instead of exit code 0"
@@ -550,7 +580,7 @@ impl Policy {
         code: &[u8],
         uid: Option<(u32, u32)>,
         network: bool,
-    ) -> io::Result<Prepared<'_>> {
+    ) -> io::Result<Prepared> {
         let (folder, cwd, output_path, env, own) = match self.level {
             SandboxLevel::Full => {
                 let mount = private_tmpfs(self.limits)?;
@@ -606,11 +636,20 @@ impl Policy {
                 let FolderKind::Private { mount } = &folder.kind else {
                     unreachable!("level full has a private folder")
                 };
+                let (proc, masks) = match &self.shared_mounts {
+                    Some(shared) => {
+                        let (proc, masks) = shared.clone_for_run(self.mask_dirs.len())?;
+                        (Some(proc), masks)
+                    }
+                    None => (None, Vec::new()),
+                };
                 steps.mounts = Some(Mounts {
                     private_tmp: mount.as_raw_fd(),
-                    mask_dirs: self.mask_dirs.iter().map(|c| c.as_ptr()).collect(),
-                    mask_files: self.mask_files.iter().map(|c| c.as_ptr()).collect(),
-                    shared: self.shared_paths.iter().map(|c| c.as_ptr()).collect(),
+                    mask_dirs: self.mask_dirs.clone(),
+                    masks,
+                    proc,
+                    mask_files: self.mask_files.clone(),
+                    shared: self.shared_paths.clone(),
                     dev_shm: self.has_dev_shm,
                 });
                 steps.drop_bounding = true;
@@ -630,7 +669,7 @@ impl Policy {
                 &self.seccomp_no_net
             };
             if !prog.is_empty() {
-                steps.seccomp = Some(prog);
+                steps.seccomp = Some(prog.clone());
             }
         }
         Ok(Prepared {
@@ -751,35 +790,43 @@ impl Policy {
     }
 }
 
-/// A detached tmpfs for one run (size and inode capped), mounted nowhere.
-fn private_tmpfs(limits: FolderLimits) -> io::Result<OwnedFd> {
+const MOUNT_ATTR_RDONLY: libc::c_uint = 0x1;
+const MOUNT_ATTR_NOSUID: libc::c_uint = 0x2;
+const MOUNT_ATTR_NODEV: libc::c_uint = 0x4;
+const MOUNT_ATTR_NOEXEC: libc::c_uint = 0x8;
+
+/// A new file system instance of type `fstype`, configured with `options`
+/// (string values; `None`: a flag such as `ro`), as a detached mount with
+/// the mount attributes `attrs`: mounted nowhere until someone moves it.
+fn detached_mount(
+    fstype: &CStr,
+    options: &[(&CStr, Option<&CStr>)],
+    attrs: libc::c_uint,
+) -> io::Result<OwnedFd> {
+    const FSCONFIG_SET_FLAG: libc::c_uint = 0;
     const FSCONFIG_SET_STRING: libc::c_uint = 1;
     const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
     const FSMOUNT_CLOEXEC: libc::c_uint = 1;
-    const MOUNT_ATTR_NOSUID: libc::c_uint = 0x2;
-    const MOUNT_ATTR_NODEV: libc::c_uint = 0x4;
-    // SAFETY: fsopen with a static name; returns a new fd.
-    let fs = unsafe { libc::syscall(libc::SYS_fsopen, c"tmpfs".as_ptr(), 1u32) };
+    // SAFETY: fsopen with a C string; returns a new fd.
+    let fs = unsafe { libc::syscall(libc::SYS_fsopen, fstype.as_ptr(), 1u32) };
     if fs < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: a fresh descriptor.
     let fs = unsafe { OwnedFd::from_raw_fd(fs as RawFd) };
-    let size = CString::new(limits.bytes.to_string()).map_err(io::Error::other)?;
-    let inodes = CString::new(limits.inodes.to_string()).map_err(io::Error::other)?;
-    for (key, value) in [
-        (c"size", size.as_c_str()),
-        (c"nr_inodes", inodes.as_c_str()),
-        (c"mode", c"1777"),
-    ] {
+    for (key, value) in options {
+        let (cmd, value) = match value {
+            Some(v) => (FSCONFIG_SET_STRING, v.as_ptr()),
+            None => (FSCONFIG_SET_FLAG, std::ptr::null()),
+        };
         // SAFETY: valid C strings for the duration of the call.
         let r = unsafe {
             libc::syscall(
                 libc::SYS_fsconfig,
                 fs.as_raw_fd(),
-                FSCONFIG_SET_STRING,
+                cmd,
                 key.as_ptr(),
-                value.as_ptr(),
+                value,
                 0,
             )
         };
@@ -802,19 +849,96 @@ fn private_tmpfs(limits: FolderLimits) -> io::Result<OwnedFd> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: as above; returns a new fd on the mount.
-    let m = unsafe {
-        libc::syscall(
-            libc::SYS_fsmount,
-            fs.as_raw_fd(),
-            FSMOUNT_CLOEXEC,
-            MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
-        )
-    };
+    let m = unsafe { libc::syscall(libc::SYS_fsmount, fs.as_raw_fd(), FSMOUNT_CLOEXEC, attrs) };
     if m < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: a fresh descriptor.
     Ok(unsafe { OwnedFd::from_raw_fd(m as RawFd) })
+}
+
+/// A detached tmpfs for one run (size and inode capped), mounted nowhere.
+fn private_tmpfs(limits: FolderLimits) -> io::Result<OwnedFd> {
+    let size = CString::new(limits.bytes.to_string()).map_err(io::Error::other)?;
+    let inodes = CString::new(limits.inodes.to_string()).map_err(io::Error::other)?;
+    detached_mount(
+        c"tmpfs",
+        &[
+            (c"size", Some(&size)),
+            (c"nr_inodes", Some(&inodes)),
+            (c"mode", Some(c"1777")),
+        ],
+        MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+    )
+}
+
+/// File system instances every run of level `full` gets a mount of,
+/// made once: a `proc` that shows a process only to those who may trace
+/// it (`hidepid=invisible`: with a uid per run, a run sees its own
+/// processes only), and an empty read-only tmpfs that masks the data dir.
+/// Per run, [`SharedMounts::clone_for_run`] makes new detached mounts of
+/// them (`open_tree(OPEN_TREE_CLONE)`: no new superblock) that the child
+/// moves into its view. A new `proc` and a new tmpfs per run cost two
+/// superblocks made and torn down per spawn.
+struct SharedMounts {
+    proc: OwnedFd,
+    mask: OwnedFd,
+}
+
+impl SharedMounts {
+    /// Makes both instances and checks that this kernel lets them be
+    /// cloned (Linux 6.15 and later clone a detached mount; before, the
+    /// caller falls back to new instances per run).
+    fn new() -> io::Result<SharedMounts> {
+        let proc = detached_mount(
+            c"proc",
+            &[(c"hidepid", Some(c"invisible"))],
+            MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC,
+        )?;
+        let mask = detached_mount(
+            c"tmpfs",
+            &[
+                (c"size", Some(c"4k")),
+                (c"nr_inodes", Some(c"2")),
+                (c"mode", Some(c"000")),
+                (c"ro", None),
+            ],
+            MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC,
+        )?;
+        let shared = SharedMounts { proc, mask };
+        shared.clone_for_run(1)?;
+        Ok(shared)
+    }
+
+    /// Detached mounts for one run: its `proc`, and one mask per masked
+    /// directory. Closing one before it was moved anywhere unmounts it.
+    fn clone_for_run(&self, masks: usize) -> io::Result<(OwnedFd, Vec<OwnedFd>)> {
+        let proc = clone_mount(&self.proc)?;
+        let masks = (0..masks)
+            .map(|_| clone_mount(&self.mask))
+            .collect::<io::Result<_>>()?;
+        Ok((proc, masks))
+    }
+}
+
+/// A new detached mount of the same tree as `mount` (`open_tree` with
+/// `OPEN_TREE_CLONE`): same superblock, same mount attributes.
+fn clone_mount(mount: &OwnedFd) -> io::Result<OwnedFd> {
+    const OPEN_TREE_CLONE: libc::c_uint = 1;
+    // SAFETY: open_tree on a valid fd with an empty path; returns a new fd.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            mount.as_raw_fd(),
+            c"".as_ptr(),
+            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | libc::AT_EMPTY_PATH as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
 fn check(r: libc::c_int) -> io::Result<()> {
@@ -1028,7 +1152,9 @@ enum Action {
 /// The numbers are searched as a binary tree, not a list: the kernel runs
 /// a new filter once for every system call number when it is installed
 /// (to cache which calls are always allowed), so a list of ~60 compares
-/// cost about that many instructions per number for every spawn.
+/// cost about that many instructions per number for every spawn; and the
+/// tree is over intervals with shared outcomes ([`search`]), so the
+/// program is small.
 pub fn seccomp_program(private_ipc: bool, deny_ip_sockets: bool) -> Vec<libc::sock_filter> {
     let Some(arch) = seccomp_arch() else {
         return Vec::new();
@@ -1088,26 +1214,96 @@ fn action(a: Action) -> Vec<libc::sock_filter> {
     }
 }
 
-/// A binary search over `entries` (sorted by number) that ends in the
-/// entry's action, or in "allow" for a number not listed.
+/// What a run of consecutive system call numbers leads to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Leaf {
+    Allow,
+    Act(Action),
+}
+
+/// A binary search over `entries` (sorted by number, distinct) that ends
+/// in the entry's action, or in "allow" for a number not listed.
+///
+/// The numbers are first merged into intervals of the same outcome
+/// (`mount` to `reboot` is one, and so is every gap between denied
+/// numbers), and the search compares against interval starts only. Each
+/// outcome's instructions appear once, at the end, and every comparison
+/// that settles an interval jumps straight there: the program is about
+/// one instruction per interval. (The kernel validates, converts and
+/// JIT-compiles the filter for every new run; its size was most of what
+/// installing it cost.)
 fn search(entries: &[(u32, Action)]) -> Vec<libc::sock_filter> {
-    if entries.len() <= 3 {
-        let mut p = Vec::new();
-        for &(nr, a) in entries {
-            let body = action(a);
-            p.push(jump(JEQ_K, nr, 0, body.len() as u8));
-            p.extend(body);
+    // Intervals as (first number, outcome), covering 0..=u32::MAX.
+    let mut intervals: Vec<(u32, Leaf)> = Vec::new();
+    let mut next = 0u32;
+    for &(nr, a) in entries {
+        if nr > next {
+            intervals.push((next, Leaf::Allow));
         }
-        p.push(stmt(RET_K, RET_ALLOW));
-        return p;
+        let leaf = Leaf::Act(a);
+        if intervals.last().map(|i| i.1) != Some(leaf) || nr != next {
+            intervals.push((nr, leaf));
+        }
+        next = nr + 1;
     }
-    let mid = entries.len() / 2;
-    let left = search(&entries[..mid]);
-    let right = search(&entries[mid..]);
-    let skip = u8::try_from(left.len()).expect("a subtree fits a BPF jump");
-    let mut p = vec![jump(JGE_K, entries[mid].0, skip, 0)];
-    p.extend(left);
-    p.extend(right);
+    intervals.push((next, Leaf::Allow));
+    intervals.dedup_by(|b, a| a.1 == b.1);
+
+    /// Where a jump goes before the program is laid out.
+    #[derive(Clone, Copy)]
+    enum Target {
+        At(usize),
+        Leaf(Leaf),
+    }
+    // Comparisons, each with where it goes when the number is at least
+    // its interval start (jt) and when it is below (jf).
+    fn tree(iv: &[(u32, Leaf)], out: &mut Vec<(u32, Target, Target)>) -> Target {
+        if iv.len() == 1 {
+            return Target::Leaf(iv[0].1);
+        }
+        let mid = iv.len() / 2;
+        let at = out.len();
+        out.push((iv[mid].0, Target::At(0), Target::At(0)));
+        let below = tree(&iv[..mid], out);
+        let above = tree(&iv[mid..], out);
+        out[at].1 = above;
+        out[at].2 = below;
+        Target::At(at)
+    }
+    let mut nodes = Vec::new();
+    tree(&intervals, &mut nodes);
+    // The outcomes' blocks follow the comparisons, each once.
+    let mut leaves: Vec<Leaf> = Vec::new();
+    for (_, l) in &intervals {
+        if !leaves.contains(l) {
+            leaves.push(*l);
+        }
+    }
+    let mut leaf_at = Vec::new();
+    // (With no comparison at all, the one outcome's block comes first.)
+    let mut pos = nodes.len();
+    let mut blocks = Vec::new();
+    for l in &leaves {
+        let body = match l {
+            Leaf::Allow => vec![stmt(RET_K, RET_ALLOW)],
+            Leaf::Act(a) => action(*a),
+        };
+        leaf_at.push((*l, pos));
+        pos += body.len();
+        blocks.extend(body);
+    }
+    let resolve = |t: Target| match t {
+        Target::At(i) => i,
+        Target::Leaf(l) => leaf_at.iter().find(|(x, _)| *x == l).expect("a block").1,
+    };
+    let mut p = Vec::new();
+    for (i, &(k, above, below)) in nodes.iter().enumerate() {
+        let off = |t: Target| -> u8 {
+            u8::try_from(resolve(t) - (i + 1)).expect("the filter fits BPF's jump range")
+        };
+        p.push(jump(JGE_K, k, off(above), off(below)));
+    }
+    p.extend(blocks);
     p
 }
 
@@ -1230,7 +1426,9 @@ mod tests {
             assert_eq!(run_filter(&p, arch, 0, 0) & 0xffff_0000, RET_ALLOW);
             assert_eq!(run_filter(&p, 0x1234, 0, 0), RET_KILL_PROCESS);
             // A binary search: far fewer instructions per call than entries.
-            assert!(p.len() < 4 * denied.len(), "{}", p.len());
+            // About one comparison per interval of numbers with the same
+            // outcome, each outcome's instructions once.
+            assert!(p.len() < 2 * denied.len() + 16, "{}", p.len());
         }
     }
 
@@ -1244,7 +1442,8 @@ mod tests {
                     assert!(i + 1 + (ins.jt.max(ins.jf) as usize) < p.len());
                 }
             }
-            assert_eq!(p.last().unwrap().k, RET_ALLOW);
+            // The program cannot run off its end.
+            assert_eq!(p.last().unwrap().code, RET_K);
         }
     }
 }

@@ -1,21 +1,31 @@
-//! The starter: one thread that prepares a run's folder and isolation
-//! (`proc::sandbox`), stages its code, prepares its cgroup and spawns it,
-//! so the actor never waits for a folder to be made or a child to exec. The actor hands it a run and goes on; the result comes
-//! back as [`Internal::Started`].
+//! The starter: two threads in a row, so the actor never waits for a
+//! folder to be made or a child to exec. The actor hands a run to the
+//! preparer and goes on; the result comes back as [`Internal::Started`].
 //!
-//! One thread, so runs start in the order the queue hands them out; a
-//! long-lived one, because a leader is a child of the thread that spawned
-//! it and must never be handed to the main thread (the orphan reaper, see
-//! `proc::OrphanReaper`).
+//! - The preparer reads the code, prepares the run's folder and isolation
+//!   (`proc::sandbox`) and its cgroup.
+//! - The spawner clones the child and waits until it has called execve
+//!   (`proc::spawn`), then reports.
+//!
+//! The two steps overlap: while the spawner waits for one child's
+//! isolation steps and exec, the preparer readies the next run on the
+//! other core. Each is one thread, so runs start in the order the queue
+//! hands them out. The spawner is long-lived because a leader is a child
+//! of the thread that spawned it and must never be handed to the main
+//! thread (the orphan reaper, see `proc::OrphanReaper`); it is also the
+//! only thread whose capability bounding set level `full` empties
+//! (`proc::spawn`).
 
 use std::io;
 use std::sync::mpsc as std_mpsc;
+use std::thread::JoinHandle;
 
 use tokio::sync::mpsc;
 
 use super::{Internal, Settings};
 use crate::model::ProcessId;
-use crate::proc::sandbox::RunFolder;
+use crate::proc::cgroup::{Joiner, RunCgroup};
+use crate::proc::sandbox::{Prepared, RunFolder};
 use crate::proc::{self, Scope, SpawnSpec, Spawned};
 use crate::store::Store;
 
@@ -38,30 +48,66 @@ pub(crate) struct Started {
     pub result: io::Result<(Spawned, Scope, RunFolder)>,
 }
 
-/// The actor's handle on the starter thread. Dropping it ends the thread
-/// and waits for it, so its handle on the store is gone before the daemon
+/// A run the preparer has readied for the spawner.
+struct Ready {
+    /// Whether the code starts with `#!` (executed directly).
+    direct: bool,
+    prepared: Prepared,
+    cgroup: ReadyCgroup,
+}
+
+/// The run's cgroup, made and opened (`None`: none, or it could not be
+/// made and the run is tracked by its process group). One that is never
+/// handed to a spawned run (the daemon is stopping, or the spawn failed)
+/// is removed when this is dropped; the run's folder goes with its
+/// `Prepared`.
+struct ReadyCgroup(Option<(RunCgroup, Joiner)>);
+
+impl Drop for ReadyCgroup {
+    fn drop(&mut self) {
+        if let Some((cg, _)) = self.0.take() {
+            cg.remove();
+        }
+    }
+}
+
+/// The actor's handle on the starter threads. Dropping it ends them and
+/// waits for them, so their handle on the store is gone before the daemon
 /// closes the database and exits.
 pub(crate) struct Starter {
     tx: Option<std_mpsc::Sender<Job>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    preparer: Option<JoinHandle<()>>,
+    spawner: Option<JoinHandle<()>>,
 }
 
 impl Starter {
-    /// Starts the thread. Call from within the runtime: the thread enters
-    /// it to register the children's pidfds and pipes.
+    /// Starts the threads. Call from within the runtime: the spawner
+    /// enters it to register the children's pidfds and pipes.
     pub fn spawn(
         store: Store,
         settings: Settings,
         done: mpsc::UnboundedSender<Internal>,
     ) -> io::Result<Starter> {
-        let (tx, rx) = std_mpsc::channel::<Job>();
+        let (tx, jobs) = std_mpsc::channel::<Job>();
+        let (ready_tx, ready) = std_mpsc::channel::<(Job, io::Result<Ready>)>();
         let runtime = tokio::runtime::Handle::current();
-        let thread = std::thread::Builder::new()
+        let prep_settings = settings.clone();
+        let preparer = std::thread::Builder::new()
+            .name("cyrnel-prepare".into())
+            .spawn(move || {
+                while let Ok(job) = jobs.recv() {
+                    let result = prepare(&store, &prep_settings, &job);
+                    if ready_tx.send((job, result)).is_err() {
+                        return;
+                    }
+                }
+            })?;
+        let spawner = std::thread::Builder::new()
             .name("cyrnel-starter".into())
             .spawn(move || {
                 let _entered = runtime.enter();
-                while let Ok(job) = rx.recv() {
-                    let result = start(&store, &settings, &job);
+                while let Ok((job, result)) = ready.recv() {
+                    let result = result.and_then(|r| start(&settings, &job, r));
                     let started = Started {
                         id: job.id,
                         gen: job.gen,
@@ -74,14 +120,23 @@ impl Starter {
                         return;
                     }
                 }
-            })?;
+            });
+        let spawner = match spawner {
+            Ok(s) => s,
+            Err(e) => {
+                drop(tx);
+                let _ = preparer.join();
+                return Err(e);
+            }
+        };
         Ok(Starter {
             tx: Some(tx),
-            thread: Some(thread),
+            preparer: Some(preparer),
+            spawner: Some(spawner),
         })
     }
 
-    /// Hands a run to the thread. Fails only if the thread has died.
+    /// Hands a run to the threads. Fails only if they have died.
     pub fn submit(&self, job: Job) -> Result<(), Job> {
         match &self.tx {
             Some(tx) => tx.send(job).map_err(|e| e.0),
@@ -93,17 +148,22 @@ impl Starter {
 impl Drop for Starter {
     fn drop(&mut self) {
         self.tx = None;
-        if let Some(t) = self.thread.take() {
+        // The preparer ends first (no more jobs), which ends the spawner
+        // once it has spawned what was readied.
+        for t in [self.preparer.take(), self.spawner.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = t.join();
         }
     }
 }
 
-/// Stages the code in the run's folder and spawns it, isolated as the
-/// daemon's sandbox level says, in its own cgroup when the host offers them
+/// Reads the code and readies the run's folder and isolation, as the
+/// daemon's sandbox level says, and its cgroup when the host offers them
 /// (a cgroup that cannot be created degrades the run to process-group
 /// tracking).
-fn start(store: &Store, settings: &Settings, job: &Job) -> io::Result<(Spawned, Scope, RunFolder)> {
+fn prepare(store: &Store, settings: &Settings, job: &Job) -> io::Result<Ready> {
     let id = job.id;
     let code = store
         .code(id)
@@ -112,18 +172,31 @@ fn start(store: &Store, settings: &Settings, job: &Job) -> io::Result<(Spawned, 
     let prepared = settings
         .sandbox
         .prepare(id.0, &code, job.uid, job.network)?;
-    let cgroup = settings.cgroups.as_ref().map(|root| root.run(id.0));
-    let joiner = cgroup.as_ref().and_then(|cg| match cg.prepare(&settings.cgroup_limits) {
-        Ok(j) => Some(j),
-        Err(e) => {
-            tracing::warn!(%id, cgroup = %cg.path().display(), error = %e, "no cgroup for this run; tracking its process group");
-            None
+    let cgroup = ReadyCgroup(settings.cgroups.as_ref().and_then(|root| {
+        let cg = root.run(id.0);
+        match cg.prepare(&settings.cgroup_limits) {
+            Ok(joiner) => Some((cg, joiner)),
+            Err(e) => {
+                tracing::warn!(%id, cgroup = %cg.path().display(), error = %e, "no cgroup for this run; tracking its process group");
+                None
+            }
         }
-    });
-    let scope = match (&cgroup, &joiner) {
-        (Some(cg), Some(_)) => Scope::Cgroup(cg.clone()),
-        _ => Scope::Group,
-    };
+    }));
+    Ok(Ready {
+        direct: code.starts_with(b"#!"),
+        prepared,
+        cgroup,
+    })
+}
+
+/// Spawns a readied run (in its cgroup, if it has one).
+fn start(settings: &Settings, job: &Job, ready: Ready) -> io::Result<(Spawned, Scope, RunFolder)> {
+    let id = job.id;
+    let Ready {
+        direct,
+        prepared,
+        mut cgroup,
+    } = ready;
     let mut env = settings.env.clone();
     env.extend(prepared.env.iter().cloned());
     env.push(("CYRNEL_PROCESS_ID".into(), id.to_string()));
@@ -134,22 +207,20 @@ fn start(store: &Store, settings: &Settings, job: &Job) -> io::Result<(Spawned, 
     let code_path = prepared.cwd.join("code");
     let spawned = proc::spawn(&SpawnSpec {
         code_path: &code_path,
-        direct: code.starts_with(b"#!"),
+        direct,
         shell: &settings.shell,
         env: &env,
         cwd: &prepared.cwd,
-        cgroup: joiner.as_ref(),
+        cgroup: cgroup.0.as_ref().map(|(_, joiner)| joiner),
         rlimits: &settings.rlimits,
         credentials: job.uid,
         sandbox: &prepared.steps,
-    });
-    match spawned {
-        Ok(sp) => Ok((sp, scope, prepared.folder)),
-        Err(e) => {
-            if let Scope::Cgroup(cg) = &scope {
-                cg.remove();
-            }
-            Err(e)
-        }
-    }
+    })?;
+    // Spawned: the cgroup is the run's now (a failed spawn leaves it to
+    // `ReadyCgroup`'s drop, which removes it).
+    let scope = match cgroup.0.take() {
+        Some((cg, _joiner)) => Scope::Cgroup(cg),
+        None => Scope::Group,
+    };
+    Ok((spawned, scope, prepared.folder))
 }
