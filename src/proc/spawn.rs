@@ -442,9 +442,14 @@ pub fn spawn(exec: &Exec<'_>) -> io::Result<Child> {
 
     // Block every signal in this thread across the clone: the child starts
     // with them blocked and unblocks only after resetting the handlers.
-    // SAFETY: sigset_t is plain data filled by sigfillset.
+    // SAFETY: sigset_t is an array of integers: all-zero bytes are a
+    // valid (empty) set, which sigfillset fills next.
     let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as for `all`; pthread_sigmask overwrites it with the old mask.
     let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers are to live, writable sigset_t locals of this
+    // frame for the whole call; pthread_sigmask changes only this thread's
+    // mask, which is restored from `old` right after the clone.
     unsafe {
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
@@ -535,8 +540,14 @@ pub fn spawn(exec: &Exec<'_>) -> io::Result<Child> {
     if let Some(step) = Step::from_i32(step) {
         let errno = args.failed_errno.load(Ordering::Acquire);
         // The child has exited (the clone returned): reap it.
-        // SAFETY: siginfo_t is plain data; blocking waitid on our child.
+        // SAFETY: siginfo_t is a C struct of integers and a union of
+        // integers and pointers, for which all-zero bytes are a valid value.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `info` is a live, writable siginfo_t for the whole call,
+        // and `pidfd` (owned here) is open. The child has already exited
+        // (with CLONE_VFORK the clone returns only once the child has
+        // called execve or exited, and it reported a failed step), so the
+        // blocking wait returns at once and reaps it.
         unsafe {
             libc::waitid(
                 libc::P_PIDFD,
@@ -616,8 +627,10 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             libc::_exit(127)
         }
     };
-    // SAFETY (whole block): raw system calls on descriptors, strings and
-    // structs the parent prepared; nothing allocates or takes a lock.
+    // SAFETY: (the whole block) raw system calls on descriptors, strings
+    // and structs the parent prepared and keeps alive, unchanged, while it
+    // is suspended (CLONE_VFORK); nothing allocates or takes a lock, which
+    // the child of a clone(CLONE_VM) of a multi-threaded process must not.
     unsafe {
         // Default dispositions for every signal (handlers are the daemon's
         // code; ignored signals are reset too, as for a fresh service).
@@ -923,6 +936,7 @@ mod tests {
 
     #[test]
     fn start_ticks_only_when_both_readings_share_a_tick() {
+        // SAFETY: sysconf has no preconditions.
         let tick = 1_000_000_000 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
         assert_eq!(start_ticks(5 * tick + 1, 5 * tick + 2), Some(5));
         assert_eq!(start_ticks(5 * tick, 6 * tick - 1), Some(5));
@@ -954,7 +968,10 @@ mod tests {
                 assert_eq!(t, from_proc);
                 known += 1;
             }
+            // SAFETY: siginfo_t: all-zero bytes are a valid value.
             let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            // SAFETY: `info` is a live local and the pidfd is open; the
+            // blocking wait reaps this test's own child.
             unsafe {
                 libc::waitid(
                     libc::P_PIDFD,

@@ -87,11 +87,9 @@ pub fn own_usage() -> io::Result<OwnUsage> {
         .ok_or_else(|| io::Error::other("unexpected /proc/self/stat"))?;
     // The directory's own descriptor is counted too, as the Go client does.
     let open_fds = fs::read_dir("/proc/self/fd")?.count() as u64;
-    // SAFETY: getrlimit fills a zeroed struct.
-    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let (soft_nofile, _) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map_err(io::Error::from)?;
     let tick = tick as f64;
     Ok(OwnUsage {
         cpu_seconds: (stat.utime + stat.stime) as f64 / tick,
@@ -100,7 +98,7 @@ pub fn own_usage() -> io::Result<OwnUsage> {
         threads: stat.threads,
         start_time_seconds: btime as f64 + stat.start_ticks as f64 / tick,
         open_fds,
-        max_fds: lim.rlim_cur,
+        max_fds: soft_nofile,
     })
 }
 
