@@ -1039,7 +1039,10 @@ mod tests {
         let mut out = String::new();
         std::io::Read::read_to_string(&mut std::fs::File::from(child.stdout), &mut out).unwrap();
         assert_eq!(cpus_allowed(&out), before);
+        // SAFETY: siginfo_t: all-zero bytes are a valid value.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `info` is a live local and the pidfd is open; the
+        // blocking wait reaps this test's own child.
         unsafe {
             libc::waitid(
                 libc::P_PIDFD,
