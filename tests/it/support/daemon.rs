@@ -243,8 +243,16 @@ impl Daemon {
         fs::set_permissions(root, fs::Permissions::from_mode(0o711)).unwrap();
         let bin = root.join("cyrneld");
         if !bin.exists() {
-            fs::copy(BIN, &bin).expect("copy cyrneld");
-            fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).unwrap();
+            // Copied by a child process, not by this one: a copy's write
+            // descriptor held here would be inherited by whatever another
+            // test thread forks meanwhile, and exec of the copy would then
+            // fail with "Text file busy" (seen once under the full suite).
+            let st = Command::new("install")
+                .args(["-m", "0755", BIN])
+                .arg(&bin)
+                .status()
+                .expect("run install");
+            assert!(st.success(), "install {BIN} {}: {st}", bin.display());
         }
         std::os::unix::fs::chown(&self.data_dir, Some(UNPRIVILEGED), Some(UNPRIVILEGED))
             .expect("chown data dir");
