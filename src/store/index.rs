@@ -236,6 +236,17 @@ pub(super) fn walk_newest_first(
     }
 }
 
+/// What the writer keeps from one group to the next.
+pub(super) struct Tracked {
+    /// What `meta/class_counts` holds.
+    pub(super) counts: Counts,
+    /// Ids from here on have no record and no entries: above every record
+    /// the database held at open and every id written since (ids are never
+    /// handed out twice). A create, the bulk of all writes, then needs no
+    /// read: nothing is replaced and its entries cannot be there yet.
+    pub(super) fresh_from: u64,
+}
+
 /// The index side of one group write: the entries each record written so
 /// far in the group has, and the entries the group put or removed, on top
 /// of what the database holds.
@@ -245,21 +256,21 @@ pub(super) struct Maintainer<'a> {
     index: &'a ColumnFamily,
     keys: HashMap<u64, Keys>,
     present: HashMap<Vec<u8>, bool>,
-    /// The class counts as of the last write, moved by this group.
-    counts: &'a mut Counts,
+    /// As of the last write, moved by this group (the caller restores
+    /// the counts if the group is not written).
+    tracked: &'a mut Tracked,
     counts_moved: bool,
 }
 
 impl<'a> Maintainer<'a> {
-    /// `counts`: what `meta/class_counts` holds now (the writer keeps it).
-    pub(super) fn new(db: &'a DB, counts: &'a mut Counts) -> Maintainer<'a> {
+    pub(super) fn new(db: &'a DB, tracked: &'a mut Tracked) -> Maintainer<'a> {
         Maintainer {
             db,
             records: db.cf_handle(super::CF_RECORDS).expect("records cf"),
             index: db.cf_handle(CF_INDEX).expect("index cf"),
             keys: HashMap::new(),
             present: HashMap::new(),
-            counts,
+            tracked,
             counts_moved: false,
         }
     }
@@ -269,7 +280,7 @@ impl<'a> Maintainer<'a> {
     pub(super) fn finish(self, wb: &mut WriteBatch) {
         if self.counts_moved {
             let meta = self.db.cf_handle(super::CF_META).expect("meta cf");
-            wb.put_cf(meta, KEY_CLASS_COUNTS, self.counts.encode());
+            wb.put_cf(meta, KEY_CLASS_COUNTS, self.tracked.counts.encode());
         }
     }
 
@@ -302,19 +313,25 @@ impl<'a> Maintainer<'a> {
     fn add(&mut self, wb: &mut WriteBatch, key: &[u8]) -> Result<(), rocksdb::Error> {
         if self.is_present(key)? {
             tracing::warn!(key = ?key, "list index: an entry to add is already there; left as is");
+            self.present.insert(key.to_vec(), true);
         } else {
-            wb.put_cf(self.index, key, []);
-            self.counts.moved(key, true);
-            self.counts_moved = true;
+            self.put(wb, key);
         }
-        self.present.insert(key.to_vec(), true);
         Ok(())
+    }
+
+    /// Puts an entry known to be absent.
+    fn put(&mut self, wb: &mut WriteBatch, key: &[u8]) {
+        wb.put_cf(self.index, key, []);
+        self.tracked.counts.moved(key, true);
+        self.counts_moved = true;
+        self.present.insert(key.to_vec(), true);
     }
 
     fn remove(&mut self, wb: &mut WriteBatch, key: &[u8]) -> Result<(), rocksdb::Error> {
         if self.is_present(key)? {
             wb.single_delete_cf(self.index, key);
-            self.counts.moved(key, false);
+            self.tracked.counts.moved(key, false);
             self.counts_moved = true;
         } else {
             tracing::warn!(key = ?key, "list index: an entry to remove is missing");
@@ -330,14 +347,21 @@ impl<'a> Maintainer<'a> {
         id: u64,
         new: Keys,
     ) -> Result<(), rocksdb::Error> {
-        let old = self.current(id)?;
-        for k in old.iter().filter(|k| !new.contains(k)) {
-            self.remove(wb, k)?;
-        }
-        for k in new.iter().filter(|k| !old.contains(k)) {
-            self.add(wb, k)?;
+        if id >= self.tracked.fresh_from {
+            for k in &new {
+                self.put(wb, k);
+            }
+        } else {
+            let old = self.current(id)?;
+            for k in old.iter().filter(|k| !new.contains(k)) {
+                self.remove(wb, k)?;
+            }
+            for k in new.iter().filter(|k| !old.contains(k)) {
+                self.add(wb, k)?;
+            }
         }
         self.keys.insert(id, new);
+        self.tracked.fresh_from = self.tracked.fresh_from.max(id.saturating_add(1));
         Ok(())
     }
 
@@ -347,6 +371,7 @@ impl<'a> Maintainer<'a> {
             self.remove(wb, &k)?;
         }
         self.keys.insert(id, Vec::new());
+        self.tracked.fresh_from = self.tracked.fresh_from.max(id.saturating_add(1));
         Ok(())
     }
 }

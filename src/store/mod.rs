@@ -489,14 +489,7 @@ impl Store {
         if check_format(&db, dir)? == 1 {
             upgrade_from_v1(&mut db, &memory, dir)?;
         }
-        let counts = index::Counts::decode(
-            db.get_pinned_cf(
-                db.cf_handle(CF_META).expect("meta cf"),
-                index::KEY_CLASS_COUNTS,
-            )
-            .map_err(StoreError::read)?
-            .as_deref(),
-        );
+        let tracked = writer_start(&db)?;
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel();
         let writer_db = db.clone();
@@ -517,7 +510,7 @@ impl Store {
                     &space,
                     &writer_reclaimer,
                     &writer_commits,
-                    counts,
+                    tracked,
                     rx,
                 )
             })
@@ -1001,14 +994,46 @@ impl Space {
     }
 }
 
-/// `counts`: the list index's class counts as stored; from here on only
-/// this thread changes them.
+/// What the writer starts from: the list index's class counts as stored,
+/// and the first id that has no record (above the persisted counter and
+/// the last record).
+fn writer_start(db: &DB) -> Result<index::Tracked, StoreError> {
+    let meta = db.cf_handle(CF_META).expect("meta cf");
+    let counts = index::Counts::decode(
+        db.get_pinned_cf(meta, index::KEY_CLASS_COUNTS)
+            .map_err(StoreError::read)?
+            .as_deref(),
+    );
+    let next_id = match db
+        .get_pinned_cf(meta, KEY_NEXT_ID)
+        .map_err(StoreError::read)?
+    {
+        Some(b) if b.len() == 8 => u64::from_be_bytes(b[..].try_into().expect("8 bytes")),
+        _ => 1,
+    };
+    let records = db.cf_handle(CF_RECORDS).expect("records cf");
+    let after_last = match db.iterator_cf(records, IteratorMode::End).next() {
+        Some(item) => {
+            let (k, _) = item.map_err(StoreError::read)?;
+            <[u8; 8]>::try_from(&k[..])
+                .map_or(u64::MAX, |b| u64::from_be_bytes(b).saturating_add(1))
+        }
+        None => 1,
+    };
+    Ok(index::Tracked {
+        counts,
+        fresh_from: next_id.max(after_last),
+    })
+}
+
+/// `tracked`: from `writer_start`; from here on only this thread changes
+/// the class counts.
 fn writer_loop(
     db: &DB,
     space: &Space,
     reclaimer: &reclaim::Reclaimer,
     commits: &CommitHook,
-    mut counts: index::Counts,
+    mut tracked: index::Tracked,
     rx: mpsc::Receiver<Job>,
 ) {
     while let Ok(first) = rx.recv() {
@@ -1037,7 +1062,7 @@ fn writer_loop(
                 db,
                 reclaimer,
                 commits,
-                &mut counts,
+                &mut tracked,
                 jobs.iter_mut().filter(|j| written(j)),
             )
         } else {
@@ -1058,13 +1083,13 @@ fn writer_loop(
 
 /// Applies the batches of a group as one RocksDB write (one fsync if any
 /// of them asks for durability).
-/// `counts`: the list index's class counts, moved by the group's writes
-/// and put back if the group is not written.
+/// `tracked`: what the writer keeps for the list index; the class counts
+/// the group's writes move are put back if the group is not written.
 fn write_group<'a>(
     db: &DB,
     reclaimer: &reclaim::Reclaimer,
     commits: &CommitHook,
-    counts: &mut index::Counts,
+    tracked: &mut index::Tracked,
     jobs: impl Iterator<Item = &'a mut Job>,
 ) -> Result<(), rocksdb::Error> {
     let mut wb = WriteBatch::default();
@@ -1073,8 +1098,8 @@ fn write_group<'a>(
     let mut deleted_ids = Vec::new();
     let mut events_below: Option<u64> = None;
     let records = db.cf_handle(CF_RECORDS).expect("records cf");
-    let counts_before = counts.clone();
-    let mut index = index::Maintainer::new(db, counts);
+    let counts_before = tracked.counts.clone();
+    let mut index = index::Maintainer::new(db, tracked);
     // A failed read of the index's current state: nothing is written.
     let mut indexed: Result<(), rocksdb::Error> = Ok(());
     for job in jobs {
@@ -1112,7 +1137,7 @@ fn write_group<'a>(
     let started = Instant::now();
     let res = indexed.and_then(|()| db.write_opt(wb, &wo));
     if res.is_err() {
-        *counts = counts_before;
+        tracked.counts = counts_before;
     }
     if let (Ok(()), Some(o)) = (&res, commits.get()) {
         o.committed(count, sync, started.elapsed());
