@@ -33,10 +33,11 @@
 //! fill with tombstones that every walk of them has to step over.
 //! SingleDelete's contract (exactly one put between two removals of a key,
 //! no other kind of delete) holds by construction: the writer puts a key
-//! only after reading it absent and removes one only after reading it
-//! present, and nothing else writes this family (a rebuild drops and
-//! recreates it). An entry found where it should not be, or missing, is
-//! logged and left alone.
+//! only after reading it absent, or for an id no record has had (ids are
+//! never handed out twice, so its entries cannot exist: a create reads
+//! nothing), removes one only after reading it present, and nothing else
+//! writes this family (a rebuild drops and recreates it). An entry found
+//! where it should not be, or missing, is logged and left alone.
 
 use std::collections::HashMap;
 
