@@ -21,9 +21,10 @@
 //!
 //! Beside the entries, `meta/class_counts` holds how many records each
 //! class has (twenty u64, state-major), written in the same batch whenever
-//! one moves. A walk reads it at its snapshot first and skips the classes
-//! that are empty: `state=running` with nothing running opens no iterator
-//! at all, and a `ref` alone walks only the classes some record is in.
+//! one moves. A walk reads it first and skips the classes that are empty:
+//! `state=running` with nothing running reads that one key (no snapshot,
+//! no iterator), and a `ref` alone walks only the classes some record is
+//! in.
 //!
 //! Entries are removed with RocksDB's SingleDelete: an entry is put once
 //! when a record enters a class and removed once when it leaves it, so a
