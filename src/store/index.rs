@@ -19,6 +19,13 @@
 //! match. Every record found is checked against the filter again: refs
 //! longer than 255 bytes share a prefix with those that start alike.
 //!
+//! Beside the entries, `meta/class_counts` holds how many records each
+//! class has (twenty u64, state-major), written in the same batch whenever
+//! one moves. A walk reads it first and skips the classes that are empty:
+//! `state=running` with nothing running reads that one key (no snapshot,
+//! no iterator), and a `ref` alone walks only the classes some record is
+//! in.
+//!
 //! Entries are removed with RocksDB's SingleDelete: an entry is put once
 //! when a record enters a class and removed once when it leaves it, so a
 //! flush or compaction that sees both drops the pair at once, instead of
@@ -27,10 +34,11 @@
 //! fill with tombstones that every walk of them has to step over.
 //! SingleDelete's contract (exactly one put between two removals of a key,
 //! no other kind of delete) holds by construction: the writer puts a key
-//! only after reading it absent and removes one only after reading it
-//! present, and nothing else writes this family (a rebuild drops and
-//! recreates it). An entry found where it should not be, or missing, is
-//! logged and left alone.
+//! only after reading it absent, or for an id no record has had (ids are
+//! never handed out twice, so its entries cannot exist: a create reads
+//! nothing), removes one only after reading it present, and nothing else
+//! writes this family (a rebuild drops and recreates it). An entry found
+//! where it should not be, or missing, is logged and left alone.
 
 use std::collections::HashMap;
 
@@ -49,6 +57,65 @@ const MAX_REF_KEY: usize = 255;
 
 /// The index entries of one record (one or two keys).
 pub(super) type Keys = Vec<Vec<u8>>;
+
+/// Where the class counts live in `meta`.
+pub(super) const KEY_CLASS_COUNTS: &[u8] = b"class_counts";
+/// State tags are 1..=4, exit tags 0..=4.
+const CLASSES: usize = 4 * 5;
+
+/// How many records each class has.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Counts([u64; CLASSES]);
+
+impl Default for Counts {
+    fn default() -> Counts {
+        Counts([0; CLASSES])
+    }
+}
+
+/// The slot of a class (the two bytes after `S`, or before the id).
+fn slot(class: &[u8]) -> Option<usize> {
+    match class {
+        [s @ 1..=4, e @ 0..=4] => Some((*s as usize - 1) * 5 + *e as usize),
+        _ => None,
+    }
+}
+
+impl Counts {
+    /// Reads the value of `meta/class_counts` (absent: every class empty).
+    pub(super) fn decode(v: Option<&[u8]>) -> Counts {
+        let mut c = Counts::default();
+        if let Some(v) = v.filter(|v| v.len() == CLASSES * 8) {
+            for (i, n) in v.chunks_exact(8).enumerate() {
+                c.0[i] = u64::from_be_bytes(n.try_into().expect("8 bytes"));
+            }
+        }
+        c
+    }
+
+    pub(super) fn encode(&self) -> Vec<u8> {
+        self.0.iter().flat_map(|n| n.to_be_bytes()).collect()
+    }
+
+    /// A class entry (`S` key) was put (+1) or removed (-1).
+    pub(super) fn moved(&mut self, key: &[u8], up: bool) {
+        if key.first() != Some(&BY_CLASS) {
+            return;
+        }
+        if let Some(i) = slot(&key[1..3]) {
+            self.0[i] = if up {
+                self.0[i].saturating_add(1)
+            } else {
+                self.0[i].saturating_sub(1)
+            };
+        }
+    }
+
+    /// Whether the class a prefix ends with may hold a record.
+    pub(super) fn may_hold(&self, prefix: &[u8]) -> bool {
+        slot(&prefix[prefix.len() - 2..]).is_none_or(|i| self.0[i] > 0)
+    }
+}
 
 fn ref_prefix(k: &mut Vec<u8>, r: &str) {
     let b = &r.as_bytes()[..r.len().min(MAX_REF_KEY)];
@@ -171,6 +238,17 @@ pub(super) fn walk_newest_first(
     }
 }
 
+/// What the writer keeps from one group to the next.
+pub(super) struct Tracked {
+    /// What `meta/class_counts` holds.
+    pub(super) counts: Counts,
+    /// Ids from here on have no record and no entries: above every record
+    /// the database held at open and every id written since (ids are never
+    /// handed out twice). A create, the bulk of all writes, then needs no
+    /// read: nothing is replaced and its entries cannot be there yet.
+    pub(super) fresh_from: u64,
+}
+
 /// The index side of one group write: the entries each record written so
 /// far in the group has, and the entries the group put or removed, on top
 /// of what the database holds.
@@ -180,16 +258,31 @@ pub(super) struct Maintainer<'a> {
     index: &'a ColumnFamily,
     keys: HashMap<u64, Keys>,
     present: HashMap<Vec<u8>, bool>,
+    /// As of the last write, moved by this group (the caller restores
+    /// the counts if the group is not written).
+    tracked: &'a mut Tracked,
+    counts_moved: bool,
 }
 
 impl<'a> Maintainer<'a> {
-    pub(super) fn new(db: &'a DB) -> Maintainer<'a> {
+    pub(super) fn new(db: &'a DB, tracked: &'a mut Tracked) -> Maintainer<'a> {
         Maintainer {
             db,
             records: db.cf_handle(super::CF_RECORDS).expect("records cf"),
             index: db.cf_handle(CF_INDEX).expect("index cf"),
             keys: HashMap::new(),
             present: HashMap::new(),
+            tracked,
+            counts_moved: false,
+        }
+    }
+
+    /// Adds the new class counts to the batch if any moved. The caller
+    /// restores its copy of the counts if the batch is not written.
+    pub(super) fn finish(self, wb: &mut WriteBatch) {
+        if self.counts_moved {
+            let meta = self.db.cf_handle(super::CF_META).expect("meta cf");
+            wb.put_cf(meta, KEY_CLASS_COUNTS, self.tracked.counts.encode());
         }
     }
 
@@ -222,16 +315,26 @@ impl<'a> Maintainer<'a> {
     fn add(&mut self, wb: &mut WriteBatch, key: &[u8]) -> Result<(), rocksdb::Error> {
         if self.is_present(key)? {
             tracing::warn!(key = ?key, "list index: an entry to add is already there; left as is");
+            self.present.insert(key.to_vec(), true);
         } else {
-            wb.put_cf(self.index, key, []);
+            self.put(wb, key);
         }
-        self.present.insert(key.to_vec(), true);
         Ok(())
+    }
+
+    /// Puts an entry known to be absent.
+    fn put(&mut self, wb: &mut WriteBatch, key: &[u8]) {
+        wb.put_cf(self.index, key, []);
+        self.tracked.counts.moved(key, true);
+        self.counts_moved = true;
+        self.present.insert(key.to_vec(), true);
     }
 
     fn remove(&mut self, wb: &mut WriteBatch, key: &[u8]) -> Result<(), rocksdb::Error> {
         if self.is_present(key)? {
             wb.single_delete_cf(self.index, key);
+            self.tracked.counts.moved(key, false);
+            self.counts_moved = true;
         } else {
             tracing::warn!(key = ?key, "list index: an entry to remove is missing");
         }
@@ -246,14 +349,21 @@ impl<'a> Maintainer<'a> {
         id: u64,
         new: Keys,
     ) -> Result<(), rocksdb::Error> {
-        let old = self.current(id)?;
-        for k in old.iter().filter(|k| !new.contains(k)) {
-            self.remove(wb, k)?;
-        }
-        for k in new.iter().filter(|k| !old.contains(k)) {
-            self.add(wb, k)?;
+        if id >= self.tracked.fresh_from {
+            for k in &new {
+                self.put(wb, k);
+            }
+        } else {
+            let old = self.current(id)?;
+            for k in old.iter().filter(|k| !new.contains(k)) {
+                self.remove(wb, k)?;
+            }
+            for k in new.iter().filter(|k| !old.contains(k)) {
+                self.add(wb, k)?;
+            }
         }
         self.keys.insert(id, new);
+        self.tracked.fresh_from = self.tracked.fresh_from.max(id.saturating_add(1));
         Ok(())
     }
 
@@ -263,6 +373,7 @@ impl<'a> Maintainer<'a> {
             self.remove(wb, &k)?;
         }
         self.keys.insert(id, Vec::new());
+        self.tracked.fresh_from = self.tracked.fresh_from.max(id.saturating_add(1));
         Ok(())
     }
 }
@@ -270,6 +381,8 @@ impl<'a> Maintainer<'a> {
 /// What building the index found.
 pub(super) struct Built {
     pub records: u64,
+    /// To be written as `meta/class_counts` with the version.
+    pub counts: Counts,
     /// Records that do not decode: not indexed.
     pub skipped: Vec<String>,
 }
@@ -282,6 +395,7 @@ pub(super) fn build(db: &DB) -> Result<Built, rocksdb::Error> {
     let index = db.cf_handle(CF_INDEX).expect("index cf");
     let mut built = Built {
         records: 0,
+        counts: Counts::default(),
         skipped: Vec::new(),
     };
     let mut wo = WriteOptions::default();
@@ -292,6 +406,7 @@ pub(super) fn build(db: &DB) -> Result<Built, rocksdb::Error> {
         match decode_record(&v) {
             Ok(r) => {
                 for key in keys_of(&r) {
+                    built.counts.moved(&key, true);
                     wb.put_cf(index, key, []);
                 }
                 built.records += 1;
@@ -329,6 +444,35 @@ mod tests {
         assert_eq!((k[1], k.len()), (255, 2 + 255 + 2 + 8));
         r.r#ref = None;
         assert_eq!(keys_of(&r).len(), 1);
+    }
+
+    #[test]
+    fn class_counts_round_trip_and_prune_empty_classes() {
+        let mut r = Record::new(ProcessId(7), Some("r".into()), 0);
+        r.state = State::Running;
+        let mut c = Counts::default();
+        for k in keys_of(&r) {
+            c.moved(&k, true);
+        }
+        assert_eq!(Counts::decode(Some(&c.encode())), c);
+        assert_eq!(Counts::decode(None), Counts::default());
+        let running = prefixes(&Filter {
+            state: Some(State::Running),
+            ..Filter::default()
+        })
+        .unwrap();
+        let held: Vec<_> = running.iter().filter(|p| c.may_hold(p)).collect();
+        assert_eq!(held, vec![&vec![b'S', 2, 0]]);
+        let by_ref = prefixes(&Filter {
+            r#ref: Some("r".into()),
+            ..Filter::default()
+        })
+        .unwrap();
+        assert_eq!(by_ref.iter().filter(|p| c.may_hold(p)).count(), 1);
+        // The ref entry does not count twice.
+        assert_eq!(c.0.iter().sum::<u64>(), 1);
+        c.moved(&keys_of(&r)[0], false);
+        assert!(!c.may_hold(&running[0]));
     }
 
     #[test]

@@ -489,6 +489,7 @@ impl Store {
         if check_format(&db, dir)? == 1 {
             upgrade_from_v1(&mut db, &memory, dir)?;
         }
+        let tracked = writer_start(&db)?;
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel();
         let writer_db = db.clone();
@@ -503,7 +504,16 @@ impl Store {
         let writer_commits = commits.clone();
         let writer = thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer_loop(&writer_db, &space, &writer_reclaimer, &writer_commits, rx))
+            .spawn(move || {
+                writer_loop(
+                    &writer_db,
+                    &space,
+                    &writer_reclaimer,
+                    &writer_commits,
+                    tracked,
+                    rx,
+                )
+            })
             .expect("spawn store writer thread");
         Ok(Store {
             inner: Arc::new(Inner {
@@ -812,12 +822,35 @@ impl Store {
         before: Option<ProcessId>,
         mut visit: impl FnMut(Record) -> bool,
     ) -> Result<(), StoreError> {
+        // Taking a snapshot locks the database's mutex, which flushes and
+        // compactions take too: a filter whose classes are all empty right
+        // now (what runs, when nothing does) is answered without one.
+        let now = index::Counts::decode(
+            self.db()
+                .get_pinned_cf(self.cf(CF_META), index::KEY_CLASS_COUNTS)
+                .map_err(StoreError::read)?
+                .as_deref(),
+        );
+        if !prefixes.iter().any(|p| now.may_hold(p)) {
+            return Ok(());
+        }
         let snapshot = self.db().snapshot();
         let records = self.cf(CF_RECORDS);
+        let counts = index::Counts::decode(
+            snapshot
+                .get_pinned_cf(self.cf(CF_META), index::KEY_CLASS_COUNTS)
+                .map_err(StoreError::read)?
+                .as_deref(),
+        );
+        let prefixes: Vec<Vec<u8>> = prefixes
+            .iter()
+            .filter(|p| counts.may_hold(p))
+            .cloned()
+            .collect();
         index::walk_newest_first(
             &snapshot,
             self.cf(CF_INDEX),
-            prefixes,
+            &prefixes,
             before.map(|b| b.0),
             |id| {
                 let v = snapshot
@@ -922,8 +955,10 @@ fn upgrade_from_v1(db: &mut DB, mem: &Memory, dir: &Path) -> Result<(), StoreErr
     let mut wo = WriteOptions::default();
     wo.set_sync(true);
     let meta = db.cf_handle(CF_META).expect("meta cf");
-    db.put_cf_opt(meta, KEY_FORMAT_VERSION, FORMAT_VERSION.to_be_bytes(), &wo)
-        .map_err(fail)?;
+    let mut wb = WriteBatch::default();
+    wb.put_cf(meta, index::KEY_CLASS_COUNTS, built.counts.encode());
+    wb.put_cf(meta, KEY_FORMAT_VERSION, FORMAT_VERSION.to_be_bytes());
+    db.write_opt(wb, &wo).map_err(fail)?;
     tracing::info!(
         records = built.records,
         skipped = built.skipped.len(),
@@ -971,11 +1006,46 @@ impl Space {
     }
 }
 
+/// What the writer starts from: the list index's class counts as stored,
+/// and the first id that has no record (above the persisted counter and
+/// the last record).
+fn writer_start(db: &DB) -> Result<index::Tracked, StoreError> {
+    let meta = db.cf_handle(CF_META).expect("meta cf");
+    let counts = index::Counts::decode(
+        db.get_pinned_cf(meta, index::KEY_CLASS_COUNTS)
+            .map_err(StoreError::read)?
+            .as_deref(),
+    );
+    let next_id = match db
+        .get_pinned_cf(meta, KEY_NEXT_ID)
+        .map_err(StoreError::read)?
+    {
+        Some(b) if b.len() == 8 => u64::from_be_bytes(b[..].try_into().expect("8 bytes")),
+        _ => 1,
+    };
+    let records = db.cf_handle(CF_RECORDS).expect("records cf");
+    let after_last = match db.iterator_cf(records, IteratorMode::End).next() {
+        Some(item) => {
+            let (k, _) = item.map_err(StoreError::read)?;
+            <[u8; 8]>::try_from(&k[..])
+                .map_or(u64::MAX, |b| u64::from_be_bytes(b).saturating_add(1))
+        }
+        None => 1,
+    };
+    Ok(index::Tracked {
+        counts,
+        fresh_from: next_id.max(after_last),
+    })
+}
+
+/// `tracked`: from `writer_start`; from here on only this thread changes
+/// the class counts.
 fn writer_loop(
     db: &DB,
     space: &Space,
     reclaimer: &reclaim::Reclaimer,
     commits: &CommitHook,
+    mut tracked: index::Tracked,
     rx: mpsc::Receiver<Job>,
 ) {
     while let Ok(first) = rx.recv() {
@@ -1004,6 +1074,7 @@ fn writer_loop(
                 db,
                 reclaimer,
                 commits,
+                &mut tracked,
                 jobs.iter_mut().filter(|j| written(j)),
             )
         } else {
@@ -1024,10 +1095,13 @@ fn writer_loop(
 
 /// Applies the batches of a group as one RocksDB write (one fsync if any
 /// of them asks for durability).
+/// `tracked`: what the writer keeps for the list index; the class counts
+/// the group's writes move are put back if the group is not written.
 fn write_group<'a>(
     db: &DB,
     reclaimer: &reclaim::Reclaimer,
     commits: &CommitHook,
+    tracked: &mut index::Tracked,
     jobs: impl Iterator<Item = &'a mut Job>,
 ) -> Result<(), rocksdb::Error> {
     let mut wb = WriteBatch::default();
@@ -1036,7 +1110,8 @@ fn write_group<'a>(
     let mut deleted_ids = Vec::new();
     let mut events_below: Option<u64> = None;
     let records = db.cf_handle(CF_RECORDS).expect("records cf");
-    let mut index = index::Maintainer::new(db);
+    let counts_before = tracked.counts.clone();
+    let mut index = index::Maintainer::new(db, tracked);
     // A failed read of the index's current state: nothing is written.
     let mut indexed: Result<(), rocksdb::Error> = Ok(());
     for job in jobs {
@@ -1068,10 +1143,14 @@ fn write_group<'a>(
             }
         }
     }
+    index.finish(&mut wb);
     let mut wo = WriteOptions::default();
     wo.set_sync(sync);
     let started = Instant::now();
     let res = indexed.and_then(|()| db.write_opt(wb, &wo));
+    if res.is_err() {
+        tracked.counts = counts_before;
+    }
     if let (Ok(()), Some(o)) = (&res, commits.get()) {
         o.committed(count, sync, started.elapsed());
     }
@@ -1303,6 +1382,21 @@ mod tests {
         out
     }
 
+    /// The class counts as stored, and as the records say they should be.
+    fn counts_both_ways(s: &Store) -> (index::Counts, index::Counts) {
+        let stored = index::Counts::decode(
+            s.db()
+                .get_cf(s.cf(CF_META), index::KEY_CLASS_COUNTS)
+                .unwrap()
+                .as_deref(),
+        );
+        let mut want = index::Counts::default();
+        for k in expected_entries(s) {
+            want.moved(&k, true);
+        }
+        (stored, want)
+    }
+
     /// Every filter the list route can be given, over these refs.
     fn all_filters(refs: &[&str]) -> Vec<Filter> {
         let mut out = Vec::new();
@@ -1396,6 +1490,8 @@ mod tests {
                 }
             }
             assert_eq!(index_entries(&s), expected_entries(&s), "round {round}");
+            let (stored, want) = counts_both_ways(&s);
+            assert_eq!(stored, want, "round {round}");
             for f in all_filters(&refs) {
                 for before in [None, Some(ProcessId(20)), Some(ProcessId(1))] {
                     let (indexed, scanned) = both_ways(&s, &f, before);
@@ -1455,6 +1551,8 @@ mod tests {
         }
         let s = Store::open(dir.path(), 0).unwrap();
         assert_eq!(index_entries(&s), expected_entries(&s));
+        let (stored, want) = counts_both_ways(&s);
+        assert_eq!(stored, want);
         let meta = s.cf(CF_META);
         assert_eq!(
             s.db().get_cf(meta, KEY_FORMAT_VERSION).unwrap().unwrap(),
@@ -1470,6 +1568,8 @@ mod tests {
         b.delete_process(ProcessId(3));
         s.write(b).await.unwrap();
         assert_eq!(index_entries(&s), expected_entries(&s));
+        let (stored, want) = counts_both_ways(&s);
+        assert_eq!(stored, want);
         drop(s);
         let s = Store::open(dir.path(), 0).unwrap();
         assert_eq!(index_entries(&s), expected_entries(&s));

@@ -527,6 +527,7 @@ pub fn salvage(data_dir: &Path) -> Result<SalvageReport, StoreError> {
     ));
     let meta = new.cf_handle(CF_META).expect("meta cf");
     let mut wb = WriteBatch::default();
+    wb.put_cf(meta, index::KEY_CLASS_COUNTS, built.counts.encode());
     wb.put_cf(meta, KEY_FORMAT_VERSION, FORMAT_VERSION.to_be_bytes());
     wb.put_cf(meta, KEY_NEXT_ID, next_id.to_be_bytes());
     wb.put_cf(meta, KEY_LAST_SEQ, last_seq.to_be_bytes());
