@@ -3,6 +3,14 @@
 //! so every descendant, also one that calls `setsid()` or double-forks, is
 //! found, killed with `cgroup.kill`, and waited for through
 //! `cgroup.events` (`populated 0`). Detected at start-up, never assumed.
+//!
+//! A child is created right in its new cgroup (`CLONE_INTO_CGROUP`) only
+//! where that is known to be safe: on this kernel (6.18) a child created
+//! in a cgroup that was ever killed through `cgroup.kill` dies of SIGKILL
+//! at birth, and so does every such child when the daemon's own cgroup
+//! was ever killed (`spawn::created_in_cgroup_lives`). So the root probes
+//! at start, and a leftover cgroup (of unknown history) is joined through
+//! `cgroup.procs` instead.
 
 use std::fs;
 use std::io;
@@ -31,6 +39,9 @@ pub struct CgroupRoot {
     /// Controllers enabled for run cgroups (of "memory" and "pids": what
     /// the host delegates).
     controllers: Vec<String>,
+    /// Whether a child created in a new cgroup lives (the start-up probe);
+    /// else every child joins its cgroup after the clone.
+    create_in: bool,
 }
 
 /// Where the cgroup2 hierarchy is mounted, from /proc/self/mountinfo.
@@ -90,6 +101,12 @@ impl CgroupRoot {
             .write(true)
             .open(probe.join("cgroup.procs"))
             .map(|_| ());
+        let create_in = writable.is_ok()
+            && open_dir(&probe)
+                .is_ok_and(|dir| super::spawn::created_in_cgroup_lives(dir.as_raw_fd()));
+        if writable.is_ok() && !create_in {
+            tracing::info!("run children join their cgroup after the clone: one created in a new cgroup did not live (no CLONE_INTO_CGROUP, or this daemon's cgroup was killed through cgroup.kill)");
+        }
         let _ = fs::remove_dir(&probe);
         writable.map_err(|e| format!("cannot move processes into {}: {e}", dir.display()))?;
         // Enable the controllers the parent makes available to us, so run
@@ -105,6 +122,7 @@ impl CgroupRoot {
             dir,
             mount,
             controllers,
+            create_in,
         })
     }
 
@@ -123,6 +141,7 @@ impl CgroupRoot {
         RunCgroup {
             dir: self.dir.join(format!("run-{id}")),
             mount: self.mount.clone(),
+            create_in: self.create_in,
         }
     }
 
@@ -193,6 +212,8 @@ impl CgroupUsage {
 pub struct RunCgroup {
     dir: PathBuf,
     mount: PathBuf,
+    /// The root's probe: a child created in a new cgroup lives.
+    create_in: bool,
 }
 
 /// Opened before spawning: the cgroup's directory. The child is created in
@@ -201,12 +222,30 @@ pub struct RunCgroup {
 /// of its own.
 pub struct Joiner {
     fd: OwnedFd,
+    /// Whether the child may be created in it: a cgroup this daemon just
+    /// made (never killed), and a kernel that lets such a child live.
+    create_in: bool,
 }
 
 impl Joiner {
     pub(crate) fn raw_fd(&self) -> i32 {
         self.fd.as_raw_fd()
     }
+
+    pub(crate) fn create_in(&self) -> bool {
+        self.create_in
+    }
+}
+
+/// A cgroup's directory, opened `O_RDONLY | O_DIRECTORY | O_CLOEXEC` (std
+/// sets `O_CLOEXEC` on every open), as `clone3(CLONE_INTO_CGROUP)` and
+/// `openat` of its files take it.
+fn open_dir(dir: &Path) -> io::Result<OwnedFd> {
+    let dir = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(dir)?;
+    Ok(OwnedFd::from(dir))
 }
 
 /// A run's `cgroup.events`, open and registered for the kernel's change
@@ -246,25 +285,21 @@ impl RunCgroup {
     }
 
     /// Creates the cgroup (an empty leftover from a crash is reused) and
-    /// opens its directory for the child to be created in.
+    /// opens its directory for the child to be created in (a new cgroup)
+    /// or to join (a leftover, which may have been killed).
     pub fn prepare(&self, limits: &[(&str, u64)]) -> io::Result<Joiner> {
-        match fs::create_dir(&self.dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        let new = match fs::create_dir(&self.dir) {
+            Ok(()) => true,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
             Err(e) => return Err(e),
-        }
+        };
         // Controller limits (memory.max, pids.max), only those enabled.
         for (file, value) in limits {
             fs::write(self.dir.join(file), value.to_string())?;
         }
-        // O_RDONLY | O_DIRECTORY | O_CLOEXEC (std sets O_CLOEXEC on every
-        // open): the cgroup's directory, for clone3(CLONE_INTO_CGROUP).
-        let dir = fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECTORY)
-            .open(&self.dir)?;
         Ok(Joiner {
-            fd: OwnedFd::from(dir),
+            fd: open_dir(&self.dir)?,
+            create_in: new && self.create_in,
         })
     }
 
@@ -345,6 +380,65 @@ impl RunCgroup {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Runs `/bin/true` in the cgroup the joiner opened, as a run's child
+    /// is spawned: how it ended (`si_code`, `si_status`).
+    fn run_true_in(joiner: &Joiner) -> (i32, i32) {
+        use std::os::fd::AsRawFd;
+        let steps = super::super::sandbox::Steps::default();
+        let child = super::super::spawn::spawn(&super::super::spawn::Exec {
+            program: Path::new("/bin/true"),
+            args: &[],
+            env: &[],
+            cwd: Path::new("/"),
+            cgroup: Some(joiner.raw_fd()),
+            into_cgroup: joiner.create_in(),
+            rlimits: &[],
+            credentials: None,
+            sandbox: &steps,
+        })
+        .unwrap();
+        // SAFETY: siginfo_t is plain data; a blocking wait for our child.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid on the child's pidfd into the local siginfo_t.
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PIDFD,
+                child.pidfd.as_raw_fd() as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::__WALL,
+            )
+        };
+        assert_eq!(r, 0);
+        // SAFETY: waitid filled the siginfo_t of an exited child.
+        (info.si_code, unsafe { info.si_status() })
+    }
+
+    /// A child is created in a new cgroup, and joins a leftover one that
+    /// was killed before (created in it, it would die at birth on some
+    /// kernels): either way it runs.
+    #[test]
+    fn a_killed_leftover_cgroup_is_joined_not_created_in() {
+        let instance = tempfile::tempdir().unwrap();
+        let Ok(root) = CgroupRoot::detect(instance.path()) else {
+            // No cgroup v2 subtree this process may manage: nothing to test.
+            return;
+        };
+        let fresh = root.run(1);
+        let joiner = fresh.prepare(&[]).unwrap();
+        assert_eq!(joiner.create_in(), root.create_in);
+        assert_eq!(run_true_in(&joiner), (libc::CLD_EXITED, 0));
+        fresh.remove();
+        // A leftover of a crash, killed (empty) before this run.
+        let leftover = root.run(2);
+        fs::create_dir(leftover.path()).unwrap();
+        leftover.kill().unwrap();
+        let joiner = leftover.prepare(&[]).unwrap();
+        assert!(!joiner.create_in());
+        assert_eq!(run_true_in(&joiner), (libc::CLD_EXITED, 0));
+        leftover.remove();
+        root.remove_if_empty();
+    }
 
     #[test]
     fn usage_reads_cpu_stat_and_what_the_controllers_offer() {

@@ -39,9 +39,11 @@ pub struct Exec<'a> {
     pub env: &'a [(String, String)],
     pub cwd: &'a Path,
     /// An fd on the run's cgroup directory: the child is created in it
-    /// (`clone3` with `CLONE_INTO_CGROUP`) or, where the kernel cannot,
-    /// joins it by writing "0" to its `cgroup.procs`.
+    /// (`clone3` with `CLONE_INTO_CGROUP`) when `into_cgroup` says so and
+    /// the kernel can, else it joins it by writing "0" to its
+    /// `cgroup.procs` before exec.
     pub cgroup: Option<RawFd>,
+    pub into_cgroup: bool,
     pub rlimits: &'a [(libc::__rlimit_resource_t, libc::rlim_t)],
     /// `(uid, gid)`; supplementary groups are dropped.
     pub credentials: Option<(u32, u32)>,
@@ -295,6 +297,64 @@ unsafe fn clone3(
     Err(io::Error::from_raw_os_error(libc::ENOSYS))
 }
 
+/// Whether a child created in `cgroup` (`clone3` with `CLONE_INTO_CGROUP`)
+/// lives: some kernels (6.18 here) kill such a child at birth when the
+/// parent's cgroup and the target differ in how often they were killed
+/// through `cgroup.kill` (a fork-versus-kill check that compares the
+/// parent's cgroup at the start with the target at the end). `cgroup`
+/// should be a new, never-killed cgroup: then this tells whether the
+/// daemon's own cgroup was ever killed. `false` also where clone3 or
+/// `CLONE_INTO_CGROUP` is missing.
+pub fn created_in_cgroup_lives(cgroup: RawFd) -> bool {
+    extern "C" fn exit_at_once(_: *mut libc::c_void) -> libc::c_int {
+        // SAFETY: ends the child without running anything of the daemon.
+        unsafe { libc::_exit(0) }
+    }
+    let mut stack: Vec<MaybeUninit<u8>> = Vec::with_capacity(16 * 1024);
+    let top = (stack.as_mut_ptr() as usize + 16 * 1024) & !0xf;
+    let mut pidfd: libc::c_int = -1;
+    let clone_args = CloneArgs {
+        flags: (libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD) as u64 | CLONE_INTO_CGROUP,
+        pidfd: &mut pidfd as *mut libc::c_int as u64,
+        stack: stack.as_mut_ptr() as u64,
+        stack_size: (top - stack.as_ptr() as usize) as u64,
+        cgroup: cgroup as u64,
+        ..CloneArgs::default()
+    };
+    // SAFETY: sigset_t is plain data, filled by sigfillset below.
+    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; pthread_sigmask fills it.
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: signals blocked across the clone as in `spawn`; the child
+    // only exits, on the stack `clone_args` describes, which outlives it
+    // (CLONE_VFORK: this thread waits until the child has exited).
+    let result = unsafe {
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        let r = clone3(&clone_args, exit_at_once, std::ptr::null_mut());
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        r
+    };
+    if result.is_err() {
+        return false;
+    }
+    // SAFETY: CLONE_PIDFD gave us a fresh descriptor on the child, which
+    // is waited for (and reaped) here.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    // SAFETY: siginfo_t is plain data, filled by waitid.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: a blocking wait for our own child into the local siginfo_t.
+    let r = unsafe {
+        libc::waitid(
+            libc::P_PIDFD,
+            pidfd.as_raw_fd() as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::__WALL,
+        )
+    };
+    r == 0 && info.si_code == libc::CLD_EXITED
+}
+
 thread_local! {
     /// Whether this thread's capability bounding set is already empty.
     static BOUNDING_EMPTY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
@@ -467,7 +527,8 @@ pub fn spawn(exec: &Exec<'_>) -> io::Result<Child> {
     // RCU grace period, and this thread waits for the child (0.3-0.45 ms
     // a spawn measured here).
     let mut result = Err(io::Error::from_raw_os_error(libc::ENOSYS));
-    if let Some(cgroup) = exec.cgroup {
+    let mut settled = false;
+    if let Some(cgroup) = exec.cgroup.filter(|_| exec.into_cgroup) {
         if !CLONE3_UNAVAILABLE.load(Ordering::Relaxed) {
             let clone_args = CloneArgs {
                 flags: (libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD) as u64
@@ -487,15 +548,20 @@ pub fn spawn(exec: &Exec<'_>) -> io::Result<Child> {
                     (&args as *const ChildArgs).cast_mut().cast(),
                 )
             };
-            if let Err(e) = &result {
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::ENOSYS | libc::E2BIG | libc::EPERM)
-                ) {
+            match &result {
+                Ok(_) => settled = true,
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::ENOSYS | libc::E2BIG | libc::EPERM)
+                    ) =>
+                {
                     // No clone3 (before 5.3, or filtered), or one without
                     // CLONE_INTO_CGROUP (before 5.7): join the old way.
                     CLONE3_UNAVAILABLE.store(true, Ordering::Relaxed);
-                } else {
+                }
+                Err(e) => {
+                    settled = true;
                     result = Err(io::Error::new(
                         e.kind(),
                         format!("{}: {e}", Step::Cgroup.describe()),
@@ -503,11 +569,9 @@ pub fn spawn(exec: &Exec<'_>) -> io::Result<Child> {
                 }
             }
         }
-        if CLONE3_UNAVAILABLE.load(Ordering::Relaxed) {
-            args.join_cgroup = cgroup;
-        }
     }
-    if exec.cgroup.is_none() || CLONE3_UNAVAILABLE.load(Ordering::Relaxed) {
+    if !settled {
+        args.join_cgroup = exec.cgroup.unwrap_or(-1);
         // SAFETY: the child runs child_main on `stack` with a pointer to
         // `args`; with CLONE_VFORK this thread is suspended until the child
         // has called execve or exited, so `args`, `stack` and everything
@@ -1030,6 +1094,7 @@ mod tests {
             env: &[],
             cwd: Path::new("/"),
             cgroup: None,
+            into_cgroup: false,
             rlimits: &[],
             credentials: None,
             sandbox: &steps,
@@ -1065,6 +1130,7 @@ mod tests {
                 env: &[],
                 cwd: Path::new("/"),
                 cgroup: None,
+                into_cgroup: false,
                 rlimits: &[],
                 credentials: None,
                 sandbox: &steps,
