@@ -13,18 +13,19 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError};
 
 use tokio::net::TcpListener;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::api::ratelimit::Limiter;
 use crate::api::{self, ApiKey, ApiState, HttpLimits};
 use crate::config::Config;
 use crate::events::Hub;
+use crate::handover::{self, Control, Inherited};
 use crate::metrics::{Metrics, RunMetrics};
 use crate::model::SandboxLevel;
 use crate::proc::sandbox::{self, Policy, Requested};
 use crate::proc::{self, cgroup::CgroupRoot, Rlimit};
 use crate::store::{Store, StoreError};
-use crate::supervisor::{Settings, Supervisor};
+use crate::supervisor::{Adoption, Settings, Supervisor};
 use std::sync::RwLock;
 use std::time::Duration;
 
@@ -40,6 +41,10 @@ pub enum AppError {
     Config(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: io::Error },
+    #[error("cannot take over the listening socket: {0}")]
+    Inherit(io::Error),
+    #[error("handover failed and the previous image could not be executed again: {0}")]
+    Handover(io::Error),
 }
 
 /// Creates `dir` (0700) if missing; tightens an existing one to 0700,
@@ -91,6 +96,17 @@ pub struct Hooks {
     /// key and the rate limits. The log level belongs to `main`, which owns
     /// logging; every other setting needs a restart.
     pub reloads: Option<watch::Receiver<Config>>,
+    /// What a previous image handed over (`handover::take`).
+    pub inherited: Option<Inherited>,
+    /// Handover requests from `main` (SIGUSR2, or SIGHUP with a new binary
+    /// on disk); the API sends its own.
+    pub handovers: Option<mpsc::Receiver<()>>,
+    /// The binary a handover executes: the path the daemon was started
+    /// from (a package upgrade replaces the file there).
+    pub binary: PathBuf,
+    /// Variables the next image must get back (the API key, scrubbed from
+    /// this process's environment at start).
+    pub handover_env: Vec<(String, String)>,
 }
 
 /// Runs the daemon until `shutdown` resolves, with `main`'s hooks; returns
@@ -148,12 +164,37 @@ pub async fn run(
         config.storage_reserve_bytes,
         config.storage_memory_bytes,
     )?;
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| AppError::Bind {
-            addr: config.listen,
-            source,
-        })?;
+    let mut hooks = hooks;
+    let inherited = hooks.inherited.take();
+    let (listener, adoption, generation, fallback) = match inherited {
+        Some(Inherited {
+            listener,
+            adoption,
+            generation,
+            fallback,
+        }) => {
+            listener.set_nonblocking(true).map_err(AppError::Inherit)?;
+            let listener = TcpListener::from_std(listener).map_err(AppError::Inherit)?;
+            (listener, adoption, generation, fallback)
+        }
+        None => {
+            let listener =
+                TcpListener::bind(config.listen)
+                    .await
+                    .map_err(|source| AppError::Bind {
+                        addr: config.listen,
+                        source,
+                    })?;
+            (listener, Adoption::default(), 0, None)
+        }
+    };
+    // The running image, to execute again if a handover fails; and a
+    // second descriptor of the listening socket, which outlives the server.
+    let image = proc::reexec::open_running_image();
+    let listener_keep = {
+        use std::os::fd::AsFd;
+        listener.as_fd().try_clone_to_owned()
+    };
     let cgroups = if config.cgroups {
         match CgroupRoot::detect(&data_dir) {
             Ok(root) => {
@@ -228,6 +269,7 @@ pub async fn run(
             idempotency_retention_ms: config.idempotency_retention_s.saturating_mul(1000),
         },
         hub.clone(),
+        adoption,
     )?;
     let idempotency_sweep = tokio::spawn(crate::retention::expire_idempotency_keys(
         store.clone(),
@@ -244,6 +286,31 @@ pub async fn run(
             policy,
         ))
     });
+    let (handover_tx, mut handover_rx) = mpsc::channel::<handover::Request>(4);
+    let control = Arc::new(Control::new(
+        handover_tx.clone(),
+        hooks.binary.clone(),
+        generation,
+        fallback.clone(),
+    ));
+    if let Some(why) = &fallback {
+        tracing::error!(%why, "a handover failed: this is the previous image again, with every run");
+    }
+    if let Some(mut signals) = hooks.handovers.take() {
+        let tx = handover_tx.clone();
+        tokio::spawn(async move {
+            while signals.recv().await.is_some() {
+                let (reply, answer) = oneshot::channel();
+                if tx.send(handover::Request { reply }).await.is_err() {
+                    return;
+                }
+                if let Ok(Err(e)) = answer.await {
+                    tracing::error!(error = %e, "handover refused");
+                }
+            }
+        });
+    }
+    drop(handover_tx);
     let state = Arc::new(ApiState {
         store,
         supervisor: supervisor.clone(),
@@ -260,6 +327,7 @@ pub async fn run(
             max_uri_bytes: config.max_uri_bytes,
         },
         metrics,
+        handover: control.clone(),
     });
     let addr = listener.local_addr().unwrap_or(config.listen);
     tracing::info!(%addr, data_dir = %data_dir.display(), auth = config.api_key.is_some(), "cyrneld listening");
@@ -273,7 +341,65 @@ pub async fn run(
     if let Some(ready) = hooks.ready {
         ready(addr);
     }
-    shutdown.await;
+    let mut shutdown = std::pin::pin!(shutdown);
+    let handing_over = loop {
+        tokio::select! {
+            _ = &mut shutdown => break false,
+            Some(req) = handover_rx.recv() => {
+                let refused = match (&image, &listener_keep) {
+                    (Err(e), _) | (_, Err(e)) => Some(handover::Refused::Unavailable(e.to_string())),
+                    _ => handover::preflight(&hooks.binary).await.err(),
+                };
+                match refused {
+                    Some(e) => {
+                        control.failed(e.to_string());
+                        let _ = req.reply.send(Err(e));
+                    }
+                    None => {
+                        let _ = req.reply.send(Ok(hooks.binary.clone()));
+                        break true;
+                    }
+                }
+            }
+        }
+    };
+    if handing_over {
+        tracing::info!(binary = %hooks.binary.display(), "handover: stopping the server and parking every run");
+        // Further requests are refused with the reason.
+        handover_rx.close();
+        if let Some(task) = retention {
+            task.abort();
+        }
+        idempotency_sweep.abort();
+        // Live event streams end; their clients resume with Last-Event-ID.
+        hub.close();
+        let _ = stop_server.send(());
+        if tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .is_err()
+        {
+            tracing::warn!("requests still in flight after 5 s are cut off by the handover");
+        }
+        let runs = match supervisor.park().await {
+            Ok(runs) => runs,
+            Err(e) => {
+                tracing::error!(error = %e, "the supervisor could not park its runs");
+                Vec::new()
+            }
+        };
+        let (Ok(image), Ok(listener_keep)) = (image, listener_keep) else {
+            unreachable!("checked before the handover began");
+        };
+        for (k, v) in &hooks.handover_env {
+            // SAFETY: setenv while other threads run is the hazard; every
+            // thread that could read the environment concurrently is
+            // stopped or parked (server, supervisor, starter), and the
+            // process replaces its image right after.
+            unsafe { std::env::set_var(k, v) };
+        }
+        let e = handover::exec(&hooks.binary, &image, listener_keep, generation + 1, runs);
+        return Err(AppError::Handover(e));
+    }
     tracing::info!("shutting down: terminating running processes");
     if let Some(task) = retention {
         task.abort();

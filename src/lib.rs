@@ -7,6 +7,7 @@ pub mod app;
 pub mod client;
 pub mod config;
 pub mod events;
+pub mod handover;
 pub mod metrics;
 pub mod model;
 pub mod output;

@@ -11,6 +11,12 @@
 //! this file owns logging). Everything else keeps its running value until a restart; an
 //! invalid new configuration is logged and ignored.
 //!
+//! SIGUSR2 hands over to the binary on disk (the path the daemon was
+//! started from): the daemon re-executes itself under the same pid and
+//! every run keeps running (`cyrnel::handover`). SIGHUP does the same after
+//! the reload when that binary is no longer the running one (a package
+//! upgrade replaced it).
+//!
 //! It also speaks systemd's notification protocol (`Type=notify`): READY=1
 //! once the listener is bound and the supervisor runs, RELOADING=1 … READY=1
 //! around a reload, STOPPING=1 when shutdown begins. Without `NOTIFY_SOCKET`
@@ -24,9 +30,9 @@ use std::sync::Arc;
 use clap::Parser;
 use futures_util::StreamExt;
 use sd_notify::NotifyState;
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR2};
 use signal_hook_tokio::Signals;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{reload, EnvFilter, Registry};
@@ -74,6 +80,11 @@ struct Cli {
     /// install it; `cyrneld --man | man -l -` reads it anywhere).
     #[arg(long, exclusive = true)]
     man: bool,
+    /// Print which handover state versions this binary reads and exit 0:
+    /// a running daemon asks this of the binary it is about to hand over
+    /// to.
+    #[arg(long, exclusive = true)]
+    handover_check: bool,
 }
 
 type LogFilter = reload::Handle<EnvFilter, Registry>;
@@ -108,6 +119,9 @@ fn scrub_api_key_from_environment() {
 }
 
 fn main() -> ExitCode {
+    // First, while the process has one thread: what a previous image of
+    // the daemon handed over (it falls back to that image if unreadable).
+    let inherited = cyrnel::handover::take();
     let _ = START_ENV.set(
         std::env::vars()
             .filter(|(k, _)| k.starts_with("CYRNEL_"))
@@ -117,6 +131,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if cli.man {
         return print_man_page();
+    }
+    if cli.handover_check {
+        println!("{}", cyrnel::handover::check_line());
+        return ExitCode::SUCCESS;
     }
     let flags = Flags {
         config: cli.config,
@@ -201,7 +219,14 @@ fn main() -> ExitCode {
             // Dropped when serve returns or panics: the main thread then
             // stops reaping and reports the outcome.
             let _stop = stopper;
-            serve(runtime, config, flags, log_level_owned, log_filter)
+            serve(
+                runtime,
+                config,
+                flags,
+                log_level_owned,
+                log_filter,
+                inherited,
+            )
         });
     let daemon = match daemon {
         Ok(d) => d,
@@ -233,9 +258,23 @@ fn serve(
     flags: Flags,
     log_level_owned: bool,
     log_filter: LogFilter,
+    inherited: Option<cyrnel::handover::Inherited>,
 ) -> Result<(), ()> {
+    // The path the daemon was started from: a handover executes what is
+    // there now. Its running image, to tell whether an upgrade replaced it.
+    // (After a fallback through the image's descriptor the kernel names a
+    // replaced file "<path> (deleted)".)
+    let binary = std::env::current_exe()
+        .map(
+            |p| match p.to_str().and_then(|s| s.strip_suffix(" (deleted)")) {
+                Some(s) => PathBuf::from(s),
+                None => p,
+            },
+        )
+        .unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
+    let image = cyrnel::proc::reexec::open_running_image().ok();
     runtime.block_on(async {
-        let mut signals = match Signals::new([SIGTERM, SIGINT, SIGHUP]) {
+        let mut signals = match Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR2]) {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("cyrneld: cannot install signal handlers: {e}");
@@ -243,16 +282,34 @@ fn serve(
             }
         };
         let (reloads_tx, reloads) = watch::channel(config.clone());
+        let (handover_tx, handovers) = mpsc::channel(4);
         let mut reloader = Reloader {
             flags,
             running: config.clone(),
             log_filter: log_level_owned.then_some(log_filter),
             apply: reloads_tx,
         };
+        let on_disk = binary.clone();
         let shutdown = async move {
             while let Some(sig) = signals.next().await {
                 if sig == SIGHUP {
                     reloader.reload();
+                    let replaced = image.as_ref().map(|image| {
+                        cyrnel::proc::reexec::is_running_image(&on_disk, image)
+                    });
+                    match replaced {
+                        Some(Ok(false)) => {
+                            tracing::info!(binary = %on_disk.display(), "SIGHUP: the binary on disk is not the running one; handing over");
+                            let _ = handover_tx.try_send(());
+                        }
+                        Some(Err(e)) => tracing::warn!(binary = %on_disk.display(), error = %e, "SIGHUP: cannot look at the binary on disk; no handover"),
+                        _ => {}
+                    }
+                    continue;
+                }
+                if sig == SIGUSR2 {
+                    tracing::info!("SIGUSR2: handover requested");
+                    let _ = handover_tx.try_send(());
                     continue;
                 }
                 tracing::info!(signal = sig, "stop requested");
@@ -263,6 +320,10 @@ fn serve(
                 return;
             }
         };
+        let handover_env = start_env("CYRNEL_API_KEY")
+            .map(|k| ("CYRNEL_API_KEY".to_string(), k))
+            .into_iter()
+            .collect();
         let hooks = Hooks {
             ready: Some(Box::new(|addr| {
                 notify(&[
@@ -271,6 +332,10 @@ fn serve(
                 ]);
             })),
             reloads: Some(reloads),
+            inherited,
+            handovers: Some(handovers),
+            binary,
+            handover_env,
         };
         cyrnel::app::run(config, shutdown, hooks)
             .await

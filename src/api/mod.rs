@@ -65,6 +65,8 @@ pub struct ApiState {
     pub http: HttpLimits,
     /// `GET /metrics`.
     pub metrics: crate::metrics::Metrics,
+    /// `POST /handover`, `GET /handover`.
+    pub handover: Arc<crate::handover::Control>,
 }
 
 /// Connection hygiene settings.
@@ -246,6 +248,7 @@ enum Route<'a> {
     Kill(&'a str),
     Backup,
     Metrics,
+    Handover,
 }
 
 fn route(path: &str) -> Option<Route<'_>> {
@@ -266,6 +269,7 @@ fn route(path: &str) -> Option<Route<'_>> {
         (Some("events"), None, ..) => Route::Events,
         (Some("backup"), None, ..) => Route::Backup,
         (Some("metrics"), None, ..) => Route::Metrics,
+        (Some("handover"), None, ..) => Route::Handover,
         (Some("processes"), Some(id), Some("events"), None, _) => Route::ProcessEvents(id),
         (Some("processes"), None, ..) => Route::Processes,
         (Some("processes"), Some(id), None, ..) => Route::Process(id),
@@ -293,7 +297,7 @@ impl Route<'_> {
             | Route::Output(_)
             | Route::Stdout(_)
             | Route::Stderr(_) => &["GET"],
-            Route::Processes => &["GET", "POST"],
+            Route::Processes | Route::Handover => &["GET", "POST"],
             Route::Process(_) => &["GET", "DELETE"],
             Route::Run(_) | Route::Kill(_) | Route::Backup => &["POST"],
         }
@@ -316,6 +320,7 @@ impl Route<'_> {
             Route::Run(_) => "/processes/{id}/signals/run",
             Route::Kill(_) => "/processes/{id}/signals/kill",
             Route::Backup => "/backup",
+            Route::Handover => "/handover",
         }
     }
 
@@ -326,7 +331,8 @@ impl Route<'_> {
             | Route::Metrics
             | Route::Events
             | Route::Processes
-            | Route::Backup => None,
+            | Route::Backup
+            | Route::Handover => None,
             Route::ProcessEvents(id)
             | Route::Process(id)
             | Route::Code(id)
@@ -513,7 +519,30 @@ async fn route_request(
             Ok(body) => backup::backup(state, body).await,
             Err(r) => r,
         },
+        (Route::Handover, _) if method == Method::POST => handover(state).await,
+        (Route::Handover, _) => json(
+            StatusCode::OK,
+            wire::handover_status(&state.handover.status(), std::process::id()),
+        ),
         _ => error(StatusCode::NOT_FOUND, "Not found."),
+    }
+}
+
+/// `POST /handover`: 202 once the binary on disk passed the preflight (the
+/// daemon then re-executes itself, keeping every run and this socket), 409
+/// with the reason when it did not.
+async fn handover(state: &ApiState) -> Response<Body> {
+    match state.handover.request().await {
+        Ok(binary) => json(
+            StatusCode::ACCEPTED,
+            serde_json::json!({
+                "status": "handing over",
+                "binary": binary.display().to_string(),
+                "pid": std::process::id(),
+            })
+            .to_string(),
+        ),
+        Err(e) => error(StatusCode::CONFLICT, &format!("Handover refused: {e}.")),
     }
 }
 

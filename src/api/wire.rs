@@ -325,6 +325,18 @@ pub fn parse_run(body: &Value) -> Result<bool, Invalid> {
     }
 }
 
+/// `GET /handover`: this daemon's handovers.
+pub fn handover_status(s: &crate::handover::Status, pid: u32) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "pid": pid,
+        "generation": s.generation,
+        "binary": s.binary.display().to_string(),
+        "stateVersion": crate::handover::STATE_VERSION,
+        "lastError": s.last_error,
+    }))
+    .expect("json")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

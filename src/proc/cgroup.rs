@@ -384,34 +384,7 @@ mod tests {
     /// Runs `/bin/true` in the cgroup the joiner opened, as a run's child
     /// is spawned: how it ended (`si_code`, `si_status`).
     fn run_true_in(joiner: &Joiner) -> (i32, i32) {
-        use std::os::fd::AsRawFd;
-        let steps = super::super::sandbox::Steps::default();
-        let child = super::super::spawn::spawn(&super::super::spawn::Exec {
-            program: Path::new("/bin/true"),
-            args: &[],
-            env: &[],
-            cwd: Path::new("/"),
-            cgroup: Some(joiner.raw_fd()),
-            into_cgroup: joiner.create_in(),
-            rlimits: &[],
-            credentials: None,
-            sandbox: &steps,
-        })
-        .unwrap();
-        // SAFETY: siginfo_t is plain data; a blocking wait for our child.
-        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        // SAFETY: waitid on the child's pidfd into the local siginfo_t.
-        let r = unsafe {
-            libc::waitid(
-                libc::P_PIDFD,
-                child.pidfd.as_raw_fd() as libc::id_t,
-                &mut info,
-                libc::WEXITED | libc::__WALL,
-            )
-        };
-        assert_eq!(r, 0);
-        // SAFETY: waitid filled the siginfo_t of an exited child.
-        (info.si_code, unsafe { info.si_status() })
+        super::super::spawn::run_true_for_test(joiner.raw_fd(), joiner.create_in())
     }
 
     /// A child is created in a new cgroup, and joins a leftover one that

@@ -21,6 +21,7 @@
 //! `CYRNEL_PROCESS_ID` tag in their environment.
 
 pub mod cgroup;
+pub mod reexec;
 pub mod sandbox;
 mod spawn;
 pub mod usage;
@@ -172,6 +173,10 @@ pub struct Spawned {
 pub struct Leader {
     pid: i32,
     pidfd: AsyncFd<OwnedFd>,
+    /// Whether it is our child. A leader re-adopted after a crash of the
+    /// daemon is not (init or a subreaper reaped it): its exit status comes
+    /// from the pidfd (`PIDFD_INFO_EXIT`) and nothing of it is ours to reap.
+    child: bool,
 }
 
 pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
@@ -212,7 +217,11 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
         unsafe { AsyncFd::register_with_interest(child.pidfd, tokio::io::Interest::READABLE) }
             .map_err(|e| e.into_parts().1)?;
     Ok(Spawned {
-        leader: Leader { pid, pidfd },
+        leader: Leader {
+            pid,
+            pidfd,
+            child: true,
+        },
         stdout: pipe::Receiver::from_owned_fd(child.stdout)?,
         stderr: pipe::Receiver::from_owned_fd(child.stderr)?,
         identity,
@@ -355,27 +364,120 @@ fn waitid_pidfd(pidfd: &OwnedFd, flags: libc::c_int) -> io::Result<Option<(ExitS
 }
 
 impl Leader {
+    /// A leader handed over by an earlier image of the daemon (`child`:
+    /// the same process after `execve`, so still its parent) or parked in
+    /// the service manager's fd store across a crash (not our child).
+    /// Call from within the runtime.
+    pub fn adopt(pidfd: OwnedFd, pid: i32, child: bool) -> io::Result<Leader> {
+        reexec::set_nonblocking(&pidfd)?;
+        // SAFETY: the AsyncFd takes ownership of the OwnedFd, which stays
+        // open and refers to the same pidfd until the AsyncFd is dropped.
+        let pidfd =
+            unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }
+                .map_err(|e| e.into_parts().1)?;
+        Ok(Leader { pid, pidfd, child })
+    }
+
     pub fn pid(&self) -> i32 {
         self.pid
     }
 
+    /// Whether the daemon is the leader's parent (see [`Leader::adopt`]).
+    pub fn is_child(&self) -> bool {
+        self.child
+    }
+
+    /// The pidfd, to hand it over; the leader stays unreaped.
+    pub fn into_pidfd(self) -> OwnedFd {
+        self.pidfd.into_inner()
+    }
+
     /// Waits until the leader has exited, without reaping it; returns its
-    /// status and what it (with the children it waited for) used.
-    pub async fn exited(&self) -> io::Result<(ExitStatus, Rusage)> {
+    /// status and, for our own child, what it (with the children it waited
+    /// for) used. Not our child: the status comes from the pidfd once the
+    /// leader is reaped (Linux 6.15); an error of kind `Unsupported` means
+    /// the kernel cannot say.
+    pub async fn exited(&self) -> io::Result<(ExitStatus, Option<Rusage>)> {
+        // Not our child: the pidfd turns readable when the leader exits,
+        // and its exit information appears when whoever is its parent now
+        // reaps it; until then it is looked at again with a backoff.
+        let mut reap_wait = std::time::Duration::from_millis(1);
         loop {
             let mut guard = self.pidfd.readable().await?;
-            if let Some(st) = waitid_pidfd(self.pidfd.get_ref(), libc::WNOWAIT)? {
-                return Ok(st);
+            if self.child {
+                if let Some((status, usage)) = waitid_pidfd(self.pidfd.get_ref(), libc::WNOWAIT)? {
+                    return Ok((status, Some(usage)));
+                }
+            } else {
+                match pidfd_exit_info(self.pidfd.get_ref())? {
+                    ExitInfo::Exited(status) => return Ok((status, None)),
+                    ExitInfo::Unknown => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::Unsupported,
+                            "the kernel does not report the exit status of a process that is not our child",
+                        ))
+                    }
+                    // Exited (the pidfd is readable), not reaped yet.
+                    ExitInfo::NotYet => {
+                        drop(guard);
+                        tokio::time::sleep(reap_wait).await;
+                        reap_wait = (reap_wait * 2).min(std::time::Duration::from_millis(100));
+                        continue;
+                    }
+                }
             }
             guard.clear_ready();
         }
     }
 
     /// Reaps the leader. Call only once the group is empty and will not be
-    /// signalled again.
+    /// signalled again. A leader that is not our child is left alone.
     pub fn reap(&self) -> io::Result<Option<ExitStatus>> {
+        if !self.child {
+            return Ok(None);
+        }
         Ok(waitid_pidfd(self.pidfd.get_ref(), 0)?.map(|(status, _)| status))
     }
+}
+
+/// What a pidfd says of its process's end.
+enum ExitInfo {
+    Exited(ExitStatus),
+    NotYet,
+    /// The kernel keeps no exit information (before Linux 6.15), or the
+    /// process was reaped without it being recorded.
+    Unknown,
+}
+
+/// `PIDFD_GET_INFO` with `PIDFD_INFO_EXIT` (Linux 6.15): the exit status of
+/// any process a pidfd refers to, available once it has been reaped.
+fn pidfd_exit_info(pidfd: &OwnedFd) -> io::Result<ExitInfo> {
+    // SAFETY: pidfd_info is a C struct of integers: all-zero bytes are a
+    // valid value.
+    let mut info: libc::pidfd_info = unsafe { std::mem::zeroed() };
+    info.mask = u64::from(libc::PIDFD_INFO_EXIT);
+    // SAFETY: PIDFD_GET_INFO writes at most size_of::<pidfd_info>() bytes
+    // (the size is encoded in the request) into our valid local.
+    let r = unsafe { libc::ioctl(pidfd.as_raw_fd(), libc::PIDFD_GET_INFO, &mut info) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            // Reaped, and this kernel keeps nothing of it.
+            Some(libc::ESRCH) => Ok(ExitInfo::Unknown),
+            // No PIDFD_GET_INFO at all (before Linux 6.13).
+            Some(libc::ENOTTY | libc::EINVAL) => Ok(ExitInfo::Unknown),
+            _ => Err(e),
+        };
+    }
+    if info.mask & u64::from(libc::PIDFD_INFO_EXIT) == 0 {
+        return Ok(ExitInfo::NotYet);
+    }
+    let status = info.exit_code;
+    Ok(ExitInfo::Exited(if libc::WIFSIGNALED(status) {
+        ExitStatus::Signal(libc::WTERMSIG(status))
+    } else {
+        ExitStatus::Code(libc::WEXITSTATUS(status))
+    }))
 }
 
 /// The fields of /proc/<pid>/stat we use.

@@ -163,7 +163,49 @@ impl Drop for RunFolder {
     }
 }
 
+/// A run folder as descriptors, to hand it to the next image of the
+/// daemon (see [`RunFolder::into_handle`]).
+#[derive(Debug)]
+pub enum FolderHandle {
+    /// Level `full`: the detached tmpfs.
+    Private(OwnedFd),
+    /// A directory under `runs_base` and the descriptor open on it.
+    Host(PathBuf, OwnedFd),
+}
+
+impl FolderHandle {
+    /// The descriptor the handover keeps open across `execve`.
+    pub fn fd(&self) -> &OwnedFd {
+        match self {
+            FolderHandle::Private(fd) | FolderHandle::Host(_, fd) => fd,
+        }
+    }
+}
+
 impl RunFolder {
+    /// Gives up the folder without removing it, as descriptors.
+    pub fn into_handle(self) -> FolderHandle {
+        let this = std::mem::ManuallyDrop::new(self);
+        // SAFETY: `this` is never dropped and never used again, so the
+        // kind is moved out exactly once (RunFolder's Drop, which would
+        // remove the folder, does not run).
+        let kind = unsafe { std::ptr::read(&this.kind) };
+        match kind {
+            FolderKind::Private { mount } => FolderHandle::Private(mount),
+            FolderKind::Host { dir, fd } => FolderHandle::Host(dir, fd),
+        }
+    }
+
+    /// The folder a previous image of the daemon handed over.
+    pub fn from_handle(handle: FolderHandle) -> RunFolder {
+        RunFolder {
+            kind: match handle {
+                FolderHandle::Private(mount) => FolderKind::Private { mount },
+                FolderHandle::Host(dir, fd) => FolderKind::Host { dir, fd },
+            },
+        }
+    }
+
     /// The structured output file's bytes, at most `max + 1` of them (so a
     /// caller can tell "too large"). Opened beneath the folder without
     /// following any symlink: the run owns the folder and could plant one.

@@ -1057,6 +1057,40 @@ unsafe fn loopback_up() -> bool {
     ok
 }
 
+/// Tests elsewhere in `proc`: runs `/bin/true` as a run's child is
+/// spawned, in the cgroup open as `cgroup`, and waits for it: how it ended
+/// (`si_code`, `si_status`).
+#[cfg(test)]
+pub(super) fn run_true_for_test(cgroup: RawFd, into_cgroup: bool) -> (i32, i32) {
+    let steps = super::sandbox::Steps::default();
+    let child = spawn(&Exec {
+        program: std::path::Path::new("/bin/true"),
+        args: &[],
+        env: &[],
+        cwd: std::path::Path::new("/"),
+        cgroup: Some(cgroup),
+        into_cgroup,
+        rlimits: &[],
+        credentials: None,
+        sandbox: &steps,
+    })
+    .unwrap();
+    // SAFETY: siginfo_t is plain data; a blocking wait for our child.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid on the child's pidfd into the local siginfo_t.
+    let r = unsafe {
+        libc::waitid(
+            libc::P_PIDFD,
+            child.pidfd.as_raw_fd() as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::__WALL,
+        )
+    };
+    assert_eq!(r, 0);
+    // SAFETY: waitid filled the siginfo_t of an exited child.
+    (info.si_code, unsafe { info.si_status() })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

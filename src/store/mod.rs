@@ -739,6 +739,30 @@ impl Store {
         Ok(out)
     }
 
+    /// How many bytes of one stream of the current run are stored: the
+    /// offset the next chunk goes to (a run re-adopted after a restart
+    /// continues there).
+    pub fn stream_len(&self, id: ProcessId, stream: Stream) -> Result<u64, StoreError> {
+        let last = chunk_key(id, stream, u64::MAX);
+        let prefix = &last[..9];
+        let mut iter = self.db().iterator_cf(
+            self.cf(CF_CHUNKS),
+            IteratorMode::From(&last, Direction::Reverse),
+        );
+        match iter.next() {
+            Some(item) => {
+                let (k, v) = item.map_err(StoreError::read)?;
+                if !k.starts_with(prefix) || k.len() != 17 {
+                    return Ok(0);
+                }
+                let mut off = [0u8; 8];
+                off.copy_from_slice(&k[9..17]);
+                Ok(u64::from_be_bytes(off) + v.len() as u64)
+            }
+            None => Ok(0),
+        }
+    }
+
     /// Captured bytes of one stream from `offset` on: whole chunks, at
     /// least one when any exists, about `max` bytes at most.
     pub fn stream_from(

@@ -6,18 +6,19 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch as watch_channel};
 use tokio::task::AbortHandle;
 
 use super::commit::{AfterDurable, Pending, Waiter, Write};
 use super::handle::{Command, Reply, StartError, SupervisorError};
 use super::live::{Run, RunKind};
+use super::machine::StreamStats;
 use super::machine::{self, Effect, Event, Priority};
 use super::starter::{Job, Started, Starter};
 use super::table::{Slot, Table};
 use super::uids::UidPool;
-use super::watch::{self, Finished, RunContext};
-use super::{now_ms, CreateRequest, Internal, Settings, Timeout, TimerKind};
+use super::watch::{self, Finished, Parked, RunContext};
+use super::{now_ms, Adoption, CreateRequest, HandedRun, Internal, Settings, Timeout, TimerKind};
 use crate::events::Hub;
 use crate::model::{Idempotency, ProcessId, Record, State};
 use crate::proc::sandbox::RunFolder;
@@ -48,9 +49,19 @@ pub(super) struct Actor {
     pub uids: Option<UidPool>,
     shutting_down: bool,
     shutdown_waiters: Vec<oneshot::Sender<()>>,
+    /// Set when a handover parks every run (watchers hold receivers).
+    park: watch_channel::Sender<bool>,
+    /// A handover in progress: who waits, and the runs parked so far.
+    parking: Option<Parking>,
     /// Idempotency keys whose create is in flight, with the creates that
     /// repeated them meanwhile (answered when the first is).
     pub claims: HashMap<String, Claim>,
+}
+
+/// A handover parking the runs.
+struct Parking {
+    waiters: Vec<oneshot::Sender<Vec<HandedRun>>>,
+    runs: Vec<HandedRun>,
 }
 
 /// An idempotency key whose create is not yet durable.
@@ -61,7 +72,12 @@ pub(super) struct Claim {
 
 impl Actor {
     /// Starts the starter thread and recovers the unsettled records.
-    pub fn new(store: Store, settings: Settings, hub: Arc<Hub>) -> Result<Actor, StartError> {
+    pub fn new(
+        store: Store,
+        settings: Settings,
+        hub: Arc<Hub>,
+        adoption: Adoption,
+    ) -> Result<Actor, StartError> {
         let (int_tx, int_rx) = mpsc::unbounded_channel();
         let starter = Starter::spawn(store.clone(), settings.clone(), int_tx.clone())
             .map_err(StartError::Thread)?;
@@ -83,9 +99,11 @@ impl Actor {
             pending: HashMap::new(),
             shutting_down: false,
             shutdown_waiters: Vec::new(),
+            park: watch_channel::channel(false).0,
+            parking: None,
             claims: HashMap::new(),
         };
-        actor.recover()?;
+        actor.recover(adoption)?;
         Ok(actor)
     }
 
@@ -104,6 +122,7 @@ impl Actor {
             }
             self.try_start();
             self.check_shutdown();
+            self.check_parked();
         }
     }
 
@@ -111,6 +130,7 @@ impl Actor {
         match ev {
             Internal::Durable(token, result) => self.on_durable(token, result),
             Internal::Finished(f) => self.on_finished(f),
+            Internal::Parked(p) => self.on_parked(p),
             Internal::Started(st) => self.on_started(st),
             Internal::Timer(id, gen, kind) => self.on_timer(id, gen, kind),
             Internal::Retry(id) => self.on_retry(id),
@@ -139,6 +159,7 @@ impl Actor {
             Command::Kill(id, reply) => self.request(id, Event::Kill { now: now_ms() }, reply),
             Command::Delete(id, reply) => self.request(id, Event::Delete, reply),
             Command::Shutdown(done) => self.begin_shutdown(done),
+            Command::Park(done) => self.begin_parking(done),
         }
     }
 
@@ -322,7 +343,7 @@ impl Actor {
 
     /// Arms (or moves) the SIGKILL deadline of the record's run; returns
     /// the run's generation (`None`: it has no run).
-    fn arm_escalation(&mut self, id: ProcessId, deadline: u64) -> Option<u64> {
+    pub(super) fn arm_escalation(&mut self, id: ProcessId, deadline: u64) -> Option<u64> {
         let gen = self.table.get(id)?.run.as_ref()?.gen;
         let delay = Duration::from_millis(deadline.saturating_sub(now_ms()));
         let handle = self.timer(id, gen, TimerKind::Escalate, delay);
@@ -333,7 +354,7 @@ impl Actor {
         Some(gen)
     }
 
-    fn arm_timeout(&mut self, id: ProcessId, after_ms: u64) {
+    pub(super) fn arm_timeout(&mut self, id: ProcessId, after_ms: u64) {
         let Some(gen) = self
             .table
             .get(id)
@@ -411,7 +432,7 @@ impl Actor {
     }
 
     fn try_start(&mut self) {
-        while !self.shutting_down {
+        while !self.shutting_down && self.parking.is_none() {
             let Some((id, slot)) = self.table.next_queued() else {
                 return;
             };
@@ -516,12 +537,16 @@ impl Actor {
                             e.run = Some(Run::new(gen, kind, slot, pool_uid));
                         }
                         tracing::info!(%id, pid = leader.pid(), "started");
-                        let ctx = self.run_context(id, gen, Some(folder));
+                        let ctx = self.run_context(id, gen, Some(folder), StreamStats::default());
                         tokio::spawn(watch::watch_child(
-                            ctx, leader, tracked, sp.stdout, sp.stderr,
+                            ctx,
+                            leader,
+                            tracked,
+                            Some(sp.stdout),
+                            Some(sp.stderr),
                         ));
                         self.carry_out(id, rec, effects, Waiter::Nobody);
-                        if self.shutting_down {
+                        if self.shutting_down && self.parking.is_none() {
                             // The stop began while it was starting.
                             self.terminate_for_shutdown(id);
                         }
@@ -565,6 +590,7 @@ impl Actor {
         id: ProcessId,
         gen: u64,
         folder: Option<RunFolder>,
+        start: StreamStats,
     ) -> RunContext {
         RunContext {
             id,
@@ -574,6 +600,8 @@ impl Actor {
             folder,
             tx: self.int_tx.clone(),
             hub: self.hub.clone(),
+            park: self.park.subscribe(),
+            start,
         }
     }
 
@@ -590,6 +618,7 @@ impl Actor {
         let (killed, escaped) = run.counts();
         let event = Event::Settled {
             status: f.status,
+            status_lost: f.status_lost,
             output: f.output,
             streams: f.streams,
             killed,
@@ -637,6 +666,98 @@ impl Actor {
                     tracing::info!(%id, "timed out");
                     self.carry_out(id, rec, effects, Waiter::Nobody);
                 }
+            }
+        }
+    }
+
+    /// A handover: no run starts from now on; every watcher is told to
+    /// park. The answer comes from [`Actor::check_parked`].
+    fn begin_parking(&mut self, done: oneshot::Sender<Vec<HandedRun>>) {
+        self.shutting_down = true;
+        match &mut self.parking {
+            Some(p) => p.waiters.push(done),
+            None => {
+                self.parking = Some(Parking {
+                    waiters: vec![done],
+                    runs: Vec::new(),
+                });
+                self.park.send_replace(true);
+            }
+        }
+    }
+
+    /// A watcher stopped for the handover: the run leaves the table's
+    /// care untouched (no signal, no reap, its cgroup kept), and what the
+    /// next image needs is kept for it.
+    fn on_parked(&mut self, p: Parked) {
+        let Some(entry) = self.table.get_mut(p.id) else {
+            return;
+        };
+        if entry.run.as_ref().is_none_or(|r| r.gen != p.gen) {
+            return;
+        }
+        let Some(mut run) = entry.run.take() else {
+            return;
+        };
+        run.cancel_timers();
+        if let Some(slot) = run.slot.take() {
+            self.table.release_slot(slot);
+        }
+        let (signalled, escaped) = run.reached();
+        let RunKind::Child { leader, .. } = run.kind else {
+            // A run found alive at start-up and being put down: the next
+            // image finds it again and goes on putting it down.
+            return;
+        };
+        let leader = match Arc::try_unwrap(leader) {
+            Ok(l) => l,
+            Err(_) => {
+                tracing::error!(id = %p.id, "a parked run's leader is still shared; it is not handed over");
+                return;
+            }
+        };
+        let into_fd = |pipe: Option<tokio::net::unix::pipe::Receiver>| {
+            pipe.and_then(|r| match r.into_nonblocking_fd() {
+                Ok(fd) => Some(fd),
+                Err(e) => {
+                    tracing::error!(id = %p.id, error = %e, "cannot hand over an output pipe");
+                    None
+                }
+            })
+        };
+        let handed = HandedRun {
+            id: p.id,
+            pid: leader.pid(),
+            pidfd: leader.into_pidfd(),
+            stdout: into_fd(p.stdout),
+            stderr: into_fd(p.stderr),
+            folder: p.folder.map(RunFolder::into_handle),
+            streams: Some(p.streams),
+            signalled,
+            escaped,
+        };
+        if let Some(parking) = &mut self.parking {
+            parking.runs.push(handed);
+        }
+    }
+
+    /// Answers the handover once nothing starts, runs or waits for a write.
+    fn check_parked(&mut self) {
+        let Some(parking) = &self.parking else {
+            return;
+        };
+        if parking.waiters.is_empty() || !self.pending.is_empty() || !self.table.quiet() {
+            return;
+        }
+        if let Some(parking) = &mut self.parking {
+            let runs = std::mem::take(&mut parking.runs);
+            let mut waiters = parking.waiters.drain(..);
+            if let Some(first) = waiters.next() {
+                let _ = first.send(runs);
+            }
+            // A second request gets nothing: the runs went to the first.
+            for w in waiters {
+                let _ = w.send(Vec::new());
             }
         }
     }

@@ -8,7 +8,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::actor::Actor;
 use super::machine::Reject;
-use super::{CreateRequest, Settings};
+use super::{Adoption, CreateRequest, HandedRun, Settings};
 use crate::events::Hub;
 use crate::model::{ProcessId, Record};
 use crate::store::{Store, StoreError};
@@ -55,6 +55,7 @@ pub(super) enum Command {
     Kill(ProcessId, Reply<Record>),
     Delete(ProcessId, Reply<Record>),
     Shutdown(oneshot::Sender<()>),
+    Park(oneshot::Sender<Vec<HandedRun>>),
 }
 
 impl Command {
@@ -62,7 +63,7 @@ impl Command {
     pub(super) fn target(&self) -> Option<ProcessId> {
         match self {
             Command::Run(id, ..) | Command::Kill(id, _) | Command::Delete(id, _) => Some(*id),
-            Command::Create(..) | Command::Shutdown(_) => None,
+            Command::Create(..) | Command::Shutdown(_) | Command::Park(_) => None,
         }
     }
 }
@@ -75,14 +76,16 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
-    /// Recovers unsettled records from the store and starts the actor.
+    /// Recovers unsettled records from the store, re-adopting the runs a
+    /// previous image handed over (`adoption`), and starts the actor.
     pub fn start(
         store: Store,
         settings: Settings,
         hub: Arc<Hub>,
+        adoption: Adoption,
     ) -> Result<Supervisor, StartError> {
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
-        let actor = Actor::new(store, settings, hub)?;
+        let actor = Actor::new(store, settings, hub, adoption)?;
         tokio::spawn(actor.run(rx));
         Ok(Supervisor {
             tx,
@@ -129,6 +132,22 @@ impl Supervisor {
 
     pub async fn delete(&self, id: ProcessId) -> Result<Record, SupervisorError> {
         self.call(|r| Command::Delete(id, r)).await
+    }
+
+    /// For a handover: refuses new runs, starts none of the queued (they
+    /// stay queued), lets every start in flight finish, then stops
+    /// watching every run without touching it and returns what the next
+    /// image needs to re-adopt them, once every transition is durable.
+    /// Runs that settle meanwhile are recorded as usual. The supervisor
+    /// does nothing more afterwards.
+    pub async fn park(&self) -> Result<Vec<HandedRun>, SupervisorError> {
+        self.shutting_down.store(true, Ordering::Release);
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Park(tx))
+            .await
+            .map_err(|_| SupervisorError::Gone)?;
+        rx.await.map_err(|_| SupervisorError::Gone)
     }
 
     /// Refuses new runs from now on, terminates every running group (SIGTERM,

@@ -86,6 +86,21 @@ impl Run {
         )
     }
 
+    /// The processes our signals reached, and those outside the group, to
+    /// hand over.
+    pub fn reached(&self) -> (Vec<i32>, Vec<i32>) {
+        (
+            self.signalled.iter().copied().collect(),
+            self.escaped.iter().copied().collect(),
+        )
+    }
+
+    /// Takes over what an earlier image's signals reached.
+    pub fn restore_reached(&mut self, signalled: Vec<i32>, escaped: Vec<i32>) {
+        self.signalled.extend(signalled);
+        self.escaped.extend(escaped);
+    }
+
     pub fn cancel_timers(&mut self) {
         for t in [self.timeout.take(), self.escalation.take()]
             .into_iter()

@@ -13,6 +13,11 @@ use crate::proc::{ExitStatus, Rusage};
 /// Message for a run found alive (or dead) after a daemon restart.
 pub const RESTARTED_ERROR: &str = "Supervisor restarted while the process was running.";
 
+/// Message for a re-adopted run that ended while the daemon was down, on a
+/// kernel that keeps no exit status for a process that is not our child.
+pub const EXIT_LOST_ERROR: &str =
+    "Exit status unknown: the supervisor restarted after the process ended.";
+
 #[derive(Debug)]
 pub enum Event {
     /// A client's kill signal.
@@ -41,6 +46,9 @@ pub enum Event {
     /// The leader has exited and the group is empty.
     Settled {
         status: Option<ExitStatus>,
+        /// The status is unknown because the leader ended while the daemon
+        /// was down (a crash) on a kernel that keeps no exit status.
+        status_lost: bool,
         output: OutputOutcome,
         streams: StreamStats,
         /// Processes our signals reached, and those outside the group.
@@ -315,6 +323,7 @@ fn transition(rec: &Record, event: Event) -> Decision {
             Running | Terminating,
             Event::Settled {
                 status,
+                status_lost,
                 output,
                 streams,
                 killed,
@@ -324,6 +333,9 @@ fn transition(rec: &Record, event: Event) -> Decision {
             },
         ) => {
             let (mut next, fx) = settle(rec, status, output, streams, now);
+            if status_lost && next.exit_state == Some(ExitState::Failed) && status.is_none() {
+                next.error = Some(EXIT_LOST_ERROR.to_string());
+            }
             next.killed = killed;
             next.escaped = escaped;
             next.resources = resources;
@@ -432,11 +444,40 @@ mod tests {
         .0
     }
 
+    #[test]
+    fn a_status_lost_in_a_restart_says_so() {
+        let running = running();
+        let lost = |status_lost| {
+            decide(
+                &running,
+                Event::Settled {
+                    status: None,
+                    status_lost,
+                    output: OutputOutcome::None,
+                    streams: StreamStats::default(),
+                    killed: None,
+                    escaped: None,
+                    resources: None,
+                    now: 900,
+                },
+            )
+            .unwrap()
+            .0
+        };
+        assert_eq!(lost(true).error.as_deref(), Some(EXIT_LOST_ERROR));
+        assert_eq!(lost(true).exit_state, Some(ExitState::Failed));
+        assert_eq!(
+            lost(false).error.as_deref(),
+            Some("Process exit status is unknown.")
+        );
+    }
+
     fn settled(r: &Record, status: Option<ExitStatus>, output: OutputOutcome) -> Record {
         decide(
             r,
             Event::Settled {
                 status,
+                status_lost: false,
                 output,
                 streams: StreamStats::default(),
                 killed: None,
@@ -799,6 +840,7 @@ mod tests {
                 &rec(State::Idle),
                 Event::Settled {
                     status: None,
+                    status_lost: false,
                     output: OutputOutcome::None,
                     streams: StreamStats::default(),
                     killed: None,

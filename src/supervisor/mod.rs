@@ -16,6 +16,11 @@
 //! slots; everything else is read from the store. Start-up recovery is in
 //! [`recovery`], the starter thread in [`starter`], the per-run watchers in
 //! [`watch`]. It knows nothing of HTTP or JSON.
+//!
+//! Runs outlive an image of the daemon: [`Supervisor::park`] stops watching
+//! every run (for a handover) and gives back what the kernel holds of each
+//! as a [`HandedRun`]; the next image passes them to [`Supervisor::start`],
+//! which re-adopts them instead of putting them down.
 
 mod actor;
 mod commit;
@@ -28,18 +33,20 @@ mod table;
 mod uids;
 mod watch;
 
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::model::Idempotency;
 pub use crate::model::Timeout;
+use crate::model::{Idempotency, ProcessId};
 use crate::proc::cgroup::CgroupRoot;
 use crate::proc::sandbox::Policy;
 use crate::proc::Rlimit;
 use crate::store::StoreError;
 pub use handle::{StartError, Supervisor, SupervisorError};
+pub use machine::StreamStats;
 use starter::Started;
-use watch::Finished;
+use watch::{Finished, Parked};
 
 /// Everything the supervisor needs from the configuration.
 #[derive(Clone, Debug)]
@@ -88,16 +95,49 @@ pub struct CreateRequest {
     pub idempotency: Option<Idempotency>,
 }
 
+/// A run that outlives this image of the daemon: what the kernel holds
+/// of it, handed to the next image (or parked in the service manager's
+/// file-descriptor store across a crash).
+#[derive(Debug)]
+pub struct HandedRun {
+    pub id: ProcessId,
+    /// Its leader's pid (checked against the record) and pidfd.
+    pub pid: i32,
+    pub pidfd: OwnedFd,
+    /// The read ends of its output pipes (`None`: the stream had ended).
+    pub stdout: Option<OwnedFd>,
+    pub stderr: Option<OwnedFd>,
+    pub folder: Option<crate::proc::sandbox::FolderHandle>,
+    /// What was captured so far; `None`: what the store holds (after a
+    /// crash, when bytes past the cap are no longer counted).
+    pub streams: Option<StreamStats>,
+    /// Processes our signals reached, and those of them outside the group.
+    pub signalled: Vec<i32>,
+    pub escaped: Vec<i32>,
+}
+
+/// Runs a previous image of the daemon left running, for
+/// [`Supervisor::start`] to re-adopt.
+#[derive(Debug, Default)]
+pub struct Adoption {
+    pub runs: Vec<HandedRun>,
+    /// Whether the daemon is still their parent (a handover by `execve`:
+    /// the same process); after a crash it is not.
+    pub child: bool,
+}
+
 /// Events the actor sends itself (through tasks, timers and the store).
 pub(crate) enum Internal {
     /// The store answered write `token`.
     Durable(u64, Result<(), StoreError>),
     Finished(Finished),
+    /// A handover stopped watching a run.
+    Parked(Parked),
     /// The starter thread started (or failed to start) a run.
     Started(Started),
-    Timer(crate::model::ProcessId, u64, TimerKind),
+    Timer(ProcessId, u64, TimerKind),
     /// Write a record again whose transition failed to persist.
-    Retry(crate::model::ProcessId),
+    Retry(ProcessId),
 }
 
 #[derive(Clone, Copy, Debug)]

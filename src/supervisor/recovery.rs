@@ -1,30 +1,52 @@
 //! Start-up recovery: queued records go back in the queue (oldest first);
-//! records found running or terminating are checked in /proc and their
-//! processes put down; what a crash left behind (processes no record
-//! accounts for, settled runs' cgroups, folders) is removed.
+//! runs a previous image handed over are re-adopted: watched again, their
+//! capture continued where it stopped, their timeout and kill deadline
+//! re-armed from the record; other records found running or terminating
+//! are checked in /proc and their processes put down; what a crash left
+//! behind (processes no record accounts for, settled runs' cgroups,
+//! folders) is removed.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use tokio::net::unix::pipe;
 
 use super::actor::Actor;
 use super::commit::Waiter;
 use super::live::{Run, RunKind};
-use super::machine::Event;
-use super::{now_ms, watch};
-use crate::model::{ProcessId, State};
-use crate::proc;
+use super::machine::{Event, StreamStats};
+use super::{now_ms, watch, Adoption, HandedRun};
+use crate::model::{ProcessId, Record, State, Stream};
+use crate::proc::sandbox::RunFolder;
+use crate::proc::{self, reexec, Leader, Scope, Tracked};
 use crate::store::StoreError;
 
 impl Actor {
-    pub(super) fn recover(&mut self) -> Result<(), StoreError> {
+    pub(super) fn recover(&mut self, adoption: Adoption) -> Result<(), StoreError> {
+        let child = adoption.child;
+        let mut handed: HashMap<ProcessId, HandedRun> =
+            adoption.runs.into_iter().map(|h| (h.id, h)).collect();
         for rec in self.store.unsettled()? {
             let id = rec.id;
             let state = rec.state;
             let identity = rec.identity.clone();
             let run_uid = rec.run_uid;
-            self.table.insert(rec, true);
+            self.table.insert(rec.clone(), true);
             if state == State::Queued {
                 self.table.enqueue(id);
                 continue;
+            }
+            if let Some(h) = handed.remove(&id) {
+                if identity.as_ref().map(|i| i.pid) == Some(h.pid) {
+                    match self.adopt(&rec, h, child) {
+                        Ok(()) => continue,
+                        Err(e) => {
+                            tracing::error!(%id, error = %e, "cannot re-adopt a handed-over run; putting it down")
+                        }
+                    }
+                } else {
+                    tracing::error!(%id, pid = h.pid, "a handed-over run does not match its record; putting the record's processes down");
+                }
             }
             let cgroup = self.settings.cgroups.as_ref().map(|r| r.run(id.0));
             let alive = proc::orphan_alive(identity.as_ref(), cgroup.as_ref());
@@ -49,12 +71,17 @@ impl Actor {
                     e.run = Some(Run::new(gen, kind, None, uid));
                 }
                 let folder = self.settings.sandbox.adopt_folder(id.0);
-                let ctx = self.run_context(id, gen, folder);
+                let ctx = self.run_context(id, gen, folder, StreamStats::default());
                 tokio::spawn(watch::watch_orphan(ctx, identity, cgroup));
             } else if let Some(cg) = &cgroup {
                 cg.remove();
             }
             self.carry_out(id, rec, effects, Waiter::Nobody);
+        }
+        for (id, h) in handed {
+            // Its record is settled or gone: the run ended before the
+            // handover completed and was recorded.
+            tracing::info!(%id, pid = h.pid, "a handed-over run has no running record; nothing to adopt");
         }
         self.remove_stale_cgroups();
         self.kill_untracked();
@@ -62,6 +89,85 @@ impl Actor {
         self.settings
             .sandbox
             .remove_stale_folders(|id| table.get(ProcessId(id)).is_some_and(|e| e.run.is_some()));
+        Ok(())
+    }
+
+    /// Watches a handed-over run again: its leader through the pidfd, its
+    /// processes through its cgroup (or group), its output from where the
+    /// capture stopped; its timeout and kill deadline from the record.
+    fn adopt(&mut self, rec: &Record, h: HandedRun, child: bool) -> std::io::Result<()> {
+        let id = rec.id;
+        let leader = Arc::new(Leader::adopt(h.pidfd, h.pid, child)?);
+        let pipe = |fd: Option<std::os::fd::OwnedFd>| -> std::io::Result<Option<pipe::Receiver>> {
+            fd.map(|fd| {
+                reexec::set_nonblocking(&fd)?;
+                pipe::Receiver::from_owned_fd(fd)
+            })
+            .transpose()
+        };
+        let (stdout, stderr) = (pipe(h.stdout)?, pipe(h.stderr)?);
+        let start = match h.streams {
+            Some(s) => s,
+            None => StreamStats {
+                stdout_len: self
+                    .store
+                    .stream_len(id, Stream::Stdout)
+                    .map_err(std::io::Error::other)?,
+                stderr_len: self
+                    .store
+                    .stream_len(id, Stream::Stderr)
+                    .map_err(std::io::Error::other)?,
+                stdout_dropped: 0,
+                stderr_dropped: 0,
+            },
+        };
+        let scope = match self.settings.cgroups.as_ref().map(|r| r.run(id.0)) {
+            Some(cg) if cg.exists() => Scope::Cgroup(cg),
+            _ => Scope::Group,
+        };
+        // Its uid stays held until it has settled.
+        let uid = rec
+            .run_uid
+            .filter(|u| self.uids.as_mut().is_some_and(|p| p.hold(*u)));
+        let tracked = Tracked {
+            pgid: h.pid,
+            tag: id.to_string(),
+            uid,
+            scope,
+        };
+        let gen = self.next_gen;
+        self.next_gen += 1;
+        let slot = self.table.take_slot();
+        let mut run = Run::new(
+            gen,
+            RunKind::Child {
+                leader: leader.clone(),
+                tracked: tracked.clone(),
+            },
+            slot,
+            uid,
+        );
+        run.restore_reached(h.signalled, h.escaped);
+        if let Some(e) = self.table.get_mut(id) {
+            e.run = Some(run);
+        }
+        let folder = h.folder.map(RunFolder::from_handle);
+        let ctx = self.run_context(id, gen, folder, start);
+        tokio::spawn(watch::watch_child(ctx, leader, tracked, stdout, stderr));
+        let now = now_ms();
+        match rec.state {
+            State::Running => {
+                if let (Some(limit), Some(started)) = (rec.timeout_ms, rec.started_at) {
+                    let left = started.saturating_add(limit).saturating_sub(now);
+                    self.arm_timeout(id, left);
+                }
+            }
+            State::Terminating => {
+                self.arm_escalation(id, rec.kill_deadline.unwrap_or(now));
+            }
+            State::Queued | State::Idle => {}
+        }
+        tracing::info!(%id, pid = h.pid, child, "re-adopted a run");
         Ok(())
     }
 

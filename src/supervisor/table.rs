@@ -229,6 +229,16 @@ impl Table {
         None
     }
 
+    /// A slot for a run re-adopted after a restart, if one is free (a run
+    /// adopted beyond `max_running`, lowered meanwhile, holds none).
+    pub fn take_slot(&mut self) -> Option<Slot> {
+        if self.free_slots == 0 {
+            return None;
+        }
+        self.free_slots -= 1;
+        Some(Slot(()))
+    }
+
     /// Gives a slot back.
     pub fn release_slot(&mut self, slot: Slot) {
         let Slot(()) = slot;

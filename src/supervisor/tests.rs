@@ -58,7 +58,7 @@ fn fixture(max_running: usize, max_queued: usize) -> Fixture {
     };
     let hub = Arc::new(Hub::new(1024));
     let events = hub.subscribe();
-    let sup = Supervisor::start(store.clone(), settings, hub).unwrap();
+    let sup = Supervisor::start(store.clone(), settings, hub, Default::default()).unwrap();
     Fixture {
         sup,
         store,

@@ -3,6 +3,11 @@
 //! to exit without reaping it, waits for the rest of the group to go, drains
 //! the pipes, reads the structured output, and reports one `Finished` to the
 //! actor. It never signals or reaps: the actor owns those decisions.
+//!
+//! A handover parks it instead: until the run's processes are gone, the
+//! actor's park signal stops the capture after the chunk it is storing (the
+//! rest stays in the pipe) and hands the pipes, the folder and the counts
+//! back to the actor as one `Parked`, for the next image of the daemon.
 
 use std::sync::Arc;
 
@@ -25,8 +30,22 @@ pub struct Finished {
     pub id: ProcessId,
     pub gen: u64,
     pub status: Option<ExitStatus>,
+    /// The status is unknown because the leader ended while no image of
+    /// the daemon was its parent (a crash), on a kernel that keeps none.
+    pub status_lost: bool,
     pub resources: Option<Resources>,
     pub output: OutputOutcome,
+    pub streams: StreamStats,
+}
+
+/// A run a handover stopped watching: what the next image needs.
+pub struct Parked {
+    pub id: ProcessId,
+    pub gen: u64,
+    /// `None`: the stream had ended (every writer closed it).
+    pub stdout: Option<pipe::Receiver>,
+    pub stderr: Option<pipe::Receiver>,
+    pub folder: Option<RunFolder>,
     pub streams: StreamStats,
 }
 
@@ -40,37 +59,113 @@ pub struct RunContext {
     pub folder: Option<RunFolder>,
     pub tx: mpsc::UnboundedSender<Internal>,
     pub hub: Arc<Hub>,
+    /// Turns true when a handover parks every run.
+    pub park: watch::Receiver<bool>,
+    /// What was captured before (a run re-adopted after a restart).
+    pub start: StreamStats,
 }
 
-/// Supervises a run we spawned.
+/// What a capture task is told to do.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    Run,
+    /// Every writer is gone: read what is buffered and end.
+    Drain,
+    /// A handover: end after the chunk being stored, leave the rest.
+    Park,
+}
+
+/// What a capture task ends with: (kept, dropped) bytes so far, and the
+/// pipe when it was parked.
+struct Captured {
+    kept: u64,
+    dropped: u64,
+    pipe: Option<pipe::Receiver>,
+}
+
+/// Waits until the actor parks every run.
+async fn parked(park: &mut watch::Receiver<bool>) {
+    // An error: the actor is gone, and nothing will park.
+    if park.wait_for(|p| *p).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Supervises a run we spawned (or re-adopted).
 pub async fn watch_child(
-    ctx: RunContext,
+    mut ctx: RunContext,
     leader: Arc<Leader>,
     tracked: Tracked,
-    stdout: pipe::Receiver,
-    stderr: pipe::Receiver,
+    stdout: Option<pipe::Receiver>,
+    stderr: Option<pipe::Receiver>,
 ) {
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let (mode_tx, mode_rx) = watch::channel(Mode::Run);
     let out = tokio::spawn(capture(
         Sink::new(&ctx, Stream::Stdout),
+        (ctx.start.stdout_len, ctx.start.stdout_dropped),
         stdout,
-        stop_rx.clone(),
+        mode_rx.clone(),
     ));
-    let err = tokio::spawn(capture(Sink::new(&ctx, Stream::Stderr), stderr, stop_rx));
-    let (status, rusage) = match leader.exited().await {
-        Ok((s, usage)) => (Some(s), Some(usage)),
+    let err = tokio::spawn(capture(
+        Sink::new(&ctx, Stream::Stderr),
+        (ctx.start.stderr_len, ctx.start.stderr_dropped),
+        stderr,
+        mode_rx,
+    ));
+    let mut park = ctx.park.clone();
+    let ended = async {
+        let r = leader.exited().await;
+        tracked.wait_only_leader_left().await;
+        r
+    };
+    let exited = tokio::select! {
+        r = ended => r,
+        _ = parked(&mut park) => {
+            let _ = mode_tx.send(Mode::Park);
+            let parked_or_ended = |c: Result<Captured, _>| match c {
+                Ok(c) => c,
+                Err(_) => {
+                    tracing::error!(id = %ctx.id, "a capture task failed while parking");
+                    Captured { kept: 0, dropped: 0, pipe: None }
+                }
+            };
+            let (o, e) = (parked_or_ended(out.await), parked_or_ended(err.await));
+            drop(leader);
+            let _ = ctx.tx.send(Internal::Parked(Parked {
+                id: ctx.id,
+                gen: ctx.gen,
+                stdout: o.pipe,
+                stderr: e.pipe,
+                folder: ctx.folder.take(),
+                streams: StreamStats {
+                    stdout_len: o.kept,
+                    stdout_dropped: o.dropped,
+                    stderr_len: e.kept,
+                    stderr_dropped: e.dropped,
+                },
+            }));
+            return;
+        }
+    };
+    let mut status_lost = false;
+    let (status, rusage) = match exited {
+        Ok((s, usage)) => (Some(s), usage),
+        Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
+            status_lost = true;
+            (None, None)
+        }
         Err(e) => {
             tracing::error!(id = %ctx.id, error = %e, "waiting for the leader failed");
             (None, None)
         }
     };
-    tracked.wait_only_leader_left().await;
     // Nothing of the run is alive: its cgroup's figures are final.
     let resources = machine::resources(rusage, tracked.cgroup_usage());
     // Every writer in the group is gone: what they wrote is in the pipes.
-    let _ = stop_tx.send(true);
-    let (o, e) = (out.await.unwrap_or_default(), err.await.unwrap_or_default());
-    finish(ctx, status, resources, o, e).await;
+    let _ = mode_tx.send(Mode::Drain);
+    let counts = |c: Result<Captured, _>| c.map(|c| (c.kept, c.dropped)).unwrap_or_default();
+    let (o, e) = (counts(out.await), counts(err.await));
+    finish(ctx, status, status_lost, resources, o, e).await;
 }
 
 /// Supervises a run found alive after a restart: no pipes, no child of
@@ -82,12 +177,13 @@ pub async fn watch_orphan(
 ) {
     proc::poll_until(|| !proc::orphan_alive(identity.as_ref(), cgroup.as_ref())).await;
     let resources = machine::resources(None, cgroup.as_ref().and_then(RunCgroup::usage));
-    finish(ctx, None, resources, (0, 0), (0, 0)).await;
+    finish(ctx, None, false, resources, (0, 0), (0, 0)).await;
 }
 
 async fn finish(
     mut ctx: RunContext,
     status: Option<ExitStatus>,
+    status_lost: bool,
     resources: Option<Resources>,
     out: (u64, u64),
     err: (u64, u64),
@@ -117,6 +213,7 @@ async fn finish(
         id: ctx.id,
         gen: ctx.gen,
         status,
+        status_lost,
         resources,
         output,
         streams: StreamStats {
@@ -175,9 +272,25 @@ fn pending_bytes(pipe: &pipe::Receiver) -> usize {
     n.max(0) as usize
 }
 
-/// Copies one pipe into the store until EOF, or until told to stop, after
-/// which it drains what is already buffered. Returns (kept, dropped) bytes.
-async fn capture(sink: Sink, pipe: pipe::Receiver, mut stop: watch::Receiver<bool>) -> (u64, u64) {
+/// Copies one pipe into the store until EOF, or until told to drain (then
+/// it reads what is already buffered) or to park (then it stops after the
+/// chunk it is storing and gives the pipe back). Every byte it reads is
+/// stored (or counted as dropped) before it looks at its mode again, so a
+/// parked pipe holds exactly what was not captured.
+async fn capture(
+    sink: Sink,
+    (mut kept, mut dropped): (u64, u64),
+    pipe: Option<pipe::Receiver>,
+    mut mode: watch::Receiver<Mode>,
+) -> Captured {
+    // A stream that had ended before a handover: nothing more comes.
+    let Some(pipe) = pipe else {
+        return Captured {
+            kept,
+            dropped,
+            pipe: None,
+        };
+    };
     let Sink {
         store,
         hub,
@@ -189,14 +302,23 @@ async fn capture(sink: Sink, pipe: pipe::Receiver, mut stop: watch::Receiver<boo
     // sit silent (a `sleep`), and two idle 64 KiB buffers per run would be
     // most of the daemon's memory per process.
     let mut buf: Vec<u8> = Vec::new();
-    let mut kept = 0u64;
-    let mut dropped = 0u64;
     let mut stopping = false;
     loop {
         if !stopping {
             tokio::select! {
                 r = pipe.readable() => if r.is_err() { break },
-                _ = stop.changed() => stopping = true,
+                _ = mode.changed() => {}
+            }
+            match *mode.borrow_and_update() {
+                Mode::Run => {}
+                Mode::Drain => stopping = true,
+                Mode::Park => {
+                    return Captured {
+                        kept,
+                        dropped,
+                        pipe: Some(pipe),
+                    }
+                }
             }
         }
         if buf.is_empty() {
@@ -241,5 +363,9 @@ async fn capture(sink: Sink, pipe: pipe::Receiver, mut stop: watch::Receiver<boo
         }
         dropped += (n - room) as u64;
     }
-    (kept, dropped)
+    Captured {
+        kept,
+        dropped,
+        pipe: None,
+    }
 }
