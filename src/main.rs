@@ -122,6 +122,11 @@ fn main() -> ExitCode {
     // First, while the process has one thread: what a previous image of
     // the daemon handed over (it falls back to that image if unreadable).
     let inherited = cyrnel::handover::take();
+    // Its leaders are children of this (main) thread now, the orphan
+    // reaper's: it must leave them to the supervisor.
+    if let Some(i) = &inherited {
+        cyrnel::proc::protect_leaders(i.adoption.runs.iter().map(|r| r.pid));
+    }
     let _ = START_ENV.set(
         std::env::vars()
             .filter(|(k, _)| k.starts_with("CYRNEL_"))

@@ -436,7 +436,9 @@ impl Leader {
         if !self.child {
             return Ok(None);
         }
-        Ok(waitid_pidfd(self.pidfd.get_ref(), 0)?.map(|(status, _)| status))
+        let reaped = waitid_pidfd(self.pidfd.get_ref(), 0)?.map(|(status, _)| status);
+        unprotect_leader(self.pid);
+        Ok(reaped)
     }
 }
 
@@ -643,6 +645,13 @@ fn sigchld_set() -> nix::sys::signal::SigSet {
 
 /// Reaps every exited child of the calling thread; returns how many.
 fn reap_own_children() -> usize {
+    let protected = PROTECTED_LEADERS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    if !protected.is_empty() {
+        return reap_own_children_but(&protected);
+    }
     let mut n = 0;
     loop {
         // SAFETY: siginfo_t is a C struct of integers and a union of
@@ -662,6 +671,59 @@ fn reap_own_children() -> usize {
         }
         n += 1;
     }
+}
+
+/// Leaders handed over by a previous image of the daemon: after `execve`
+/// they are children of the main thread (every thread but the one that
+/// executed is gone, and its children went to that one), which must never
+/// reap them. Held from `protect_leaders` until the supervisor reaps them.
+static PROTECTED_LEADERS: std::sync::Mutex<std::collections::BTreeSet<i32>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+/// Keeps the orphan reaper away from these handed-over leaders. Call
+/// before [`OrphanReaper::run`].
+pub fn protect_leaders(pids: impl IntoIterator<Item = i32>) {
+    PROTECTED_LEADERS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .extend(pids);
+}
+
+fn unprotect_leader(pid: i32) {
+    PROTECTED_LEADERS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .remove(&pid);
+}
+
+/// The main thread's children one by one (from /proc), all but
+/// `protected`: while handed-over leaders are its children too.
+fn reap_own_children_but(protected: &std::collections::BTreeSet<i32>) -> usize {
+    let tid = nix::unistd::gettid().as_raw();
+    let Ok(list) = fs::read_to_string(format!("/proc/self/task/{tid}/children")) else {
+        return 0;
+    };
+    let mut n = 0;
+    for pid in list
+        .split_whitespace()
+        .filter_map(|p| p.parse::<i32>().ok())
+    {
+        if protected.contains(&pid) {
+            continue;
+        }
+        // SAFETY: as in `reap_own_children`, for one pid.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let flags = libc::WEXITED | libc::WNOHANG | libc::__WNOTHREAD;
+        // SAFETY: `info` is a valid, writable siginfo_t that outlives the
+        // call.
+        if unsafe { libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, flags) } == 0
+            // SAFETY: filled by waitid (or still zero bytes).
+            && unsafe { info.si_pid() } != 0
+        {
+            n += 1;
+        }
+    }
+    n
 }
 
 /// Signals `pid` only if, after pinning it with a pidfd, `still_ours` holds;

@@ -8,15 +8,15 @@
 use crate::support::*;
 
 #[derive(Clone, Debug, PartialEq)]
-struct Ev {
-    id: u64,
-    event: String,
-    data: Json,
+pub(crate) struct Ev {
+    pub id: u64,
+    pub event: String,
+    pub data: Json,
 }
 
 /// Complete events in an SSE body (comments skipped), and the number of
 /// `: keep-alive` comments.
-fn parse_sse(body: &[u8]) -> (Vec<Ev>, usize) {
+pub(crate) fn parse_sse(body: &[u8]) -> (Vec<Ev>, usize) {
     let text = String::from_utf8_lossy(body);
     let mut events = Vec::new();
     let mut keepalives = 0;
@@ -44,7 +44,7 @@ fn parse_sse(body: &[u8]) -> (Vec<Ev>, usize) {
     (events, keepalives)
 }
 
-fn open(d: &Daemon, path: &str, headers: &[(&str, &str)]) -> FollowStream {
+pub(crate) fn open(d: &Daemon, path: &str, headers: &[(&str, &str)]) -> FollowStream {
     let s = FollowStream::open(d.port(), path, headers);
     assert_eq!(s.status, 200, "GET {path}");
     assert_eq!(s.header("content-type"), Some("text/event-stream"));
@@ -53,14 +53,18 @@ fn open(d: &Daemon, path: &str, headers: &[(&str, &str)]) -> FollowStream {
 
 /// Reads until `pred` holds for the events received so far.
 #[track_caller]
-fn read_events(s: &mut FollowStream, what: &str, pred: impl Fn(&[Ev]) -> bool) -> Vec<Ev> {
+pub(crate) fn read_events(
+    s: &mut FollowStream,
+    what: &str,
+    pred: impl Fn(&[Ev]) -> bool,
+) -> Vec<Ev> {
     s.read_until(what, |body| {
         let (evs, _) = parse_sse(body);
         pred(&evs).then_some(evs)
     })
 }
 
-fn has(evs: &[Ev], id: i64, event: &str) -> bool {
+pub(crate) fn has(evs: &[Ev], id: i64, event: &str) -> bool {
     evs.iter()
         .any(|e| e.event == event && e.data["id"].as_i64() == Some(id))
 }

@@ -8,6 +8,7 @@ mod api_contract;
 mod cli;
 mod edge;
 mod events;
+mod handover;
 mod idempotency;
 mod kill;
 mod lifecycle;

@@ -18,6 +18,7 @@ pub struct DaemonOptions {
     args: Vec<String>,
     data_dir: Option<PathBuf>,
     unprivileged: bool,
+    own_binary: bool,
 }
 
 /// The uid (and gid) an unprivileged daemon runs as: `nobody`.
@@ -35,6 +36,14 @@ impl DaemonOptions {
 
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Runs the daemon from its own copy of the binary (`Daemon::binary`),
+    /// which a test may replace or remove: a handover executes what is
+    /// there.
+    pub fn own_binary(mut self) -> Self {
+        self.own_binary = true;
+        self
     }
 
     /// Sets an environment variable for the daemon (overrides the harness'
@@ -94,7 +103,12 @@ pub fn free_port() -> u16 {
 /// A `Command` for the binary with every inherited `CYRNEL_*` variable
 /// removed, so the developer's shell cannot change what a test sees.
 pub fn base_command() -> Command {
-    let mut cmd = Command::new(BIN);
+    command_for(Path::new(BIN))
+}
+
+/// `base_command` for another copy of the binary.
+pub fn command_for(bin: &Path) -> Command {
+    let mut cmd = Command::new(bin);
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("CYRNEL_") {
             cmd.env_remove(&key);
@@ -179,6 +193,12 @@ impl Daemon {
         let log = fs::File::create(self.log_path(self.generation)).expect("create log file");
         let mut cmd = if self.opts.unprivileged {
             self.unprivileged_command()
+        } else if self.opts.own_binary {
+            let bin = self.binary();
+            if !bin.exists() {
+                install_binary(&bin);
+            }
+            command_for(&bin)
         } else {
             base_command()
         };
@@ -243,16 +263,7 @@ impl Daemon {
         fs::set_permissions(root, fs::Permissions::from_mode(0o711)).unwrap();
         let bin = root.join("cyrneld");
         if !bin.exists() {
-            // Copied by a child process, not by this one: a copy's write
-            // descriptor held here would be inherited by whatever another
-            // test thread forks meanwhile, and exec of the copy would then
-            // fail with "Text file busy" (seen once under the full suite).
-            let st = Command::new("install")
-                .args(["-m", "0755", BIN])
-                .arg(&bin)
-                .status()
-                .expect("run install");
-            assert!(st.success(), "install {BIN} {}: {st}", bin.display());
+            install_binary(&bin);
         }
         std::os::unix::fs::chown(&self.data_dir, Some(UNPRIVILEGED), Some(UNPRIVILEGED))
             .expect("chown data dir");
@@ -274,6 +285,11 @@ impl Daemon {
         .arg(&bin)
         .stdin(Stdio::null());
         cmd
+    }
+
+    /// The daemon's own copy of the binary (`DaemonOptions::own_binary`).
+    pub fn binary(&self) -> PathBuf {
+        self.root.path().join("cyrneld")
     }
 
     /// Starts the daemon again on the same data directory (and a new port),
@@ -686,4 +702,19 @@ pub fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (ExitStatus, String) 
         sleep(POLL);
     };
     (status, fs::read_to_string(&out_path).unwrap_or_default())
+}
+
+/// Copies the binary under test to `to` (0755, a new file: a running
+/// daemon's image is never written to).
+pub fn install_binary(to: &Path) {
+    // Copied by a child process, not by this one: a copy's write
+    // descriptor held here would be inherited by whatever another test
+    // thread forks meanwhile, and exec of the copy would then fail with
+    // "Text file busy" (seen once under the full suite).
+    let st = Command::new("install")
+        .args(["-m", "0755", BIN])
+        .arg(to)
+        .status()
+        .expect("run install");
+    assert!(st.success(), "install {BIN} {}: {st}", to.display());
 }
