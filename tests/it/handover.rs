@@ -207,7 +207,7 @@ fn twenty_handovers_under_load_lose_nothing() {
             let mut n = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 n += 1;
-                let long = n % 3 == 0;
+                let long = n.is_multiple_of(3);
                 let code = if long {
                     "sleep 300".to_string()
                 } else {
@@ -288,7 +288,8 @@ fn a_refused_handover_leaves_every_run_alive() {
     ));
     let run_pid = d.wait_running_pid(run);
     let bin = d.binary();
-    let cases: [(&str, Box<dyn Fn()>, &str); 4] = [
+    type Case<'a> = (&'a str, Box<dyn Fn() + 'a>, &'a str);
+    let cases: [Case; 4] = [
         (
             "missing",
             Box::new(|| fs::remove_file(&bin).unwrap()),
