@@ -13,5 +13,6 @@ pub mod model;
 pub mod output;
 pub mod proc;
 pub mod retention;
+pub mod service;
 pub mod store;
 pub mod supervisor;
