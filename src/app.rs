@@ -98,6 +98,8 @@ pub struct Hooks {
     pub reloads: Option<watch::Receiver<Config>>,
     /// What a previous image handed over (`handover::take`).
     pub inherited: Option<Inherited>,
+    /// Runs the service manager kept across a crash (from its fd store).
+    pub stored: Option<Adoption>,
     /// Handover requests from `main` (SIGUSR2, or SIGHUP with a new binary
     /// on disk); the API sends its own.
     pub handovers: Option<mpsc::Receiver<()>>,
@@ -185,7 +187,7 @@ pub async fn run(
                         addr: config.listen,
                         source,
                     })?;
-            (listener, Adoption::default(), 0, None)
+            (listener, hooks.stored.take().unwrap_or_default(), 0, None)
         }
     };
     // The running image, to execute again if a handover fails; and a
@@ -267,6 +269,10 @@ pub async fn run(
             credentials,
             cgroup_limits,
             idempotency_retention_ms: config.idempotency_retention_s.saturating_mul(1000),
+            service: {
+                let n = crate::service::Notifier::from_env();
+                n.is_present().then(|| Arc::new(n))
+            },
         },
         hub.clone(),
         adoption,

@@ -127,6 +127,16 @@ fn main() -> ExitCode {
     if let Some(i) = &inherited {
         cyrnel::proc::protect_leaders(i.adoption.runs.iter().map(|r| r.pid));
     }
+    // Restarted by a service manager after a crash: the runs parked in its
+    // file-descriptor store (not our children any more).
+    let stored = match cyrnel::service::take_listen_fds() {
+        Ok(fds) if !fds.is_empty() => Some(cyrnel::supervisor::fdstore::adoption(fds)),
+        Ok(_) => None,
+        Err(e) => {
+            eprintln!("cyrneld: ignoring the descriptors the service manager passed: {e}");
+            None
+        }
+    };
     let _ = START_ENV.set(
         std::env::vars()
             .filter(|(k, _)| k.starts_with("CYRNEL_"))
@@ -231,6 +241,7 @@ fn main() -> ExitCode {
                 log_level_owned,
                 log_filter,
                 inherited,
+                stored,
             )
         });
     let daemon = match daemon {
@@ -264,6 +275,7 @@ fn serve(
     log_level_owned: bool,
     log_filter: LogFilter,
     inherited: Option<cyrnel::handover::Inherited>,
+    stored: Option<cyrnel::supervisor::Adoption>,
 ) -> Result<(), ()> {
     // The path the daemon was started from: a handover executes what is
     // there now. Its running image, to tell whether an upgrade replaced it.
@@ -338,6 +350,7 @@ fn serve(
             })),
             reloads: Some(reloads),
             inherited,
+            stored,
             handovers: Some(handovers),
             binary,
             handover_env,

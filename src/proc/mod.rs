@@ -382,6 +382,12 @@ impl Leader {
         self.pid
     }
 
+    /// The pidfd, to park a copy of it (the service manager's store).
+    pub fn pidfd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.pidfd.get_ref().as_fd()
+    }
+
     /// Whether the daemon is the leader's parent (see [`Leader::adopt`]).
     pub fn is_child(&self) -> bool {
         self.child

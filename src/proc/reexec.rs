@@ -34,6 +34,13 @@ pub fn set_nonblocking(fd: &impl AsRawFd) -> io::Result<()> {
     fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK).map(|_| ())
 }
 
+/// Raises a pipe's capacity (`F_SETPIPE_SZ`): what a run writes while no
+/// daemon reads (between a crash and the restart) waits there. Returns the
+/// capacity it got.
+pub fn raise_pipe_size(fd: BorrowedFd<'_>, bytes: i32) -> io::Result<i32> {
+    fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, bytes)
+}
+
 /// Clears `FD_CLOEXEC`: the descriptor survives the next `execve`.
 pub fn keep_across_exec(fd: BorrowedFd<'_>) -> io::Result<()> {
     let fd = fd.as_raw_fd();

@@ -183,6 +183,16 @@ impl FolderHandle {
 }
 
 impl RunFolder {
+    /// The detached tmpfs of a level-`full` folder (`None` for a folder
+    /// on a host file system, which is found again by its path).
+    pub fn private_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        match &self.kind {
+            FolderKind::Private { mount } => Some(mount.as_fd()),
+            FolderKind::Host { .. } => None,
+        }
+    }
+
     /// Gives up the folder without removing it, as descriptors.
     pub fn into_handle(self) -> FolderHandle {
         let this = std::mem::ManuallyDrop::new(self);

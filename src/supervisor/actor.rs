@@ -388,6 +388,9 @@ impl Actor {
             return;
         };
         run.put_away(id);
+        if let Some(service) = &self.settings.service {
+            super::fdstore::unpark(service, id);
+        }
         if let Some(slot) = run.slot.take() {
             self.table.release_slot(slot);
         }
@@ -537,6 +540,9 @@ impl Actor {
                             e.run = Some(Run::new(gen, kind, slot, pool_uid));
                         }
                         tracing::info!(%id, pid = leader.pid(), "started");
+                        if let Some(service) = &self.settings.service {
+                            park_in_store(service, id, &leader, [&sp.stdout, &sp.stderr], &folder);
+                        }
                         let ctx = self.run_context(id, gen, Some(folder), StreamStats::default());
                         tokio::spawn(watch::watch_child(
                             ctx,
@@ -762,3 +768,33 @@ impl Actor {
         }
     }
 }
+
+/// Parks a started run's descriptors in the service manager's store, with
+/// its pipes raised to the largest capacity allowed (what the run writes
+/// while no daemon reads waits there).
+fn park_in_store(
+    service: &crate::service::Notifier,
+    id: ProcessId,
+    leader: &crate::proc::Leader,
+    [stdout, stderr]: [&tokio::net::unix::pipe::Receiver; 2],
+    folder: &RunFolder,
+) {
+    use std::os::fd::AsFd;
+    for pipe in [stdout.as_fd(), stderr.as_fd()] {
+        let _ = crate::proc::reexec::raise_pipe_size(pipe, PARKED_PIPE_BYTES);
+    }
+    super::fdstore::park(
+        service,
+        id,
+        [
+            Some(leader.pidfd()),
+            Some(stdout.as_fd()),
+            Some(stderr.as_fd()),
+            folder.private_fd(),
+        ],
+    );
+}
+
+/// The capacity asked for a parked run's pipes (the kernel's default
+/// `fs.pipe-max-size`; root may get it beyond that).
+const PARKED_PIPE_BYTES: i32 = 1 << 20;

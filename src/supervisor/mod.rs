@@ -24,6 +24,7 @@
 
 mod actor;
 mod commit;
+pub mod fdstore;
 mod handle;
 mod live;
 pub mod machine;
@@ -80,6 +81,10 @@ pub struct Settings {
     pub cgroup_limits: Vec<(&'static str, u64)>,
     /// How long an `Idempotency-Key` answers with its first create.
     pub idempotency_retention_ms: u64,
+    /// The service manager, whose file-descriptor store keeps runs across
+    /// a crash of the daemon (`None`: no manager, crashes keep the old
+    /// policy: survivors are put down).
+    pub service: Option<Arc<crate::service::Notifier>>,
 }
 
 #[derive(Clone, Debug)]
@@ -101,7 +106,8 @@ pub struct CreateRequest {
 #[derive(Debug)]
 pub struct HandedRun {
     pub id: ProcessId,
-    /// Its leader's pid (checked against the record) and pidfd.
+    /// Its leader's pid (checked against the record; 0: unknown, the
+    /// record's) and pidfd.
     pub pid: i32,
     pub pidfd: OwnedFd,
     /// The read ends of its output pipes (`None`: the stream had ended).

@@ -36,8 +36,11 @@ impl Actor {
                 self.table.enqueue(id);
                 continue;
             }
-            if let Some(h) = handed.remove(&id) {
-                if identity.as_ref().map(|i| i.pid) == Some(h.pid) {
+            if let Some(mut h) = handed.remove(&id) {
+                if h.pid == 0 {
+                    h.pid = identity.as_ref().map_or(0, |i| i.pid);
+                }
+                if h.pid != 0 && identity.as_ref().map(|i| i.pid) == Some(h.pid) {
                     match self.adopt(&rec, h, child) {
                         Ok(()) => continue,
                         Err(e) => {
@@ -151,7 +154,11 @@ impl Actor {
         if let Some(e) = self.table.get_mut(id) {
             e.run = Some(run);
         }
-        let folder = h.folder.map(RunFolder::from_handle);
+        // A folder on a host file system is found again by its path.
+        let folder = h
+            .folder
+            .map(RunFolder::from_handle)
+            .or_else(|| self.settings.sandbox.adopt_folder(id.0));
         let ctx = self.run_context(id, gen, folder, start);
         tokio::spawn(watch::watch_child(ctx, leader, tracked, stdout, stderr));
         let now = now_ms();

@@ -55,6 +55,7 @@ fn fixture(max_running: usize, max_queued: usize) -> Fixture {
         credentials: None,
         cgroup_limits: Vec::new(),
         idempotency_retention_ms: 60_000,
+        service: None,
     };
     let hub = Arc::new(Hub::new(1024));
     let events = hub.subscribe();

@@ -1,0 +1,91 @@
+//! Runs parked in the service manager's file-descriptor store, so that they
+//! outlive a crash of the daemon (systemd with `KillMode=process`): when a
+//! run starts, its pidfd, the read ends of its output pipes and its folder
+//! go into the store, each under its own name; when it settles, they are
+//! taken out. A daemon restarted by the manager receives what is left
+//! (`LISTEN_FDS`) and re-adopts those runs ([`adoption`]).
+//!
+//! Names: `run-<id>-pid`, `run-<id>-out`, `run-<id>-err`, `run-<id>-dir`.
+
+use std::collections::BTreeMap;
+use std::os::fd::{BorrowedFd, OwnedFd};
+
+use super::{Adoption, HandedRun};
+use crate::model::ProcessId;
+use crate::proc::sandbox::FolderHandle;
+use crate::service::Notifier;
+
+const KINDS: [&str; 4] = ["pid", "out", "err", "dir"];
+
+fn name(id: ProcessId, kind: &str) -> String {
+    format!("run-{}-{kind}", id.0)
+}
+
+/// Parks a started run's descriptors (`dir`: its private folder, level
+/// `full`). A failure costs only the run's survival of a crash.
+pub(super) fn park(notifier: &Notifier, id: ProcessId, fds: [Option<BorrowedFd<'_>>; 4]) {
+    for (kind, fd) in KINDS.iter().zip(fds) {
+        if let Some(fd) = fd {
+            if let Err(e) = notifier.store(&name(id, kind), fd) {
+                tracing::warn!(%id, error = %e, "cannot park the run's descriptors in the service manager's store; it will not outlive a crash");
+                return;
+            }
+        }
+    }
+}
+
+/// Takes a settled run's descriptors out of the store.
+pub(super) fn unpark(notifier: &Notifier, id: ProcessId) {
+    for kind in KINDS {
+        if let Err(e) = notifier.remove(&name(id, kind)) {
+            tracing::warn!(%id, error = %e, "cannot take the run's descriptors out of the service manager's store");
+            return;
+        }
+    }
+}
+
+/// The runs among the descriptors the manager passed at start (any other
+/// descriptor is closed). Their leaders are not our children any more.
+pub fn adoption(fds: Vec<(String, OwnedFd)>) -> Adoption {
+    let mut by_run: BTreeMap<u64, [Option<OwnedFd>; 4]> = BTreeMap::new();
+    for (n, fd) in fds {
+        let parsed = n.strip_prefix("run-").and_then(|rest| {
+            let (id, kind) = rest.split_once('-')?;
+            Some((
+                id.parse::<u64>().ok()?,
+                KINDS.iter().position(|k| *k == kind)?,
+            ))
+        });
+        match parsed {
+            Some((id, k)) => by_run.entry(id).or_default()[k] = Some(fd),
+            None => {
+                tracing::warn!(name = %n, "closing a descriptor from the service manager's store that is not a run's")
+            }
+        }
+    }
+    let runs = by_run
+        .into_iter()
+        .filter_map(|(id, [pid, out, err, dir])| {
+            let Some(pidfd) = pid else {
+                tracing::warn!(
+                    id,
+                    "a run's descriptors came back without its pidfd; not adopting it"
+                );
+                return None;
+            };
+            Some(HandedRun {
+                id: ProcessId(id),
+                // The record's: the leader may be gone (and reaped) by now.
+                pid: 0,
+                pidfd,
+                stdout: out,
+                stderr: err,
+                folder: dir.map(FolderHandle::Private),
+                streams: None,
+                signalled: Vec::new(),
+                escaped: Vec::new(),
+            })
+        })
+        .collect();
+    Adoption { runs, child: false }
+}
