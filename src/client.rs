@@ -287,6 +287,19 @@ impl Client {
         self.json(resp).await
     }
 
+    /// `POST /handover`: the daemon re-executes the binary on disk, keeping
+    /// every run; answered once that binary passed the daemon's check.
+    pub async fn handover(&self) -> Result<HandoverStarted, ClientError> {
+        let resp = self.send(Method::POST, "/handover", None, &[]).await?;
+        self.json(resp).await
+    }
+
+    /// `GET /handover`: how many handovers the daemon has been through.
+    pub async fn handover_status(&self) -> Result<HandoverStatus, ClientError> {
+        let resp = self.send(Method::GET, "/handover", None, &[]).await?;
+        self.json(resp).await
+    }
+
     /// `GET /processes/{id}/output`: the structured output, a JSON object,
     /// as the daemon sent it.
     pub async fn output(&self, id: u64) -> Result<Bytes, ClientError> {
@@ -871,4 +884,22 @@ mod tests {
         drop(text);
         assert_eq!(p.r#ref.as_deref(), Some("a\"b"));
     }
+}
+
+/// `POST /handover`'s answer.
+#[derive(Clone, Debug, serde::Deserialize)]
+pub struct HandoverStarted {
+    pub binary: String,
+    pub pid: u32,
+}
+
+/// `GET /handover`'s answer.
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HandoverStatus {
+    pub pid: u32,
+    pub generation: u64,
+    pub binary: String,
+    pub state_version: u32,
+    pub last_error: Option<String>,
 }

@@ -165,6 +165,12 @@ enum Command {
         #[arg(value_name = "DIR")]
         dir: PathBuf,
     },
+    /// Make the daemon re-execute the binary on disk (an upgrade) keeping
+    /// every run; waits until the new image answers
+    ///
+    /// The daemon first checks that binary (`cyrneld --handover-check`);
+    /// if it refuses, nothing changes and this exits 1 with the reason.
+    Handover,
     /// Print a shell completion script
     Completions {
         #[arg(value_name = "SHELL")]
@@ -363,6 +369,37 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 b.dir, b.next_id, b.last_event_id, b.took_ms
             ))?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Handover => {
+            let client = client()?;
+            let before = client.handover_status().await?;
+            let started = client.handover().await?;
+            // The daemon answers again once the new image listens (the
+            // socket is kept, so connections wait meanwhile).
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            loop {
+                match client.handover_status().await {
+                    Ok(now) if now.last_error.is_some() && now.last_error != before.last_error => {
+                        return Err(Fail::Local(format!(
+                            "the handover failed: {}",
+                            now.last_error.unwrap_or_default()
+                        )));
+                    }
+                    Ok(now) if now.generation > before.generation => {
+                        line(format_args!(
+                            "handed over to {} (pid {}, handover {})",
+                            started.binary, now.pid, now.generation
+                        ))?;
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    _ if std::time::Instant::now() > deadline => {
+                        return Err(Fail::Local(
+                            "the daemon did not answer as a new image within 60 s".into(),
+                        ));
+                    }
+                    _ => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+                }
+            }
         }
         Command::Events { since, json, id } => events(&client()?, since, id, json).await,
         Command::Wait { ids } => wait(&client()?, &ids).await,

@@ -738,3 +738,26 @@ fn cyrneld_man_page_is_generated() {
     assert_eq!(both.code, Some(2), "{both:?}");
     assert!(both.stderr.contains("cannot be used with"), "{both:?}");
 }
+
+#[test]
+fn handover_waits_for_the_new_image_or_says_why_not() {
+    let d = Daemon::options().own_binary().start();
+    let run = d.create_code("sleep 300");
+    let pid = d.wait_running_pid(run);
+    let out = ctl(&d, &["handover"]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(
+        out.stdout.starts_with(&format!(
+            "handed over to {} (pid {}, handover 1)",
+            d.binary().display(),
+            d.pid()
+        )),
+        "{out:?}"
+    );
+    assert!(is_alive(pid));
+    fs::remove_file(d.binary()).unwrap();
+    let out = ctl(&d, &["handover"]);
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(out.stderr.contains("Handover refused:"), "{out:?}");
+    assert_eq!(d.record(run)["state"], "running");
+}
