@@ -40,8 +40,9 @@ use crate::proc::reexec;
 use crate::proc::sandbox::FolderHandle;
 use crate::supervisor::{Adoption, HandedRun, StreamStats};
 
-/// The version of the handed-over state this image writes.
-pub const STATE_VERSION: u32 = 1;
+/// The version of the handed-over state this image writes: 2 adds the
+/// capture journals of each run (`journals`).
+pub const STATE_VERSION: u32 = 2;
 /// The versions this image reads.
 pub const READS: (u32, u32) = (1, STATE_VERSION);
 
@@ -76,6 +77,9 @@ struct WireRun {
     streams: [u64; 4],
     signalled: Vec<i32>,
     escaped: Vec<i32>,
+    /// Version 2: the capture journals (stdout, stderr).
+    #[serde(default)]
+    journals: [Option<RawFd>; 2],
 }
 
 #[derive(Serialize, Deserialize)]
@@ -233,7 +237,13 @@ pub fn exec(
         runs: runs
             .iter()
             .map(|r| {
-                let fds = [Some(&r.pidfd), r.stdout.as_ref(), r.stderr.as_ref()];
+                let fds = [
+                    Some(&r.pidfd),
+                    r.stdout.as_ref(),
+                    r.stderr.as_ref(),
+                    r.journals[0].as_ref(),
+                    r.journals[1].as_ref(),
+                ];
                 keep.extend(fds.into_iter().flatten().map(AsRawFd::as_raw_fd));
                 if let Some(f) = &r.folder {
                     keep.push(f.fd().as_raw_fd());
@@ -259,6 +269,10 @@ pub fn exec(
                     ],
                     signalled: r.signalled.clone(),
                     escaped: r.escaped.clone(),
+                    journals: [
+                        r.journals[0].as_ref().map(AsRawFd::as_raw_fd),
+                        r.journals[1].as_ref().map(AsRawFd::as_raw_fd),
+                    ],
                 }
             })
             .collect(),
@@ -383,7 +397,17 @@ fn read(state_fd: RawFd, image_fd: RawFd, fallback: Option<String>) -> Result<In
     // descriptor open for the previous image to take back.
     let mut all = vec![wire.listener, wire.image];
     for r in &wire.runs {
-        all.extend([Some(r.pidfd), r.stdout, r.stderr].into_iter().flatten());
+        all.extend(
+            [
+                Some(r.pidfd),
+                r.stdout,
+                r.stderr,
+                r.journals[0],
+                r.journals[1],
+            ]
+            .into_iter()
+            .flatten(),
+        );
         if let Some(WireFolder::Private(fd) | WireFolder::Host(fd, _)) = &r.folder {
             all.push(*fd);
         }
@@ -424,6 +448,10 @@ fn read(state_fd: RawFd, image_fd: RawFd, fallback: Option<String>) -> Result<In
             }),
             signalled: r.signalled,
             escaped: r.escaped,
+            journals: [
+                r.journals[0].map(take).transpose()?,
+                r.journals[1].map(take).transpose()?,
+            ],
         });
     }
     Ok(Inherited {

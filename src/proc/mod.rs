@@ -21,6 +21,7 @@
 //! `CYRNEL_PROCESS_ID` tag in their environment.
 
 pub mod cgroup;
+pub mod journal;
 pub mod reexec;
 pub mod sandbox;
 mod spawn;

@@ -608,6 +608,8 @@ impl Actor {
             hub: self.hub.clone(),
             park: self.park.subscribe(),
             start,
+            service: self.settings.service.clone(),
+            journals: [None, None],
         }
     }
 
@@ -741,6 +743,9 @@ impl Actor {
             streams: Some(p.streams),
             signalled,
             escaped,
+            journals: p
+                .journals
+                .map(|j| j.map(crate::proc::journal::Journal::into_fd)),
         };
         if let Some(parking) = &mut self.parking {
             parking.runs.push(handed);

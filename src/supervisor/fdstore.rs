@@ -5,7 +5,9 @@
 //! taken out. A daemon restarted by the manager receives what is left
 //! (`LISTEN_FDS`) and re-adopts those runs ([`adoption`]).
 //!
-//! Names: `run-<id>-pid`, `run-<id>-out`, `run-<id>-err`, `run-<id>-dir`.
+//! Names: `run-<id>-pid`, `run-<id>-out`, `run-<id>-err`, `run-<id>-dir`,
+//! and the capture journals `run-<id>-jout`, `run-<id>-jerr` (parked by the
+//! capture when the first bytes arrive, see `proc::journal`).
 
 use std::collections::BTreeMap;
 use std::os::fd::{BorrowedFd, OwnedFd};
@@ -15,16 +17,16 @@ use crate::model::ProcessId;
 use crate::proc::sandbox::FolderHandle;
 use crate::service::Notifier;
 
-const KINDS: [&str; 4] = ["pid", "out", "err", "dir"];
+const KINDS: [&str; 6] = ["pid", "out", "err", "dir", "jout", "jerr"];
 
-fn name(id: ProcessId, kind: &str) -> String {
+pub(super) fn name(id: ProcessId, kind: &str) -> String {
     format!("run-{}-{kind}", id.0)
 }
 
 /// Parks a started run's descriptors (`dir`: its private folder, level
 /// `full`). A failure costs only the run's survival of a crash.
 pub(super) fn park(notifier: &Notifier, id: ProcessId, fds: [Option<BorrowedFd<'_>>; 4]) {
-    for (kind, fd) in KINDS.iter().zip(fds) {
+    for (kind, fd) in KINDS[..4].iter().zip(fds) {
         if let Some(fd) = fd {
             if let Err(e) = notifier.store(&name(id, kind), fd) {
                 tracing::warn!(%id, error = %e, "cannot park the run's descriptors in the service manager's store; it will not outlive a crash");
@@ -47,7 +49,7 @@ pub(super) fn unpark(notifier: &Notifier, id: ProcessId) {
 /// The runs among the descriptors the manager passed at start (any other
 /// descriptor is closed). Their leaders are not our children any more.
 pub fn adoption(fds: Vec<(String, OwnedFd)>) -> Adoption {
-    let mut by_run: BTreeMap<u64, [Option<OwnedFd>; 4]> = BTreeMap::new();
+    let mut by_run: BTreeMap<u64, [Option<OwnedFd>; 6]> = BTreeMap::new();
     for (n, fd) in fds {
         let parsed = n.strip_prefix("run-").and_then(|rest| {
             let (id, kind) = rest.split_once('-')?;
@@ -65,7 +67,7 @@ pub fn adoption(fds: Vec<(String, OwnedFd)>) -> Adoption {
     }
     let runs = by_run
         .into_iter()
-        .filter_map(|(id, [pid, out, err, dir])| {
+        .filter_map(|(id, [pid, out, err, dir, jout, jerr])| {
             let Some(pidfd) = pid else {
                 tracing::warn!(
                     id,
@@ -84,6 +86,7 @@ pub fn adoption(fds: Vec<(String, OwnedFd)>) -> Adoption {
                 streams: None,
                 signalled: Vec::new(),
                 escaped: Vec::new(),
+                journals: [jout, jerr],
             })
         })
         .collect();

@@ -120,6 +120,8 @@ pub struct HandedRun {
     /// Processes our signals reached, and those of them outside the group.
     pub signalled: Vec<i32>,
     pub escaped: Vec<i32>,
+    /// Its capture journals (stdout, stderr), if it had any.
+    pub journals: [Option<OwnedFd>; 2],
 }
 
 /// Runs a previous image of the daemon left running, for

@@ -159,7 +159,16 @@ impl Actor {
             .folder
             .map(RunFolder::from_handle)
             .or_else(|| self.settings.sandbox.adopt_folder(id.0));
-        let ctx = self.run_context(id, gen, folder, start);
+        let mut ctx = self.run_context(id, gen, folder, start);
+        ctx.journals = h.journals.map(|fd| {
+            fd.and_then(|fd| match crate::proc::journal::Journal::open(fd) {
+                Ok(j) => Some(j),
+                Err(e) => {
+                    tracing::warn!(%id, error = %e, "ignoring a capture journal");
+                    None
+                }
+            })
+        });
         tokio::spawn(watch::watch_child(ctx, leader, tracked, stdout, stderr));
         let now = now_ms();
         match rec.state {

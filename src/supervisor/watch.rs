@@ -20,6 +20,7 @@ use crate::events::Hub;
 use crate::model::{ProcIdentity, ProcessId, Resources, Stream};
 use crate::output::parse_output;
 use crate::proc::cgroup::RunCgroup;
+use crate::proc::journal::Journal;
 use crate::proc::sandbox::RunFolder;
 use crate::proc::{self, ExitStatus, Leader, Tracked};
 use crate::store::{Batch, Store};
@@ -47,6 +48,8 @@ pub struct Parked {
     pub stderr: Option<pipe::Receiver>,
     pub folder: Option<RunFolder>,
     pub streams: StreamStats,
+    /// The capture journals (stdout, stderr), if any were made.
+    pub journals: [Option<Journal>; 2],
 }
 
 pub struct RunContext {
@@ -63,6 +66,12 @@ pub struct RunContext {
     pub park: watch::Receiver<bool>,
     /// What was captured before (a run re-adopted after a restart).
     pub start: StreamStats,
+    /// Capture through journals parked in this service manager's store
+    /// (`None`: no manager, plain reads).
+    pub service: Option<Arc<crate::service::Notifier>>,
+    /// Journals handed back (stdout, stderr): their unstored bytes are
+    /// stored first.
+    pub journals: [Option<Journal>; 2],
 }
 
 /// What a capture task is told to do.
@@ -81,6 +90,7 @@ struct Captured {
     kept: u64,
     dropped: u64,
     pipe: Option<pipe::Receiver>,
+    journal: Option<Journal>,
 }
 
 /// Waits until the actor parks every run.
@@ -100,14 +110,15 @@ pub async fn watch_child(
     stderr: Option<pipe::Receiver>,
 ) {
     let (mode_tx, mode_rx) = watch::channel(Mode::Run);
+    let [jout, jerr] = std::mem::take(&mut ctx.journals);
     let out = tokio::spawn(capture(
-        Sink::new(&ctx, Stream::Stdout),
+        Sink::new(&ctx, Stream::Stdout, jout),
         (ctx.start.stdout_len, ctx.start.stdout_dropped),
         stdout,
         mode_rx.clone(),
     ));
     let err = tokio::spawn(capture(
-        Sink::new(&ctx, Stream::Stderr),
+        Sink::new(&ctx, Stream::Stderr, jerr),
         (ctx.start.stderr_len, ctx.start.stderr_dropped),
         stderr,
         mode_rx,
@@ -126,7 +137,7 @@ pub async fn watch_child(
                 Ok(c) => c,
                 Err(_) => {
                     tracing::error!(id = %ctx.id, "a capture task failed while parking");
-                    Captured { kept: 0, dropped: 0, pipe: None }
+                    Captured { kept: 0, dropped: 0, pipe: None, journal: None }
                 }
             };
             let (o, e) = (parked_or_ended(out.await), parked_or_ended(err.await));
@@ -143,6 +154,7 @@ pub async fn watch_child(
                     stderr_len: e.kept,
                     stderr_dropped: e.dropped,
                 },
+                journals: [o.journal, e.journal],
             }));
             return;
         }
@@ -232,16 +244,20 @@ struct Sink {
     id: ProcessId,
     stream: Stream,
     cap: u64,
+    service: Option<Arc<crate::service::Notifier>>,
+    journal: Option<Journal>,
 }
 
 impl Sink {
-    fn new(ctx: &RunContext, stream: Stream) -> Sink {
+    fn new(ctx: &RunContext, stream: Stream, journal: Option<Journal>) -> Sink {
         Sink {
             store: ctx.store.clone(),
             hub: ctx.hub.clone(),
             id: ctx.id,
             stream,
             cap: ctx.max_output_bytes,
+            service: ctx.service.clone(),
+            journal,
         }
     }
 }
@@ -276,28 +292,57 @@ fn pending_bytes(pipe: &pipe::Receiver) -> usize {
 /// it reads what is already buffered) or to park (then it stops after the
 /// chunk it is storing and gives the pipe back). Every byte it reads is
 /// stored (or counted as dropped) before it looks at its mode again, so a
-/// parked pipe holds exactly what was not captured.
+/// parked pipe holds exactly what was not captured. Under a service
+/// manager, bytes leave the pipe only into the run's journal
+/// (`proc::journal`), so a crash loses none of them either.
 async fn capture(
     sink: Sink,
     (mut kept, mut dropped): (u64, u64),
     pipe: Option<pipe::Receiver>,
     mut mode: watch::Receiver<Mode>,
 ) -> Captured {
-    // A stream that had ended before a handover: nothing more comes.
-    let Some(pipe) = pipe else {
-        return Captured {
-            kept,
-            dropped,
-            pipe: None,
-        };
-    };
     let Sink {
         store,
         hub,
         id,
         stream,
         cap,
+        service,
+        mut journal,
     } = sink;
+    // What a journal handed back holds beyond what it knows stored goes
+    // to the same stream offsets again (idempotent), then capture goes on.
+    if let Some(j) = &mut journal {
+        match j.pending() {
+            Ok((at, bytes)) => {
+                let room = cap.saturating_sub(at).min(bytes.len() as u64) as usize;
+                if room > 0 {
+                    let mut b = Batch::buffered();
+                    b.put_chunk(id, stream, at, bytes[..room].to_vec());
+                    if let Err(e) = store.write(b).await {
+                        tracing::warn!(%id, error = %e, "storing journaled output failed; bytes dropped");
+                    }
+                }
+                kept = at + room as u64;
+                let _ = j.mark_stored(room as u64);
+                hub.output_changed(id);
+            }
+            Err(e) => tracing::warn!(%id, error = %e, "cannot read a capture journal"),
+        }
+    }
+    let journal_name = match stream {
+        Stream::Stdout => "jout",
+        Stream::Stderr => "jerr",
+    };
+    // A stream that had ended before a handover: nothing more comes.
+    let Some(pipe) = pipe else {
+        return Captured {
+            kept,
+            dropped,
+            pipe: None,
+            journal,
+        };
+    };
     // Allocated when the first bytes arrive: most runs of a busy daemon
     // sit silent (a `sleep`), and two idle 64 KiB buffers per run would be
     // most of the daemon's memory per process.
@@ -317,40 +362,74 @@ async fn capture(
                         kept,
                         dropped,
                         pipe: Some(pipe),
+                        journal,
                     }
                 }
             }
         }
-        if buf.is_empty() {
-            // A silent run's pipe is usually empty at the end: ask before
-            // allocating a buffer only to read nothing.
-            if stopping && pending_bytes(&pipe) == 0 {
+        if journal.is_none() && buf.is_empty() {
+            if let Some(service) = &service {
+                // The first bytes: a journal, parked before it takes any.
+                journal = Journal::create(kept).ok().filter(|j| {
+                    service
+                        .store(&super::fdstore::name(id, journal_name), j.fd())
+                        .is_ok()
+                });
+            }
+        }
+        let chunk: Vec<u8> = if let Some(j) = &mut journal {
+            let taken = if stopping {
+                use std::os::fd::AsFd;
+                j.take_from(pipe.as_fd(), READ_BUF)
+            } else {
+                use std::os::fd::AsFd;
+                pipe.try_io(|| j.take_from(pipe.as_fd(), READ_BUF))
+            };
+            match taken {
+                Ok(0) => break,
+                Ok(_) => match j.unstored() {
+                    Ok(b) => b,
+                    Err(_) => break,
+                },
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && !stopping => continue,
+                Err(_) => break,
+            }
+        } else {
+            if buf.is_empty() {
+                // A silent run's pipe is usually empty at the end: ask
+                // before allocating a buffer only to read nothing.
+                if stopping && pending_bytes(&pipe) == 0 {
+                    break;
+                }
+                buf = vec![0u8; READ_BUF];
+            }
+            // While running, try_read (which clears tokio's readiness when
+            // the pipe turns out empty); when draining, a real read(2).
+            let read = if stopping {
+                drain_read(&pipe, &mut buf)
+            } else {
+                pipe.try_read(&mut buf)
+            };
+            let n = match read {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && !stopping => continue,
+                Err(_) => break, // drained (WouldBlock), or done
+            };
+            if n == 0 {
                 break;
             }
-            buf = vec![0u8; READ_BUF];
-        }
-        // While running, try_read (which clears tokio's readiness when the
-        // pipe turns out empty); when draining, a real read(2) each time.
-        let read = if stopping {
-            drain_read(&pipe, &mut buf)
-        } else {
-            pipe.try_read(&mut buf)
+            buf[..n].to_vec()
         };
-        let n = match read {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && !stopping => continue,
-            Err(_) => break, // drained (WouldBlock), or done
-        };
-        if n == 0 {
-            break;
-        }
+        let n = chunk.len();
         let room = cap.saturating_sub(kept).min(n as u64) as usize;
+        let mut stored = 0u64;
         if room > 0 {
             let mut b = Batch::buffered();
-            b.put_chunk(id, stream, kept, buf[..room].to_vec());
+            b.put_chunk(id, stream, kept, chunk[..room].to_vec());
             match store.write(b).await {
                 Ok(()) => {
                     kept += room as u64;
+                    stored = room as u64;
                     hub.output_changed(id);
                 }
                 // Not stored (full disk): counted as dropped, like bytes
@@ -362,10 +441,14 @@ async fn capture(
             }
         }
         dropped += (n - room) as u64;
+        if let Some(j) = &mut journal {
+            let _ = j.mark_stored(stored);
+        }
     }
     Captured {
         kept,
         dropped,
         pipe: None,
+        journal,
     }
 }
