@@ -382,3 +382,68 @@ fn sighup_hands_over_only_when_the_binary_was_replaced() {
     assert_eq!(d.wait_idle(run)["exitState"], "canceled");
     assert!(!is_alive(run_pid));
 }
+
+/// The previous release's binary (`make previous` builds it; `make test`
+/// passes its path).
+fn previous_release() -> std::path::PathBuf {
+    let path = std::env::var_os("CYRNEL_TEST_PREVIOUS_CYRNELD").expect(
+        "CYRNEL_TEST_PREVIOUS_CYRNELD is not set: run the tests through `make test`, \
+         which builds the previous release (`make previous`) and passes its path",
+    );
+    let path = std::path::PathBuf::from(path);
+    assert!(
+        path.is_file(),
+        "{}: missing (run `make previous`)",
+        path.display()
+    );
+    path
+}
+
+#[test]
+fn an_upgrade_from_the_previous_release_keeps_every_run() {
+    let markers = marker_dir();
+    let go = markers.path().join("go");
+    let d = Daemon::options()
+        .own_binary_from(&previous_release())
+        .start();
+    let old = d.get("/handover").json();
+    assert_eq!(
+        old["stateVersion"], 1,
+        "the previous release writes version 1: {old}"
+    );
+    let writer = d.create_code(&format!(
+        "i=0; while [ ! -e {go} ]; do echo \"out $i\"; i=$((i+1)); done; exit 6",
+        go = sq(&go)
+    ));
+    let sleeper = d.create_code("sleep 300");
+    let sleeper_pid = d.wait_running_pid(sleeper);
+    d.wait_running_pid(writer);
+    // The package manager puts the new binary in place; the old daemon
+    // hands over to it (it reads version 1).
+    let bin = d.binary();
+    fs::remove_file(&bin).unwrap();
+    install_binary(&bin);
+    hand_over(&d);
+    let new = d.get("/handover").json();
+    assert_eq!(new["stateVersion"], 2, "{new}");
+    assert!(is_alive(sleeper_pid));
+    fs::write(&go, "").unwrap();
+    let w = d.wait_idle(writer);
+    assert_eq!(w["exitCode"], 6, "{w}");
+    let lines = assert_numbered(&d.stdout_text(writer), "out");
+    assert!(lines > 0);
+    assert_eq!(d.kill(sleeper).status, 200);
+    assert_eq!(d.wait_idle(sleeper)["exitState"], "canceled");
+    // Back to the previous release: it cannot read version 2, so the
+    // handover is refused and nothing changes.
+    fs::remove_file(&bin).unwrap();
+    install_binary_from(&previous_release(), &bin);
+    let r = d.post_no_body("/handover");
+    assert_eq!(r.status, 409, "{r}");
+    assert!(
+        r.text()
+            .contains("reads handover state versions 1-1, this daemon writes version 2"),
+        "{r}"
+    );
+    assert_eq!(d.get("/handover").json()["generation"], 1);
+}

@@ -19,6 +19,9 @@ pub struct DaemonOptions {
     data_dir: Option<PathBuf>,
     unprivileged: bool,
     own_binary: bool,
+    /// Install this binary as the daemon's own copy instead of the one
+    /// under test (an older release).
+    binary_from: Option<PathBuf>,
 }
 
 /// The uid (and gid) an unprivileged daemon runs as: `nobody`.
@@ -43,6 +46,14 @@ impl DaemonOptions {
     /// there.
     pub fn own_binary(mut self) -> Self {
         self.own_binary = true;
+        self
+    }
+
+    /// `own_binary`, starting from a copy of `bin` (e.g. the previous
+    /// release).
+    pub fn own_binary_from(mut self, bin: &Path) -> Self {
+        self.own_binary = true;
+        self.binary_from = Some(bin.to_path_buf());
         self
     }
 
@@ -196,7 +207,10 @@ impl Daemon {
         } else if self.opts.own_binary {
             let bin = self.binary();
             if !bin.exists() {
-                install_binary(&bin);
+                match &self.opts.binary_from {
+                    Some(from) => install_binary_from(from, &bin),
+                    None => install_binary(&bin),
+                }
             }
             command_for(&bin)
         } else {
@@ -707,14 +721,25 @@ pub fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (ExitStatus, String) 
 /// Copies the binary under test to `to` (0755, a new file: a running
 /// daemon's image is never written to).
 pub fn install_binary(to: &Path) {
+    install_binary_from(Path::new(BIN), to);
+}
+
+/// `install_binary` of another build.
+pub fn install_binary_from(from: &Path, to: &Path) {
     // Copied by a child process, not by this one: a copy's write
     // descriptor held here would be inherited by whatever another test
     // thread forks meanwhile, and exec of the copy would then fail with
     // "Text file busy" (seen once under the full suite).
     let st = Command::new("install")
-        .args(["-m", "0755", BIN])
+        .args(["-m", "0755"])
+        .arg(from)
         .arg(to)
         .status()
         .expect("run install");
-    assert!(st.success(), "install {BIN} {}: {st}", to.display());
+    assert!(
+        st.success(),
+        "install {} {}: {st}",
+        from.display(),
+        to.display()
+    );
 }
