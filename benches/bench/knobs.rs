@@ -30,6 +30,8 @@ pub(crate) struct Knobs {
     pub(crate) scale_ran: u64,
     pub(crate) step_spawns: usize,
     pub(crate) churn_runs: u64,
+    pub(crate) handover_runs: usize,
+    pub(crate) handover_rounds: usize,
 }
 
 impl Knobs {
@@ -55,6 +57,8 @@ impl Knobs {
             scale_ran: knob("BENCH_SCALE_RAN", 100_000),
             step_spawns: knob("BENCH_STEP_SPAWNS", 500),
             churn_runs: knob("BENCH_CHURN_RUNS", 100_000),
+            handover_runs: knob("BENCH_HANDOVER_RUNS", 1000),
+            handover_rounds: knob("BENCH_HANDOVER_ROUNDS", 10),
         }
     }
 

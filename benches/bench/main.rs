@@ -13,7 +13,7 @@
 //! event that shows its effect on an open `/events` stream.
 //!
 //! Knobs (environment variables, all optional):
-//! `BENCH_ONLY` (comma list of `spawn,latency,read,durable,memory,scale,steps,churn,reclaim,soak`;
+//! `BENCH_ONLY` (comma list of `spawn,latency,read,durable,memory,handover,scale,steps,churn,reclaim,soak`;
 //! `soak` runs only when named: `make soak`), `BENCH_RECLAIM_RECORDS` (2000),
 //! `BENCH_SOAK_SECS` (900), `BENCH_SOAK_CLIENTS` (12), `BENCH_SOAK_MEMORY_BYTES`
 //! (the daemon's `storage_memory_bytes`; default: its default),
@@ -24,7 +24,8 @@
 //! `BENCH_MEMORY_PROCS` (1000), `BENCH_SCALE_RECORDS` (see `DEFAULT_SCALE_RECORDS`),
 //! `BENCH_SCALE_CLIENTS` (64), `BENCH_SCALE_RAN` (100000: how many of the
 //! scale records are runs of `true` that ran), `BENCH_STEP_SPAWNS` (500),
-//! `BENCH_CHURN_RUNS` (100000), `CYRNELD_BIN` (daemon binary to use),
+//! `BENCH_CHURN_RUNS` (100000), `BENCH_HANDOVER_RUNS` (1000),
+//! `BENCH_HANDOVER_ROUNDS` (10), `CYRNELD_BIN` (daemon binary to use),
 //! `BENCH_RESULTS` (path of the JSON file, default `target/bench/results.json`
 //! under the package), `BENCH_KEEP` (keep the data dirs and daemon logs),
 //! `BENCH_COMMIT` (commit label when not run inside a git checkout).
@@ -75,6 +76,7 @@ mod churn;
 mod daemon;
 mod durable;
 mod events;
+mod handover;
 mod http;
 mod knobs;
 mod latency;
@@ -91,6 +93,7 @@ use churn::*;
 use daemon::*;
 use durable::*;
 use events::*;
+use handover::*;
 use http::*;
 use knobs::*;
 use latency::*;
@@ -338,6 +341,10 @@ async fn run(k: Knobs) {
     if k.wants("memory") {
         load(&mut rep, "memory");
         bench_memory(&k, &bin, &root, &mut rep).await;
+    }
+    if k.wants("handover") {
+        load(&mut rep, "handover");
+        bench_handover(&k, &bin, &root, &mut rep).await;
     }
     if k.wants("steps") {
         load(&mut rep, "steps");
