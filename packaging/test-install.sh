@@ -563,7 +563,7 @@ check_eq "run $required is recorded at level full, idle/success" "full idle succ
 	"$(json_string sandbox "$(api "/processes/$required")") $(record_state "$required")"
 stop_daemon
 
-log "restart semantics: SIGTERM reaches the daemon alone (KillMode=mixed); it puts its runs down"
+log "stop semantics: SIGTERM reaches the daemon alone (KillMode=process); it puts its runs down"
 start_daemon "$R"
 running=$(create '{"code":"sleep 300","options":{"timeout":null}}')
 wait_state "$running" running
@@ -632,7 +632,8 @@ else
 	cat "$work/verify.log" >&2
 	fail "systemd-analyze verify cyrneld.service"
 fi
-for key in Type=notify User=cyrnel KillMode=mixed Delegate=yes Restart=on-failure \
+for key in Type=notify NotifyAccess=main User=cyrnel KillMode=process Delegate=yes Restart=on-failure \
+	FileDescriptorStoreMax=16000 \
 	"ExecReload=/bin/sh -c 'kill -HUP \$\$MAINPID'" LimitNOFILE=65536 NoNewPrivileges=yes; do
 	check "the unit has $key" grep -qxF "$key" "$S/usr/lib/systemd/system/cyrneld.service"
 done
