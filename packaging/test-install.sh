@@ -708,7 +708,7 @@ else
 	fail "systemd-analyze verify cyrneld.service"
 fi
 for key in Type=notify NotifyAccess=main User=cyrnel KillMode=process Delegate=yes Restart=on-failure \
-	FileDescriptorStoreMax=16000 \
+	FileDescriptorStoreMax=5957 \
 	"ExecReload=/bin/sh -c 'kill -HUP \$\$MAINPID'" LimitNOFILE=65536 NoNewPrivileges=yes; do
 	check "the unit has $key" grep -qxF "$key" "$S/usr/lib/systemd/system/cyrneld.service"
 done

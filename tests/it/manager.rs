@@ -633,20 +633,27 @@ fn cyrneld_starts_crashes_restarts_and_stops_under_the_stand_in() {
 
 #[test]
 fn the_unit_sizes_the_store_for_what_a_restart_can_pass() {
-    // FileDescriptorStoreMax= descriptors, named with at most 7 bytes each
-    // (the budget the unit's comment gives the daemon), fit in
-    // LISTEN_FDNAMES; more could be stored but never passed back.
+    // FileDescriptorStoreMax= descriptors with the daemon's longest name
+    // (`run-<id>-jout`, an id below 10^12: 21 bytes, the budget the unit's
+    // comment states) fit in LISTEN_FDNAMES, and one more would not; more
+    // could be stored but never passed back.
     let max: usize = unit_setting("FileDescriptorStoreMax")
         .expect("the unit sets FileDescriptorStoreMax=")
         .parse()
         .expect("a number");
+    let longest = format!("run-{}-jout", 10u64.pow(12) - 1).len();
+    assert_eq!(longest, 21);
     assert!(
-        max * (7 + 1) - 1 <= LISTEN_FDNAMES_MAX,
+        max * (longest + 1) - 1 <= LISTEN_FDNAMES_MAX,
         "FileDescriptorStoreMax={max}"
     );
-    // At 5 descriptors per run (pidfd, stdout and stderr read ends, two
-    // state memfds) that is the default max_running (32) many times over.
-    assert!(max / 5 >= 32 * 100, "FileDescriptorStoreMax={max}");
+    assert!(
+        (max + 1) * (longest + 1) - 1 > LISTEN_FDNAMES_MAX,
+        "as large as fits"
+    );
+    // At 6 descriptors per run (pidfd, stdout and stderr read ends, folder,
+    // two capture journals), 30 times the default max_running (32).
+    assert!(max / 6 >= 32 * 30, "FileDescriptorStoreMax={max}");
     let nofile: usize = unit_setting("LimitNOFILE").unwrap().parse().unwrap();
     assert!(
         nofile > max + 3,
