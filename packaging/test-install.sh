@@ -20,10 +20,19 @@
 #   - "systemd": minbase plus systemd (installed, not running, as in an
 #     image build): the user comes from sysusers.d, the data dir from
 #     tmpfiles.d, the unit is enabled, and `systemd-analyze verify` passes.
+#   - "deb-sd": minbase made to look as if systemd ran (/run/systemd/system
+#     and a systemctl that logs what it is asked): install starts the
+#     unit, an upgrade while it runs reloads it (the daemon hands over to
+#     the new binary; never a restart, which would end every run), an
+#     upgrade while it does not run starts it, remove stops it; and no
+#     maintainer script names a restart.
 # The .rpm: metadata (URL, Packager, Group, %changelog), file list, config
 # flags, scriptlets and dependencies with `rpm -qp`, then `rpm --root`
 # install (scriptlets run, chrooted), an upgrade and an erase in a copy of
-# the minbase root. (lintian and rpmlint run before this script: see
+# the minbase root; then the same with a simulated running systemd: install
+# enables and starts, an upgrade reloads a running daemon and leaves a
+# stopped one alone, erase stops and disables; no scriptlet names a
+# restart. (lintian and rpmlint run before this script: see
 # packaging/lint.sh.)
 #
 # The machine running this has no running systemd, so nothing is started
@@ -497,6 +506,50 @@ check_user() {
 	check_eq "cyrnel's group is cyrnel" cyrnel "$(in_root "$root" getent group "$gid" | cut -d: -f1)"
 }
 
+# --- maintainer scripts under a running systemd (simulated) ---------------
+
+# fake_systemd ROOT: ROOT looks as if systemd ran (/run/systemd/system is
+# there) and its systemctl, in /usr/sbin ahead of /usr/bin in the scripts'
+# PATH, only logs its arguments to ROOT/systemctl.log; `is-active` answers
+# as ROOT/unit-active says (yes or no), `is-enabled` says enabled.
+# deb-systemd-invoke and deb-systemd-helper are the root's own.
+fake_systemd() {
+	mkdir -p "$1/run/systemd/system"
+	cat >"$1/usr/sbin/systemctl" <<'EOF'
+#!/bin/sh
+echo "$*" >>/systemctl.log
+for arg; do
+	case $arg in
+	is-active) [ "$(cat /unit-active 2>/dev/null)" = yes ]; exit ;;
+	is-enabled) echo enabled; exit 0 ;;
+	esac
+done
+exit 0
+EOF
+	chmod 0755 "$1/usr/sbin/systemctl"
+}
+
+# unit_running ROOT yes|no: whether systemctl says the unit is active from
+# now on; clears the log.
+unit_running() {
+	echo "$2" >"$1/unit-active"
+	: >"$1/systemctl.log"
+}
+
+# unit_actions ROOT: what the scripts asked systemctl to do since the log
+# was cleared, as "verb unit", comma-separated; queries (is-active,
+# is-enabled) and daemon-reload left out.
+unit_actions() {
+	awk '{ for (i = 1; i <= NF; i++) if ($i !~ /^-/) {
+		if ($i !~ /^(is-active|is-enabled|daemon-reload)$/) print $i " " $(i + 1)
+		break } }' "$1/systemctl.log" | paste -sd, -
+}
+
+# no_restart_in TEXT: none of the script lines (comments aside) restarts.
+no_restart_in() {
+	! grep -vE '^[[:space:]]*#' <<<"$1" | grep -qwE 'restart|try-restart|reload-or-restart|try-reload-or-restart|condrestart'
+}
+
 # --- .deb in a container-like root (no systemd) --------------------------
 
 log "package sizes"
@@ -563,7 +616,7 @@ check_eq "run $required is recorded at level full, idle/success" "full idle succ
 	"$(json_string sandbox "$(api "/processes/$required")") $(record_state "$required")"
 stop_daemon
 
-log "restart semantics: SIGTERM reaches the daemon alone (KillMode=mixed); it puts its runs down"
+log "stop semantics: SIGTERM reaches the daemon alone (KillMode=process); it puts its runs down"
 start_daemon "$R"
 running=$(create '{"code":"sleep 300","options":{"timeout":null}}')
 wait_state "$running" running
@@ -609,6 +662,28 @@ check "/etc/cyrnel is gone" test ! -e "$R/etc/cyrnel"
 check "the unit's enablement is gone" test ! -e "$R/etc/systemd/system/multi-user.target.wants/cyrneld.service"
 check "the cyrnel user stays (Debian keeps system users)" sh -c "chroot '$R' getent passwd cyrnel >/dev/null"
 
+log ".deb maintainer scripts under a running systemd (simulated): an upgrade reloads, never restarts"
+check "no maintainer script of the .deb restarts the daemon" \
+	no_restart_in "$(for f in preinst postinst prerm postrm; do dpkg-deb -I "$deb" "$f" 2>/dev/null; done)"
+new_root deb-sd "$base"
+D=$work/deb-sd
+cp "$deb" "$upgrade_deb" "$D/tmp/pkgs/"
+fake_systemd "$D"
+unit_running "$D" no
+apt_in "$D" install --no-install-recommends "/tmp/pkgs/$(basename "$deb")"
+check_eq "install: the unit is started" "start cyrneld.service" "$(unit_actions "$D")"
+unit_running "$D" yes
+apt_in "$D" install --no-install-recommends "/tmp/pkgs/$(basename "$upgrade_deb")"
+check_eq "upgrade while the daemon runs: a reload, no restart, no stop" \
+	"reload cyrneld.service" "$(unit_actions "$D")"
+unit_running "$D" no
+apt_in "$D" install --reinstall --no-install-recommends "/tmp/pkgs/$(basename "$upgrade_deb")"
+check_eq "upgrade while it does not run: started (an enabled unit, as dh_installsystemd does), no reload" \
+	"start cyrneld.service" "$(unit_actions "$D")"
+unit_running "$D" yes
+apt_in "$D" remove cyrnel
+check_eq "remove: the unit is stopped" "stop cyrneld.service" "$(unit_actions "$D")"
+
 # --- .deb where systemd is installed (not running) ----------------------
 
 log ".deb in a root with systemd installed (not running)"
@@ -632,7 +707,8 @@ else
 	cat "$work/verify.log" >&2
 	fail "systemd-analyze verify cyrneld.service"
 fi
-for key in Type=notify User=cyrnel KillMode=mixed Delegate=yes Restart=on-failure \
+for key in Type=notify NotifyAccess=main User=cyrnel KillMode=process Delegate=yes Restart=on-failure \
+	FileDescriptorStoreMax=5957 \
 	"ExecReload=/bin/sh -c 'kill -HUP \$\$MAINPID'" LimitNOFILE=65536 NoNewPrivileges=yes; do
 	check "the unit has $key" grep -qxF "$key" "$S/usr/lib/systemd/system/cyrneld.service"
 done
@@ -730,6 +806,36 @@ rpm --root "$P" -e cyrnel >"$work/rpm.log" 2>&1 || {
 check "erase removes the binaries" test ! -e "$P/usr/bin/cyrneld"
 check "erase keeps /var/lib/cyrnel" test -d "$P/var/lib/cyrnel/db"
 check "erase keeps the modified config as .rpmsave" grep -qx 'max_running = 8' "$P/etc/cyrnel/cyrneld.toml.rpmsave"
+
+log ".rpm scriptlets under a running systemd (simulated): an upgrade reloads, never restarts"
+check "no scriptlet of the .rpm restarts the daemon" no_restart_in "$(rpm -qp --scripts "$rpm_file")"
+"$repo/packaging/rpm/build.sh" "$work" 3 >/dev/null || fail "building the release-3 .rpm"
+new_root rpm-sd "$base"
+Q=$work/rpm-sd
+fake_systemd "$Q"
+rpm --root "$Q" --initdb
+# rpm_in ARGS...: rpm --root Q ARGS, failing the test with its output.
+rpm_in() {
+	rpm --root "$Q" "$@" >"$work/rpm.log" 2>&1 || {
+		cat "$work/rpm.log" >&2
+		fail "rpm $*"
+	}
+}
+unit_running "$Q" no
+rpm_in -i --nodeps "$rpm_file"
+check_eq "install: the unit is enabled and started" "enable cyrneld.service,start cyrneld.service" \
+	"$(unit_actions "$Q")"
+unit_running "$Q" yes
+rpm_in -U --nodeps "$work/cyrnel-$upstream-2.x86_64.rpm"
+check_eq "upgrade while the daemon runs: a reload (the replaced package's %postun), no restart" \
+	"reload cyrneld.service" "$(unit_actions "$Q")"
+unit_running "$Q" no
+rpm_in -U --nodeps "$work/cyrnel-$upstream-3.x86_64.rpm"
+check_eq "upgrade while it does not run: nothing" "" "$(unit_actions "$Q")"
+unit_running "$Q" yes
+rpm_in -e cyrnel
+check_eq "erase: the unit is stopped and disabled" "stop cyrneld.service,disable cyrneld.service" \
+	"$(unit_actions "$Q")"
 
 log "summary"
 printf 'package sizes: %s %d bytes (%d KiB), %s %d bytes (%d KiB)\n' \

@@ -34,6 +34,14 @@ pub const LISTEN_FDS_START: RawFd = 3;
 /// The longest name the store accepts for a descriptor (`FDNAME=`).
 pub const FD_NAME_MAX: usize = 255;
 
+/// The most bytes of names, with the `:` between them, that a restart can
+/// pass in `LISTEN_FDNAMES`: Linux caps one environment string at 128 KiB
+/// (`MAX_ARG_STRLEN`, counting `LISTEN_FDNAMES=` and the final NUL). A store
+/// whose names add up to more can be filled but never passed back: the
+/// manager's `execve` of the service fails with `E2BIG` at every restart.
+/// `FileDescriptorStoreMax=` × (the longest name + 1) − 1 must stay below.
+pub const LISTEN_FDNAMES_MAX: usize = 131_072 - "LISTEN_FDNAMES=".len() - 1;
+
 /// How long a send may wait for room in the manager's queue before it
 /// fails (`SO_SNDTIMEO`). A manager that reads nothing for this long is
 /// stuck; a caller must not be.

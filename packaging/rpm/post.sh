@@ -1,6 +1,6 @@
 # %post of the cyrnel .rpm ($1: 1 = install, 2 = upgrade): apply
 # tmpfiles.d, then on a first install enable the unit, and start it when
-# systemd runs. (An upgrade restarts it in %postun, once the old files are
+# systemd runs. (An upgrade reloads it in %postun, once the old files are
 # gone.) Never fails the transaction: containers and chroots have no
 # running systemd. The data dir needs no fallback where systemd-tmpfiles
 # is missing: it is a directory of the package (0700 cyrnel:cyrnel).

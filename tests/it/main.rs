@@ -13,6 +13,7 @@ mod idempotency;
 mod kill;
 mod lifecycle;
 mod list_index;
+mod manager;
 mod metrics;
 mod openapi;
 mod props;

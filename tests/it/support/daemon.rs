@@ -139,7 +139,16 @@ impl Daemon {
         DaemonOptions::new()
     }
 
-    fn start_with(mut opts: DaemonOptions) -> Daemon {
+    fn start_with(opts: DaemonOptions) -> Daemon {
+        let mut daemon = Daemon::prepare(opts);
+        daemon.spawn_and_wait_ready();
+        daemon
+    }
+
+    /// A daemon ready to start but not started: the harness' defaults
+    /// applied to `opts`, its temp dir and data dir made. `manager.rs`
+    /// starts it under the service-manager stand-in instead.
+    pub(super) fn prepare(mut opts: DaemonOptions) -> Daemon {
         if !opts.env.iter().any(|(k, _)| k == "CYRNEL_SANDBOX_UID_BASE") {
             // Every daemon of this test binary gets its own block of run
             // uids (level full), so its runs can be told from another
@@ -168,40 +177,20 @@ impl Daemon {
                 dir
             }
         };
-        let mut daemon = Daemon {
+        Daemon {
             root,
             data_dir,
             opts,
             child: None,
             port: 0,
             generation: 0,
-        };
-        daemon.spawn_and_wait_ready();
-        daemon
-    }
-
-    fn log_path(&self, generation: u32) -> PathBuf {
-        self.root.path().join(format!("daemon-{generation}.log"))
-    }
-
-    /// Everything the daemon wrote to stdout/stderr, over all its starts.
-    pub fn logs(&self) -> String {
-        let mut all = String::new();
-        for generation in 1..=self.generation {
-            let text = fs::read_to_string(self.log_path(generation)).unwrap_or_default();
-            all.push_str(&format!("--- start #{generation} ---\n{text}"));
         }
-        all
     }
 
-    fn spawn_and_wait_ready(&mut self) {
-        assert!(self.child.is_none(), "daemon already running");
-        self.generation += 1;
-        // Port 0: the kernel picks a free port at bind time and the daemon
-        // logs the address it bound, so parallel tests never race for a
-        // port that was free a moment ago.
-        self.port = 0;
-        let log = fs::File::create(self.log_path(self.generation)).expect("create log file");
+    /// The command that starts this daemon (binary, arguments and
+    /// environment, not its stdio): `--listen 127.0.0.1:0`, its data dir,
+    /// the harness' environment.
+    pub(super) fn command(&self) -> Command {
         let mut cmd = if self.opts.unprivileged {
             self.unprivileged_command()
         } else if self.opts.own_binary {
@@ -233,8 +222,46 @@ impl Daemon {
             .arg("127.0.0.1:0")
             .arg("--data-dir")
             .arg(&self.data_dir)
-            .args(&self.opts.args)
-            .stdout(log.try_clone().expect("clone log handle"))
+            .args(&self.opts.args);
+        cmd
+    }
+
+    /// For a daemon that another process started (the stand-in): its log
+    /// file from now on, counted as a start for `logs()`.
+    pub(super) fn next_log_path(&mut self) -> PathBuf {
+        self.generation += 1;
+        self.log_path(self.generation)
+    }
+
+    /// For a daemon that another process started: where it listens now.
+    pub(super) fn set_port(&mut self, port: u16) {
+        self.port = port;
+    }
+
+    fn log_path(&self, generation: u32) -> PathBuf {
+        self.root.path().join(format!("daemon-{generation}.log"))
+    }
+
+    /// Everything the daemon wrote to stdout/stderr, over all its starts.
+    pub fn logs(&self) -> String {
+        let mut all = String::new();
+        for generation in 1..=self.generation {
+            let text = fs::read_to_string(self.log_path(generation)).unwrap_or_default();
+            all.push_str(&format!("--- start #{generation} ---\n{text}"));
+        }
+        all
+    }
+
+    fn spawn_and_wait_ready(&mut self) {
+        assert!(self.child.is_none(), "daemon already running");
+        self.generation += 1;
+        // Port 0: the kernel picks a free port at bind time and the daemon
+        // logs the address it bound, so parallel tests never race for a
+        // port that was free a moment ago.
+        self.port = 0;
+        let log = fs::File::create(self.log_path(self.generation)).expect("create log file");
+        let mut cmd = self.command();
+        cmd.stdout(log.try_clone().expect("clone log handle"))
             .stderr(log);
         let child = cmd.spawn().expect("spawn cyrneld");
         self.child = Some(child);
