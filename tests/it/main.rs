@@ -17,6 +17,7 @@ mod manager;
 mod metrics;
 mod openapi;
 mod props;
+mod readopt;
 mod reload;
 mod resources;
 mod sandbox;

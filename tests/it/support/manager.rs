@@ -94,6 +94,12 @@ impl ManagerOptions {
         self
     }
 
+    /// `RestartSec=`: how long a crashed daemon stays down.
+    pub fn restart_sec(mut self, secs: f64) -> Self {
+        self.restart_sec = secs;
+        self
+    }
+
     /// `NOTIFY_SOCKET=@name` (Linux's abstract namespace) instead of a path.
     pub fn abstract_socket(mut self) -> Self {
         self.abstract_socket = true;
@@ -577,7 +583,15 @@ impl ManagedDaemon {
     /// its pid.
     #[track_caller]
     pub fn kill9_and_wait_ready(&mut self) -> u32 {
+        self.kill9_then(|_| ())
+    }
+
+    /// `kill9_and_wait_ready`, doing `meanwhile` while the daemon is down
+    /// (how long it has: `ManagerOptions::restart_sec`).
+    #[track_caller]
+    pub fn kill9_then(&mut self, meanwhile: impl FnOnce(&mut Manager)) -> u32 {
         let old = self.manager.kill9();
+        meanwhile(&mut self.manager);
         let new = self
             .manager
             .wait_for("the restarted daemon to say READY=1", |s| {
