@@ -53,7 +53,9 @@ use cyrnel::config::{self, Config, Flags, Reload};
     after_help = "Signals: SIGTERM or SIGINT stop the daemon gracefully (running processes \
                   are terminated and recorded canceled; queued ones run after the next \
                   start). SIGHUP reloads api_key, the rate limits and log_level from \
-                  the configuration without touching running processes. \
+                  the configuration without touching running processes, and hands over \
+                  when the binary on disk was replaced. SIGUSR2 hands over: the daemon \
+                  re-executes itself keeping every run. \
                   More in cyrneld(8): `cyrneld --man | man -l -`."
 )]
 struct Cli {
@@ -526,7 +528,17 @@ environment and file) and apply \fBapi_key\fR (or \fBapi_key_file\fR), the
 \fBrate_limit_*\fR keys and \fBlog_level\fR without touching running processes.
 Every other key keeps its running value until a restart; an invalid file is
 logged and the running configuration kept. \fBsystemctl reload cyrneld\fR
-sends it.
+sends it. When the binary at the path the daemon was started from is no longer
+the running one (a package upgrade replaced it), a handover follows (see
+SIGUSR2).
+.TP
+\fBSIGUSR2\fR
+Hand over: re\-execute the binary at the path the daemon was started from,
+under the same pid, keeping every run, its output pipes and the listening
+socket (\fBcyrnelctl handover\fR and \fBPOST /handover\fR do the same). The
+binary must first answer \fB\-\-handover\-check\fR with a handover state
+version it reads; otherwise nothing changes and the reason is logged and shown
+by \fBGET /handover\fR.
 .SH ENVIRONMENT
 .TP
 \fBCYRNEL_\fR\fIKEY\fR
@@ -540,7 +552,20 @@ at start and on reload.
 \fBNOTIFY_SOCKET\fR
 Set by systemd for \fBType=notify\fR: the daemon sends READY=1 once it
 listens, RELOADING=1 and READY=1 around a reload, STOPPING=1 when a stop
-begins. Managed processes never see it: they get a clean environment.
+begins. Managed processes never see it: they get a clean environment. With it,
+each run's pidfd, output pipes, folder and capture journals are parked in the
+service manager's file\-descriptor store (\fBFDSTORE=1\fR, \fBFDPOLL=0\fR,
+names \fBrun\-\fR\fIid\fR\fB\-pid\fR, \fB\-out\fR, \fB\-err\fR, \fB\-dir\fR,
+\fB\-jout\fR, \fB\-jerr\fR) while it runs.
+.TP
+\fBLISTEN_FDS\fR, \fBLISTEN_FDNAMES\fR, \fBLISTEN_PID\fR
+Set by systemd when it restarts the daemon after a crash: the descriptors
+parked in its store come back, and the daemon re\-adopts those runs (they kept
+running). Removed from the environment at start.
+.TP
+\fBCYRNEL_HANDOVER\fR, \fBCYRNEL_HANDOVER_FALLBACK\fR
+Set by a handing\-over daemon for its next image (the state's descriptors);
+never set them yourself.
 .SH FILES
 .TP
 \fI/etc/cyrnel/cyrneld.toml\fR

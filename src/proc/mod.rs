@@ -588,10 +588,12 @@ fn processes_of_uid(uid: u32) -> Vec<i32> {
 ///
 /// SIGCHLD is blocked in every thread (the mask is set here, before any
 /// other thread exists, and inherited); the main thread takes it with
-/// `sigwait`. Leaders are started without an exit signal, so only
-/// orphans (which the kernel reparents with SIGCHLD) wake it, and its
-/// `waitid` without `__WALL` could not see a leader even if one were
-/// handed to the main thread (a thread of the daemon exiting).
+/// `sigwait`. Leaders are cloned without an exit signal, but their own
+/// `execve` sets it to SIGCHLD (the kernel does so for every exec), so
+/// what keeps this `waitid` off them is `__WNOTHREAD`: a leader is a child
+/// of the spawner thread. After a handover the handed-over leaders are
+/// children of the main thread; they are protected by pid
+/// ([`protect_leaders`]) until the supervisor reaps them.
 pub struct OrphanReaper {
     main: libc::pthread_t,
     done: std::sync::atomic::AtomicBool,

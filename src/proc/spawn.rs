@@ -576,11 +576,11 @@ pub fn spawn(exec: &Exec<'_>) -> io::Result<Child> {
         // `args`; with CLONE_VFORK this thread is suspended until the child
         // has called execve or exited, so `args`, `stack` and everything
         // they point to outlive its use. CLONE_PIDFD stores the pidfd in
-        // `pidfd`. No exit signal (the low byte of the flags is 0): the
-        // leader's exit is seen through the pidfd, and SIGCHLD stays for
-        // orphans, which the kernel always reparents with SIGCHLD as their
-        // exit signal (OrphanReaper). Waiting for such a "clone" child
-        // takes __WALL.
+        // `pidfd`. No exit signal (the low byte of the flags is 0) until
+        // the child's execve, which sets SIGCHLD as every exec does: the
+        // leader's exit is seen through the pidfd, and the orphan reaper
+        // does not see it because it waits for the main thread's own
+        // children only (OrphanReaper).
         let pid = unsafe {
             libc::clone(
                 child_main,
