@@ -174,6 +174,7 @@ pub async fn run(
             adoption,
             generation,
             fallback,
+            ..
         }) => {
             listener.set_nonblocking(true).map_err(AppError::Inherit)?;
             let listener = TcpListener::from_std(listener).map_err(AppError::Inherit)?;

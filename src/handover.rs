@@ -15,19 +15,24 @@
 //!    every run (see `Supervisor::park`).
 //! 3. The state goes into a sealed memfd as JSON: the version, the handover
 //!    generation, the descriptor numbers of the listener and of the running
-//!    image, and per run its id, leader pid, pidfd, output pipes, folder
-//!    and capture counts. Exactly those descriptors lose `FD_CLOEXEC`.
+//!    image, this image's command line and environment, and per run its
+//!    id, leader pid, pidfd, output pipes, folder, capture counts and
+//!    journals. Exactly those descriptors lose `FD_CLOEXEC`.
 //! 4. `execve(binary)` with the original arguments and environment plus
 //!    `CYRNEL_HANDOVER=<state fd>:<image fd>`.
 //! 5. The new image reads the state before anything else (`take`). If it
-//!    cannot (a newer version, damaged), it executes the previous image
-//!    again, from the descriptor, with the same state, adding
-//!    `CYRNEL_HANDOVER_FALLBACK=<why>`; so does the old image when its
-//!    `execve` fails.
+//!    cannot (a newer version, damaged), or then rejects its command line
+//!    or configuration (`Inherited::fall_back`, before it starts anything),
+//!    it executes the previous image again, from the descriptor, with the
+//!    same state and the previous image's own command line and environment
+//!    (in the state), adding `CYRNEL_HANDOVER_FALLBACK=<why>`; so does the
+//!    old image when its `execve` fails. Once its configuration is valid
+//!    it commits (`Inherited::commit`): the descriptors close on exec again.
 
 use std::ffi::OsString;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
@@ -63,6 +68,12 @@ struct Wire {
     listener: RawFd,
     image: RawFd,
     runs: Vec<WireRun>,
+    /// The previous image's command line and environment, to start it
+    /// again as it was if this one cannot run (empty in version 1).
+    #[serde(default)]
+    args: Vec<Vec<u8>>,
+    #[serde(default)]
+    env: Vec<Vec<u8>>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -88,13 +99,91 @@ enum WireFolder {
     Host(RawFd, PathBuf),
 }
 
-/// What an image started by a handover took over.
+/// What an image started by a handover took over. Until
+/// [`Inherited::commit`] every descriptor stays as it was handed over
+/// (without `FD_CLOEXEC`), so [`Inherited::fall_back`] can still give all
+/// of it back to the previous image.
 pub struct Inherited {
     pub listener: std::net::TcpListener,
     pub adoption: Adoption,
     pub generation: u64,
     /// Set when this image runs again because a handover failed.
     pub fallback: Option<String>,
+    /// Until `commit`: the way back.
+    back: Option<Back>,
+}
+
+/// What going back to the previous image takes.
+struct Back {
+    /// `<state fd>:<image fd>`, as handed over.
+    spec: String,
+    state: OwnedFd,
+    image: OwnedFd,
+    /// Every descriptor taken over, to close on exec once committed.
+    taken: Vec<RawFd>,
+    /// The previous image's command line and environment (`None`: from a
+    /// version-1 state, which lacks them: this image's).
+    args: Option<Vec<OsString>>,
+    env: Option<Vec<OsString>>,
+}
+
+impl Inherited {
+    /// This image takes over for good (call before it starts any thread
+    /// that may fork): the descriptors are closed on exec again, and the
+    /// state and the previous image's descriptor are closed.
+    pub fn commit(&mut self) {
+        if let Some(back) = self.back.take() {
+            for fd in back.taken {
+                // SAFETY: every number in `taken` belongs to a descriptor
+                // this `Inherited` owns (the listener or a run's), open
+                // while it lives.
+                let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+                let _ = reexec::close_on_exec(fd);
+            }
+        }
+    }
+
+    /// This image cannot run (an invalid command line or configuration,
+    /// before anything was started): executes the previous image again
+    /// with everything handed over, and says why. Returns only when that
+    /// is impossible (this image is itself the fallback, or it was already
+    /// committed, or `execveat` failed).
+    pub fn fall_back(self, why: &str) -> io::Error {
+        let Some(back) = self.back.filter(|_| self.fallback.is_none()) else {
+            return io::Error::other("no previous image to go back to");
+        };
+        let _ = &back.state;
+        exec_previous(&back.image, &back.spec, why, back.args, back.env)
+    }
+}
+
+fn current_env() -> Vec<OsString> {
+    std::env::vars_os()
+        .filter(|(k, _)| k != ENV_STATE && k != ENV_FALLBACK)
+        .map(|(k, v)| {
+            let mut kv = k;
+            kv.push("=");
+            kv.push(v);
+            kv
+        })
+        .collect()
+}
+
+/// Executes the previous image (its descriptor `image`, without
+/// `FD_CLOEXEC`) with the handed-over state `spec` and the reason, with
+/// its own command line and environment where the state has them.
+fn exec_previous(
+    image: &OwnedFd,
+    spec: &str,
+    why: &str,
+    args: Option<Vec<OsString>>,
+    env: Option<Vec<OsString>>,
+) -> io::Error {
+    let mut env = env.unwrap_or_else(current_env);
+    env.push(format!("{ENV_STATE}={spec}").into());
+    env.push(format!("{ENV_FALLBACK}={}", why.replace('\n', " ")).into());
+    let args = args.unwrap_or_else(|| std::env::args_os().collect());
+    reexec::exec(None, image, args, env)
 }
 
 /// Why a handover did not happen.
@@ -228,8 +317,21 @@ pub fn exec(
     generation: u64,
     runs: Vec<HandedRun>,
 ) -> io::Error {
+    use std::os::unix::ffi::OsStrExt;
+    let args: Vec<OsString> = std::env::args_os().collect();
+    let own_env: Vec<OsString> = std::env::vars_os()
+        .filter(|(k, _)| k != ENV_STATE && k != ENV_FALLBACK)
+        .map(|(k, v)| {
+            let mut kv = k;
+            kv.push("=");
+            kv.push(v);
+            kv
+        })
+        .collect();
     let mut keep: Vec<RawFd> = vec![listener.as_raw_fd(), image.as_raw_fd()];
     let wire = Wire {
+        args: args.iter().map(|a| a.as_bytes().to_vec()).collect(),
+        env: own_env.iter().map(|e| e.as_bytes().to_vec()).collect(),
         version: STATE_VERSION,
         generation,
         listener: listener.as_raw_fd(),
@@ -295,22 +397,13 @@ pub fn exec(
         }
     }
     let env_for = |fallback: Option<&str>| -> Vec<OsString> {
-        let mut env: Vec<OsString> = std::env::vars_os()
-            .filter(|(k, _)| k != ENV_STATE && k != ENV_FALLBACK)
-            .map(|(k, v)| {
-                let mut kv = k;
-                kv.push("=");
-                kv.push(v);
-                kv
-            })
-            .collect();
+        let mut env = own_env.clone();
         env.push(format!("{ENV_STATE}={}:{}", state.as_raw_fd(), image.as_raw_fd()).into());
         if let Some(why) = fallback {
             env.push(format!("{ENV_FALLBACK}={}", why.replace('\n', " ")).into());
         }
         env
     };
-    let args: Vec<OsString> = std::env::args_os().collect();
     tracing::info!(binary = %binary.display(), runs = runs.len(), "handing over: executing the new image");
     let e = reexec::exec(Some(binary), image, args.clone(), env_for(None));
     let why = format!("cannot execute {}: {e}", binary.display());
@@ -320,8 +413,10 @@ pub fn exec(
 
 /// Step 5: when this image was started by a handover, takes over its state
 /// (and removes the variables). Call first thing in `main`, while the
-/// process has one thread. If the state cannot be read, executes the
-/// previous image again and does not return.
+/// process has one thread, and [`Inherited::commit`] once the command line
+/// and the configuration are valid (else [`Inherited::fall_back`]). If the
+/// state cannot be read, executes the previous image again and does not
+/// return.
 pub fn take() -> Option<Inherited> {
     let spec = std::env::var(ENV_STATE).ok()?;
     let fallback = std::env::var(ENV_FALLBACK).ok();
@@ -334,7 +429,7 @@ pub fn take() -> Option<Inherited> {
     let (state_fd, image_fd) = spec
         .split_once(':')
         .and_then(|(a, b)| Some((a.parse::<RawFd>().ok()?, b.parse::<RawFd>().ok()?)))?;
-    match read(state_fd, image_fd, fallback.clone()) {
+    match read(&spec, state_fd, image_fd, fallback.clone()) {
         Ok(inherited) => Some(inherited),
         Err(why) => {
             eprintln!("cyrneld: cannot take over from the previous image: {why}");
@@ -354,27 +449,25 @@ pub fn take() -> Option<Inherited> {
                 }
             };
             // Back to the previous image, with the same state.
-            let _ = reexec::keep_across_exec(image.as_fd());
-            let mut env: Vec<OsString> = std::env::vars_os()
-                .map(|(k, v)| {
-                    let mut kv = k;
-                    kv.push("=");
-                    kv.push(v);
-                    kv
-                })
-                .collect();
-            env.push(format!("{ENV_STATE}={spec}").into());
-            env.push(
-                format!("{ENV_FALLBACK}=the new image could not read the state: {why}").into(),
+            let e = exec_previous(
+                &image,
+                &spec,
+                &format!("the new image could not read the state: {why}"),
+                None,
+                None,
             );
-            let e = reexec::exec(None, &image, std::env::args_os().collect(), env);
             eprintln!("cyrneld: cannot execute the previous image again: {e}");
             None
         }
     }
 }
 
-fn read(state_fd: RawFd, image_fd: RawFd, fallback: Option<String>) -> Result<Inherited, String> {
+fn read(
+    spec: &str,
+    state_fd: RawFd,
+    image_fd: RawFd,
+    fallback: Option<String>,
+) -> Result<Inherited, String> {
     let state = reexec::take_handed_over(state_fd).map_err(|e| format!("state descriptor: {e}"))?;
     let bytes =
         reexec::read_from_start(&state, MAX_STATE_BYTES).map_err(|e| format!("state: {e}"))?;
@@ -422,8 +515,8 @@ fn read(state_fd: RawFd, image_fd: RawFd, fallback: Option<String>) -> Result<In
     let take = |fd: RawFd| -> Result<OwnedFd, String> {
         reexec::take_handed_over(fd).map_err(|e| format!("descriptor {fd}: {e}"))
     };
-    // The previous image's descriptor is not needed any more.
-    drop(take(wire.image)?);
+    let image = take(wire.image)?;
+    let taken: Vec<RawFd> = all.iter().copied().filter(|&fd| fd != wire.image).collect();
     let listener = std::net::TcpListener::from(take(wire.listener)?);
     let mut runs = Vec::with_capacity(wire.runs.len());
     for r in wire.runs {
@@ -459,5 +552,23 @@ fn read(state_fd: RawFd, image_fd: RawFd, fallback: Option<String>) -> Result<In
         adoption: Adoption { runs, child: true },
         generation: wire.generation,
         fallback,
+        back: Some(Back {
+            spec: spec.to_string(),
+            state,
+            image,
+            taken,
+            args: (!wire.args.is_empty()).then(|| {
+                wire.args
+                    .iter()
+                    .map(|a| OsString::from_vec(a.clone()))
+                    .collect()
+            }),
+            env: (!wire.env.is_empty()).then(|| {
+                wire.env
+                    .iter()
+                    .map(|e| OsString::from_vec(e.clone()))
+                    .collect()
+            }),
+        }),
     })
 }

@@ -123,7 +123,7 @@ fn scrub_api_key_from_environment() {
 fn main() -> ExitCode {
     // First, while the process has one thread: what a previous image of
     // the daemon handed over (it falls back to that image if unreadable).
-    let inherited = cyrnel::handover::take();
+    let mut inherited = cyrnel::handover::take();
     // Its leaders are children of this (main) thread now, the orphan
     // reaper's: it must leave them to the supervisor.
     if let Some(i) = &inherited {
@@ -145,7 +145,22 @@ fn main() -> ExitCode {
             .collect(),
     );
     scrub_api_key_from_environment();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            if let Some(i) = inherited.take() {
+                // A handover to a binary that rejects this command line:
+                // the previous image runs again, with every run.
+                let _ = e.print();
+                let e2 = i.fall_back(&format!(
+                    "the new binary rejected the command line: {}",
+                    e.kind()
+                ));
+                eprintln!("cyrneld: {e2}");
+            }
+            e.exit()
+        }
+    };
     if cli.man {
         return print_man_page();
     }
@@ -162,9 +177,19 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             eprintln!("cyrneld: {e}");
+            if let Some(i) = inherited.take() {
+                // A handover to a binary that rejects the configuration:
+                // the previous image runs again, with every run.
+                let e2 = i.fall_back(&format!("the new binary rejected the configuration: {e}"));
+                eprintln!("cyrneld: {e2}");
+            }
             return ExitCode::from(2);
         }
     };
+    // From here on this image keeps what it took over.
+    if let Some(i) = &mut inherited {
+        i.commit();
+    }
     // RUST_LOG, when set, wins over log_level, at start and on reload.
     let rust_log = EnvFilter::try_from_default_env().ok();
     let log_level_owned = rust_log.is_none();

@@ -59,8 +59,16 @@ pub fn is_open(fd: RawFd) -> io::Result<()> {
     fcntl(fd, libc::F_GETFD, 0).map(|_| ())
 }
 
-/// Takes ownership of a descriptor number handed over through `execve`
-/// and sets `FD_CLOEXEC` on it again. Fails (EBADF) when it is not open.
+/// Sets `FD_CLOEXEC` again on a descriptor taken over.
+pub fn close_on_exec(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let fd = fd.as_raw_fd();
+    let flags = fcntl(fd, libc::F_GETFD, 0)?;
+    fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC).map(|_| ())
+}
+
+/// Takes ownership of a descriptor number handed over through `execve`,
+/// leaving `FD_CLOEXEC` clear (so it can still be handed back; see
+/// [`close_on_exec`]). Fails (EBADF) when it is not open.
 pub fn take_handed_over(fd: RawFd) -> io::Result<OwnedFd> {
     if fd < 3 {
         return Err(io::Error::new(
@@ -68,8 +76,7 @@ pub fn take_handed_over(fd: RawFd) -> io::Result<OwnedFd> {
             format!("descriptor {fd} cannot have been handed over"),
         ));
     }
-    let flags = fcntl(fd, libc::F_GETFD, 0)?;
-    fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC)?;
+    fcntl(fd, libc::F_GETFD, 0)?;
     // SAFETY: the descriptor is open (F_GETFD succeeded) and was handed to
     // this image to own; every number is taken at most once (the caller
     // checks the handed-over state for duplicates).

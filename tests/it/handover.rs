@@ -447,3 +447,63 @@ fn an_upgrade_from_the_previous_release_keeps_every_run() {
     );
     assert_eq!(d.get("/handover").json()["generation"], 1);
 }
+
+#[test]
+fn a_new_image_that_cannot_start_gives_every_run_back_to_the_previous_one() {
+    let markers = marker_dir();
+    let go = markers.path().join("go");
+    let d = Daemon::options().own_binary().start();
+    let pid = d.pid();
+    let run = d.create_code(&format!(
+        "echo before; while [ ! -e {} ]; do sleep 0.01; done; echo after; exit 9",
+        sq(&go)
+    ));
+    let run_pid = d.wait_running_pid(run);
+    let bin = d.binary();
+    // Binaries that pass the check, then reject what they are started
+    // with: a flag they do not know, a configuration they refuse.
+    let cases = [
+        (
+            "--no-such-flag",
+            "",
+            "the new binary rejected the command line",
+        ),
+        (
+            "",
+            "CYRNEL_MAX_RUNNING=0",
+            "the new binary rejected the configuration",
+        ),
+    ];
+    for (generation, (flag, env, why)) in (1u64..).zip(cases) {
+        put_script(
+            &bin,
+            &format!(
+                "if [ \"$1\" = --handover-check ]; then exec {real} --handover-check; fi\n\
+                 {env} exec {real} {flag} \"$@\"",
+                real = sq(Path::new(BIN))
+            ),
+        );
+        let r = d.post_no_body("/handover");
+        assert_eq!(r.status, 202, "{r}");
+        let status = poll("the previous image to answer again", || {
+            match try_http(d.port(), "GET", "/handover", &[], None) {
+                Ok(r) if r.status == 200 && r.json()["generation"] == generation => Ok(r.json()),
+                Ok(r) => Err(r.text()),
+                Err(e) => Err(e.to_string()),
+            }
+        });
+        let last = status["lastError"].as_str().unwrap_or_default().to_string();
+        assert!(last.contains(why), "{status}");
+        assert_eq!(d.pid(), pid);
+        assert!(is_alive(run_pid), "the run is alive");
+        assert_eq!(d.record(run)["state"], "running");
+    }
+    // The real binary again: a handover that works.
+    fs::remove_file(&bin).unwrap();
+    install_binary(&bin);
+    hand_over(&d);
+    fs::write(&go, "").unwrap();
+    let r = d.wait_idle(run);
+    assert_eq!(r["exitCode"], 9, "{r}");
+    assert_eq!(d.stdout_text(run), "before\nafter\n");
+}
