@@ -14,9 +14,16 @@ use crate::support::*;
 /// Asks for a handover and waits until the new image answers.
 #[track_caller]
 fn hand_over(d: &Daemon) {
+    hand_over_then(d, || ());
+}
+
+/// `hand_over`, doing `accepted` as soon as the handover is accepted.
+#[track_caller]
+fn hand_over_then(d: &Daemon, accepted: impl FnOnce()) {
     let before = d.get("/handover").json()["generation"].as_u64().unwrap();
     let r = d.post_no_body("/handover");
     assert_eq!(r.status, 202, "POST /handover: {r}");
+    accepted();
     assert_eq!(r.json()["pid"].as_u64(), Some(u64::from(d.pid())));
     poll("the new image to answer", || {
         match try_http(d.port(), "GET", "/handover", &[], None) {
@@ -111,9 +118,12 @@ fn a_handover_keeps_runs_in_every_state_exact() {
             go = sq(&go)
         ))
     ));
-    // End on their own around the handover.
-    let exits = d.create_code("sleep 0.2; exit 7");
-    let segv = d.create_code("sleep 0.3; kill -SEGV $$");
+    // End on their own during the handover: told to as soon as it is
+    // accepted, while the old image parks, executes and the new one adopts.
+    let during = m.join("during");
+    let wait_during = format!("while [ ! -e {} ]; do sleep 0.001; done", sq(&during));
+    let exits = d.create_code(&format!("{wait_during}; exit 7"));
+    let segv = d.create_code(&format!("{wait_during}; kill -SEGV $$"));
     for id in [writer, terminating, timing_out, exits, segv] {
         d.wait_running_pid(id);
     }
@@ -125,7 +135,7 @@ fn a_handover_keeps_runs_in_every_state_exact() {
     assert_eq!(d.record(terminating)["state"], "terminating");
     let writer_pid = d.record(writer)["pid"].as_i64().unwrap() as i32;
 
-    hand_over(&d);
+    hand_over_then(&d, || fs::write(&during, "").unwrap());
 
     assert_eq!(d.pid(), pid, "the same daemon process");
     assert!(is_alive(writer_pid), "the writer kept running");
