@@ -242,6 +242,14 @@ fn pipe_receiver(fd: OwnedFd) -> io::Result<pipe::Receiver> {
     pipe::Receiver::from_owned_fd_unchecked(fd)
 }
 
+/// Raises the calling thread's priority for spawning runs, where the
+/// daemon may (`spawn::prioritize_this_thread`).
+pub fn prioritize_spawner() {
+    if spawn::prioritize_this_thread() {
+        tracing::debug!("the spawner thread runs at a raised priority");
+    }
+}
+
 /// Start-up: runs `shell <folder>/code` with `prepared`'s isolation and
 /// waits for it; returns its exit code (`None`: killed by a signal).
 pub fn probe_spawn(

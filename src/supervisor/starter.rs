@@ -117,6 +117,7 @@ impl Starter {
             .name("cyrnel-starter".into())
             .spawn(move || {
                 let _entered = runtime.enter();
+                proc::prioritize_spawner();
                 while let Ok((job, result)) = ready.recv() {
                     let result = result.and_then(|r| start(&settings, &job, r));
                     let started = Started {
