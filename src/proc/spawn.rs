@@ -1020,12 +1020,24 @@ unsafe fn private_view(m: &ChildMounts) -> bool {
     const MOUNT_ATTR_RDONLY: u64 = 0x1;
     const MOUNT_ATTR_NOSUID: u64 = 0x2;
     let null = std::ptr::null::<libc::c_char>();
-    if libc::mount(
-        null,
+    // One pass over the copied tree: every mount private (nothing mounted
+    // here propagates to the host) and read-only and nosuid. What is
+    // mounted below comes with its own flags (the masks are read-only,
+    // the run's tmpfs is writable, the /dev/null binds are of a read-only
+    // mount now).
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID,
+        attr_clr: 0,
+        propagation: libc::MS_PRIVATE as u64,
+        userns_fd: 0,
+    };
+    if libc::syscall(
+        libc::SYS_mount_setattr,
+        libc::AT_FDCWD,
         c"/".as_ptr(),
-        null,
-        libc::MS_REC | libc::MS_PRIVATE,
-        std::ptr::null(),
+        libc::AT_RECURSIVE as libc::c_uint,
+        &attr as *const MountAttr,
+        std::mem::size_of::<MountAttr>(),
     ) != 0
     {
         return false;
@@ -1059,23 +1071,6 @@ unsafe fn private_view(m: &ChildMounts) -> bool {
         {
             return false;
         }
-    }
-    let attr = MountAttr {
-        attr_set: MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID,
-        attr_clr: 0,
-        propagation: 0,
-        userns_fd: 0,
-    };
-    if libc::syscall(
-        libc::SYS_mount_setattr,
-        libc::AT_FDCWD,
-        c"/".as_ptr(),
-        libc::AT_RECURSIVE as libc::c_uint,
-        &attr as *const MountAttr,
-        std::mem::size_of::<MountAttr>(),
-    ) != 0
-    {
-        return false;
     }
     // The operator's shared directories: a new bind of each, writable.
     let writable = MountAttr {
