@@ -335,7 +335,11 @@ impl RunCgroup {
             }
             false
         };
-        let fd = open_at(self.root.as_raw_fd(), &self.name, libc::O_RDONLY | libc::O_DIRECTORY)?;
+        let fd = open_at(
+            self.root.as_raw_fd(),
+            &self.name,
+            libc::O_RDONLY | libc::O_DIRECTORY,
+        )?;
         // Controller limits (memory.max, pids.max), only those enabled.
         for (file, value) in limits {
             let name = CString::new(*file).map_err(io::Error::other)?;
@@ -436,12 +440,12 @@ impl RunCgroup {
     /// pids figures only where their controller is enabled (else the files
     /// do not exist).
     pub fn usage(&self) -> Option<CgroupUsage> {
-        let (memory, pids) = (self.memory, self.pids);
+        let read_if = |enabled: bool, name: &CStr| enabled.then(|| self.read(name)).flatten();
         CgroupUsage::parse(
             &self.read(c"cpu.stat")?,
-            memory.then(|| self.read(c"memory.peak")).flatten().as_deref(),
-            memory.then(|| self.read(c"memory.events")).flatten().as_deref(),
-            pids.then(|| self.read(c"pids.peak")).flatten().as_deref(),
+            read_if(self.memory, c"memory.peak").as_deref(),
+            read_if(self.memory, c"memory.events").as_deref(),
+            read_if(self.pids, c"pids.peak").as_deref(),
         )
     }
 

@@ -1019,6 +1019,8 @@ unsafe fn private_view(m: &ChildMounts) -> bool {
     }
     const MOUNT_ATTR_RDONLY: u64 = 0x1;
     const MOUNT_ATTR_NOSUID: u64 = 0x2;
+    /// `MS_PRIVATE` (linux/mount.h), as `mount_attr.propagation` takes it.
+    const MS_PRIVATE: u64 = 1 << 18;
     let null = std::ptr::null::<libc::c_char>();
     // One pass over the copied tree: every mount private (nothing mounted
     // here propagates to the host) and read-only and nosuid. What is
@@ -1028,7 +1030,7 @@ unsafe fn private_view(m: &ChildMounts) -> bool {
     let attr = MountAttr {
         attr_set: MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID,
         attr_clr: 0,
-        propagation: libc::MS_PRIVATE as u64,
+        propagation: MS_PRIVATE,
         userns_fd: 0,
     };
     if libc::syscall(

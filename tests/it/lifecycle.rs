@@ -519,7 +519,12 @@ fn a_run_starts_at_the_daemons_priority() {
     let nice = |stat: &str| -> i64 {
         // Field 19; the command name (field 2) may hold spaces.
         let after = &stat[stat.rfind(')').expect("stat has a command") + 2..];
-        after.split(' ').nth(16).expect("field 19").parse().expect("nice")
+        after
+            .split(' ')
+            .nth(16)
+            .expect("field 19")
+            .parse()
+            .expect("nice")
     };
     let ours = nice(&std::fs::read_to_string("/proc/self/stat").unwrap());
     let d = Daemon::start();
