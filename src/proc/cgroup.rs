@@ -12,12 +12,14 @@
 //! at start, and a leftover cgroup (of unknown history) is joined through
 //! `cgroup.procs` instead.
 
+use std::ffi::{CStr, CString};
 use std::fs;
-use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Whether the cgroup v2 line of a `/proc/<pid>/cgroup` text names exactly
 /// `dir` (the whole path under `mount`: a process in the root cgroup has an
@@ -42,6 +44,8 @@ pub struct CgroupRoot {
     /// Whether a child created in a new cgroup lives (the start-up probe);
     /// else every child joins its cgroup after the clone.
     create_in: bool,
+    /// `dir`, opened: run cgroups are made and removed relative to it.
+    fd: Arc<OwnedFd>,
 }
 
 /// Where the cgroup2 hierarchy is mounted, from /proc/self/mountinfo.
@@ -109,6 +113,7 @@ impl CgroupRoot {
         }
         let _ = fs::remove_dir(&probe);
         writable.map_err(|e| format!("cannot move processes into {}: {e}", dir.display()))?;
+        let fd = open_dir(&dir).map_err(|e| format!("cannot open {}: {e}", dir.display()))?;
         // Enable the controllers the parent makes available to us, so run
         // cgroups can carry memory.max and pids.max.
         let available = fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default();
@@ -123,6 +128,7 @@ impl CgroupRoot {
             mount,
             controllers,
             create_in,
+            fd: Arc::new(fd),
         })
     }
 
@@ -138,10 +144,16 @@ impl CgroupRoot {
 
     /// The cgroup of run `id` (whether or not it exists).
     pub fn run(&self, id: u64) -> RunCgroup {
+        let name = format!("run-{id}");
         RunCgroup {
-            dir: self.dir.join(format!("run-{id}")),
+            dir: self.dir.join(&name),
+            name: CString::new(name).expect("no NUL in a number"),
+            root: self.fd.clone(),
+            fd: None,
             mount: self.mount.clone(),
             create_in: self.create_in,
+            memory: self.has("memory"),
+            pids: self.has("pids"),
         }
     }
 
@@ -207,13 +219,26 @@ impl CgroupUsage {
     }
 }
 
-/// One run's cgroup.
+/// One run's cgroup. Its files are opened relative to its directory once
+/// that is open ([`RunCgroup::opened`]: a run the daemon spawned), else by
+/// path (a run found after a restart): a path walk through cgroupfs per
+/// file was a good part of what settling a run cost.
 #[derive(Clone, Debug)]
 pub struct RunCgroup {
     dir: PathBuf,
+    /// `run-<id>`, its name in the root's directory.
+    name: CString,
+    /// The root's directory.
+    root: Arc<OwnedFd>,
+    /// Its own directory, once opened.
+    fd: Option<Arc<OwnedFd>>,
     mount: PathBuf,
     /// The root's probe: a child created in a new cgroup lives.
     create_in: bool,
+    /// Whether the memory and pids controllers are enabled for it (their
+    /// `memory.peak`, `memory.events` and `pids.peak` exist).
+    memory: bool,
+    pids: bool,
 }
 
 /// Opened before spawning: the cgroup's directory. The child is created in
@@ -221,7 +246,7 @@ pub struct RunCgroup {
 /// exec where the kernel cannot (`spawn.rs`), before it can run any code
 /// of its own.
 pub struct Joiner {
-    fd: OwnedFd,
+    fd: Arc<OwnedFd>,
     /// Whether the child may be created in it: a cgroup this daemon just
     /// made (never killed), and a kernel that lets such a child live.
     create_in: bool,
@@ -235,6 +260,17 @@ impl Joiner {
     pub(crate) fn create_in(&self) -> bool {
         self.create_in
     }
+}
+
+/// `openat(dirfd, name, flags | O_CLOEXEC)`.
+fn open_at(dirfd: RawFd, name: &CStr, flags: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: openat with a C string; returns a new descriptor.
+    let fd = unsafe { libc::openat(dirfd, name.as_ptr(), flags | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor that we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// A cgroup's directory, opened `O_RDONLY | O_DIRECTORY | O_CLOEXEC` (std
@@ -288,19 +324,68 @@ impl RunCgroup {
     /// opens its directory for the child to be created in (a new cgroup)
     /// or to join (a leftover, which may have been killed).
     pub fn prepare(&self, limits: &[(&str, u64)]) -> io::Result<Joiner> {
-        let new = match fs::create_dir(&self.dir) {
-            Ok(()) => true,
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
-            Err(e) => return Err(e),
+        // SAFETY: mkdirat with a C string relative to the root's open fd.
+        let new = if unsafe { libc::mkdirat(self.root.as_raw_fd(), self.name.as_ptr(), 0o777) } == 0
+        {
+            true
+        } else {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::AlreadyExists {
+                return Err(e);
+            }
+            false
         };
+        let fd = open_at(
+            self.root.as_raw_fd(),
+            &self.name,
+            libc::O_RDONLY | libc::O_DIRECTORY,
+        )?;
         // Controller limits (memory.max, pids.max), only those enabled.
         for (file, value) in limits {
-            fs::write(self.dir.join(file), value.to_string())?;
+            let name = CString::new(*file).map_err(io::Error::other)?;
+            let f = open_at(fd.as_raw_fd(), &name, libc::O_WRONLY)?;
+            io::Write::write_all(&mut fs::File::from(f), value.to_string().as_bytes())?;
         }
         Ok(Joiner {
-            fd: open_dir(&self.dir)?,
+            fd: Arc::new(fd),
             create_in: new && self.create_in,
         })
+    }
+
+    /// The same cgroup, with the directory `joiner` opened (the run was
+    /// spawned in it): its files are opened relative to it from now on.
+    pub fn opened(mut self, joiner: &Joiner) -> RunCgroup {
+        self.fd = Some(joiner.fd.clone());
+        self
+    }
+
+    /// Opens one of its files (`O_CLOEXEC`).
+    fn open_file(&self, name: &CStr, flags: libc::c_int) -> io::Result<OwnedFd> {
+        match &self.fd {
+            Some(dir) => open_at(dir.as_raw_fd(), name, flags),
+            None => {
+                let path = self.dir.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
+                let path = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+                open_at(libc::AT_FDCWD, &path, flags)
+            }
+        }
+    }
+
+    /// One of its files' text (`None`: missing or unreadable). Read with
+    /// plain `read`s: no size hint is asked for (cgroupfs has none).
+    fn read(&self, name: &CStr) -> Option<String> {
+        let mut f = fs::File::from(self.open_file(name, libc::O_RDONLY).ok()?);
+        let mut buf = Vec::with_capacity(512);
+        let mut chunk = [0u8; 512];
+        loop {
+            match f.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return None,
+            }
+        }
+        String::from_utf8(buf).ok()
     }
 
     pub fn exists(&self) -> bool {
@@ -309,25 +394,32 @@ impl RunCgroup {
 
     /// Live members (zombies are not listed).
     pub fn members(&self) -> Vec<i32> {
-        fs::read_to_string(self.dir.join("cgroup.procs"))
+        self.read(c"cgroup.procs")
             .map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect())
             .unwrap_or_default()
     }
 
     /// `populated 1` in cgroup.events: some live process is inside.
     pub fn populated(&self) -> bool {
-        match fs::read_to_string(self.dir.join("cgroup.events")) {
-            Ok(s) => s.lines().any(|l| l.trim() == "populated 1"),
-            Err(_) => false,
-        }
+        let Ok(fd) = self.open_file(c"cgroup.events", libc::O_RDONLY) else {
+            return false;
+        };
+        // The file is two short lines, read whole by one read(2) (as
+        // `EventsFile::populated` does).
+        let mut buf = [0u8; 256];
+        // SAFETY: read(2) into a local buffer of the size passed.
+        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        n > 0
+            && buf[..n as usize]
+                .split(|b| *b == b'\n')
+                .any(|l| l == b"populated 1")
     }
 
     /// Opens `cgroup.events` for change notifications; read it with
     /// [`EventsFile::populated`], then wait with [`EventsFile::changed`],
     /// and no change is missed.
     pub fn events_file(&self) -> io::Result<EventsFile> {
-        // O_RDONLY | O_CLOEXEC (std sets O_CLOEXEC on every open).
-        let fd = fs::File::open(self.dir.join("cgroup.events"))?;
+        let fd = fs::File::from(self.open_file(c"cgroup.events", libc::O_RDONLY)?);
         // SAFETY: the AsyncFd takes the File by value and is its only
         // owner; nothing closes or replaces the descriptor while the
         // AsyncFd holds it (it is only read with pread through
@@ -344,21 +436,24 @@ impl RunCgroup {
     }
 
     /// What the cgroup accounted (`None`: `cpu.stat` unreadable). Read it
-    /// once the run is empty, before [`RunCgroup::remove`].
+    /// once the run is empty, before [`RunCgroup::remove`]. The memory and
+    /// pids figures only where their controller is enabled (else the files
+    /// do not exist).
     pub fn usage(&self) -> Option<CgroupUsage> {
-        let read = |f: &str| fs::read_to_string(self.dir.join(f)).ok();
+        let read_if = |enabled: bool, name: &CStr| enabled.then(|| self.read(name)).flatten();
         CgroupUsage::parse(
-            &read("cpu.stat")?,
-            read("memory.peak").as_deref(),
-            read("memory.events").as_deref(),
-            read("pids.peak").as_deref(),
+            &self.read(c"cpu.stat")?,
+            read_if(self.memory, c"memory.peak").as_deref(),
+            read_if(self.memory, c"memory.events").as_deref(),
+            read_if(self.pids, c"pids.peak").as_deref(),
         )
     }
 
     /// SIGKILL to every process in the cgroup, atomically with respect to
     /// forks (the kernel's `cgroup.kill`).
     pub fn kill(&self) -> io::Result<()> {
-        fs::write(self.dir.join("cgroup.kill"), "1")
+        let f = self.open_file(c"cgroup.kill", libc::O_WRONLY)?;
+        io::Write::write_all(&mut fs::File::from(f), b"1")
     }
 
     /// Whether `pid` is (still) in this cgroup, from /proc/<pid>/cgroup.
@@ -369,7 +464,16 @@ impl RunCgroup {
 
     /// Removes the (empty) cgroup.
     pub fn remove(&self) {
-        if let Err(e) = fs::remove_dir(&self.dir) {
+        // SAFETY: unlinkat with a C string relative to the root's open fd.
+        let r = unsafe {
+            libc::unlinkat(
+                self.root.as_raw_fd(),
+                self.name.as_ptr(),
+                libc::AT_REMOVEDIR,
+            )
+        };
+        if r != 0 {
+            let e = io::Error::last_os_error();
             if e.kind() != io::ErrorKind::NotFound {
                 tracing::warn!(cgroup = %self.dir.display(), error = %e, "removing a run cgroup failed");
             }

@@ -223,10 +223,31 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
             pidfd,
             child: true,
         },
-        stdout: pipe::Receiver::from_owned_fd(child.stdout)?,
-        stderr: pipe::Receiver::from_owned_fd(child.stderr)?,
+        stdout: pipe_receiver(child.stdout)?,
+        stderr: pipe_receiver(child.stderr)?,
         identity,
     })
+}
+
+/// The read end of a child's output pipe (a fresh `pipe2` end, blocking,
+/// read-only), made non-blocking for the runtime. What
+/// `pipe::Receiver::from_owned_fd` would check (a pipe, readable) holds by
+/// construction; it costs three system calls per pipe, this one.
+fn pipe_receiver(fd: OwnedFd) -> io::Result<pipe::Receiver> {
+    // SAFETY: fcntl on a descriptor we own; a fresh pipe end has no other
+    // status flag that F_SETFL would clear.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    pipe::Receiver::from_owned_fd_unchecked(fd)
+}
+
+/// Raises the calling thread's priority for spawning runs, where the
+/// daemon may (`spawn::prioritize_this_thread`).
+pub fn prioritize_spawner() {
+    if spawn::prioritize_this_thread() {
+        tracing::debug!("the spawner thread runs at a raised priority");
+    }
 }
 
 /// Start-up: runs `shell <folder>/code` with `prepared`'s isolation and

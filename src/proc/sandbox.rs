@@ -639,7 +639,6 @@ impl Policy {
                 let dirfd = mount.as_raw_fd();
                 stage_at(dirfd, code, uid)?;
                 let cwd = Path::new(PRIVATE_TMP).join(FOLDER_IN_TMPFS);
-                let own = mount.try_clone()?;
                 (
                     RunFolder {
                         kind: FolderKind::Private { mount },
@@ -647,7 +646,7 @@ impl Policy {
                     cwd.clone(),
                     cwd.join("output"),
                     Vec::new(),
-                    Some((own, true)),
+                    None,
                 )
             }
             _ => {
@@ -713,7 +712,13 @@ impl Policy {
         }
         if self.level != SandboxLevel::None {
             if self.landlock_abi >= 1 {
-                steps.landlock = Some(self.ruleset(own.as_ref(), network)?);
+                // The run's own folder: its tmpfs (the mount's root), or
+                // the host folder opened above.
+                let own = match &folder.kind {
+                    FolderKind::Private { mount } => Some((mount.as_raw_fd(), true)),
+                    FolderKind::Host { .. } => own.as_ref().map(|(fd, d)| (fd.as_raw_fd(), *d)),
+                };
+                steps.landlock = Some(self.ruleset(own, network)?);
             }
             let prog = if network {
                 &self.seccomp_net
@@ -737,7 +742,7 @@ impl Policy {
     /// level allows, read and write the run's own folder and the usual
     /// device nodes; at ABI 6, no signals or abstract sockets outside the
     /// run; at ABI 4 and `network: false` (level `landlock`), no TCP.
-    fn ruleset(&self, own: Option<&(OwnedFd, bool)>, network: bool) -> io::Result<OwnedFd> {
+    fn ruleset(&self, own: Option<(RawFd, bool)>, network: bool) -> io::Result<OwnedFd> {
         let abi = self.landlock_abi;
         let all = fs_rights(abi);
         let mut attr = RulesetAttr {
@@ -767,7 +772,7 @@ impl Policy {
         let ruleset = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
         let read = FS_EXECUTE | FS_READ_FILE | FS_READ_DIR;
         let device = FS_READ_FILE | FS_WRITE_FILE | FS_READ_DIR | (all & FS_TRUNCATE);
-        let add = |fd: &OwnedFd, is_dir: bool, access: u64| -> io::Result<()> {
+        let add = |fd: RawFd, is_dir: bool, access: u64| -> io::Result<()> {
             let access = if is_dir {
                 access & all
             } else {
@@ -775,7 +780,7 @@ impl Policy {
             };
             let rule = PathBeneathAttr {
                 allowed_access: access,
-                parent_fd: fd.as_raw_fd(),
+                parent_fd: fd,
             };
             // SAFETY: a valid rule struct and ruleset fd.
             let r = unsafe {
@@ -793,19 +798,19 @@ impl Policy {
             Ok(())
         };
         if let Some(root) = &self.root {
-            add(root, true, read)?;
+            add(root.as_raw_fd(), true, read)?;
         }
         for (fd, is_dir) in &self.read_roots {
-            add(fd, *is_dir, read)?;
+            add(fd.as_raw_fd(), *is_dir, read)?;
         }
         for (fd, is_dir) in &self.devices {
-            add(fd, *is_dir, device)?;
+            add(fd.as_raw_fd(), *is_dir, device)?;
         }
         if let Some((fd, is_dir)) = own {
-            add(fd, *is_dir, all)?;
+            add(fd, is_dir, all)?;
         }
         for (fd, is_dir) in &self.shared {
-            add(fd, *is_dir, all)?;
+            add(fd.as_raw_fd(), *is_dir, all)?;
         }
         Ok(ruleset)
     }

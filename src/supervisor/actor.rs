@@ -539,7 +539,7 @@ impl Actor {
                         if let Some(e) = self.table.get_mut(id) {
                             e.run = Some(Run::new(gen, kind, slot, pool_uid));
                         }
-                        tracing::info!(%id, pid = leader.pid(), "started");
+                        tracing::debug!(%id, pid = leader.pid(), "started");
                         if let Some(service) = &self.settings.service {
                             park_in_store(service, id, &leader, [&sp.stdout, &sp.stderr], &folder);
                         }
@@ -635,7 +635,7 @@ impl Actor {
             now: now_ms(),
         };
         if let Ok((rec, effects)) = self.decide(id, event) {
-            tracing::info!(%id, exit_state = ?rec.exit_state, "settled");
+            tracing::debug!(%id, exit_state = ?rec.exit_state, "settled");
             self.carry_out(id, rec, effects, Waiter::Nobody);
         }
     }

@@ -29,6 +29,13 @@ use crate::proc::sandbox::{Prepared, RunFolder};
 use crate::proc::{self, Scope, SpawnSpec, Spawned};
 use crate::store::Store;
 
+/// How many readied runs may wait for the spawner (besides the one the
+/// preparer is working on). With every run slot's run prepared at once
+/// (`max_running`, 32 by default), the daemon held some 200 descriptors
+/// during a burst, and each spawn paid for copying and closing all of them
+/// (BENCHMARKS.md).
+const READY_AHEAD: usize = 1;
+
 /// A run to start: record `id`, as generation `gen` of its runs, as `uid`
 /// (a uid of its own at level `full`), with or without network.
 pub(crate) struct Job {
@@ -89,7 +96,11 @@ impl Starter {
         done: mpsc::UnboundedSender<Internal>,
     ) -> io::Result<Starter> {
         let (tx, jobs) = std_mpsc::channel::<Job>();
-        let (ready_tx, ready) = std_mpsc::channel::<(Job, io::Result<Ready>)>();
+        // The preparer runs at most one run ahead of the spawner: every
+        // descriptor a readied run holds (its tmpfs, mount clones, Landlock
+        // ruleset, cgroup directory) sits in the daemon's descriptor table,
+        // which each child copies at clone and closes again at exec.
+        let (ready_tx, ready) = std_mpsc::sync_channel::<(Job, io::Result<Ready>)>(READY_AHEAD);
         let runtime = tokio::runtime::Handle::current();
         let prep_settings = settings.clone();
         let preparer = std::thread::Builder::new()
@@ -106,6 +117,7 @@ impl Starter {
             .name("cyrnel-starter".into())
             .spawn(move || {
                 let _entered = runtime.enter();
+                proc::prioritize_spawner();
                 while let Ok((job, result)) = ready.recv() {
                     let result = result.and_then(|r| start(&settings, &job, r));
                     let started = Started {
@@ -219,7 +231,7 @@ fn start(settings: &Settings, job: &Job, ready: Ready) -> io::Result<(Spawned, S
     // Spawned: the cgroup is the run's now (a failed spawn leaves it to
     // `ReadyCgroup`'s drop, which removes it).
     let scope = match cgroup.0.take() {
-        Some((cg, _joiner)) => Scope::Cgroup(cg),
+        Some((cg, joiner)) => Scope::Cgroup(cg.opened(&joiner)),
         None => Scope::Group,
     };
     Ok((spawned, scope, prepared.folder))

@@ -511,6 +511,28 @@ readlink /proc/$$/fd/0
     );
 }
 
+/// The thread that spawns runs may run at a raised priority (as root):
+/// a run still starts at the daemon's own (the daemon inherits this test's
+/// nice value).
+#[test]
+fn a_run_starts_at_the_daemons_priority() {
+    let nice = |stat: &str| -> i64 {
+        // Field 19; the command name (field 2) may hold spaces.
+        let after = &stat[stat.rfind(')').expect("stat has a command") + 2..];
+        after
+            .split(' ')
+            .nth(16)
+            .expect("field 19")
+            .parse()
+            .expect("nice")
+    };
+    let ours = nice(&std::fs::read_to_string("/proc/self/stat").unwrap());
+    let d = Daemon::start();
+    let id = d.create_code("cat /proc/self/stat\n");
+    assert_outcome(&d.wait_idle(id), "success", None);
+    assert_eq!(nice(&d.stdout_text(id)), ours, "{}", d.stdout_text(id));
+}
+
 #[test]
 fn code_that_cannot_be_executed_fails_to_start() {
     let d = Daemon::start();
