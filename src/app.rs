@@ -100,9 +100,9 @@ pub struct Hooks {
     pub inherited: Option<Inherited>,
     /// Runs the service manager kept across a crash (from its fd store).
     pub stored: Option<Adoption>,
-    /// Handover requests from `main` (SIGUSR2, or SIGHUP with a new binary
-    /// on disk); the API sends its own.
-    pub handovers: Option<mpsc::Receiver<()>>,
+    /// Handover triggers from `main` (SIGUSR2, SIGHUP); the API sends its
+    /// own requests.
+    pub handovers: Option<mpsc::Receiver<handover::Trigger>>,
     /// The binary a handover executes: the path the daemon was started
     /// from (a package upgrade replaces the file there).
     pub binary: PathBuf,
@@ -191,9 +191,8 @@ pub async fn run(
             (listener, hooks.stored.take().unwrap_or_default(), 0, None)
         }
     };
-    // The running image, to execute again if a handover fails; and a
-    // second descriptor of the listening socket, which outlives the server.
-    let image = proc::reexec::open_running_image();
+    // A second descriptor of the listening socket, which outlives the
+    // server: a handover passes it on.
     let listener_keep = {
         use std::os::fd::AsFd;
         listener.as_fd().try_clone_to_owned()
@@ -305,8 +304,21 @@ pub async fn run(
     }
     if let Some(mut signals) = hooks.handovers.take() {
         let tx = handover_tx.clone();
+        let binary = hooks.binary.clone();
         tokio::spawn(async move {
-            while signals.recv().await.is_some() {
+            while let Some(trigger) = signals.recv().await {
+                if trigger == handover::Trigger::IfReplaced {
+                    match proc::reexec::is_running_image(&binary) {
+                        Ok(false) => {
+                            tracing::info!(binary = %binary.display(), "SIGHUP: the binary on disk is not the running one; handing over");
+                        }
+                        Ok(true) => continue,
+                        Err(e) => {
+                            tracing::warn!(binary = %binary.display(), error = %e, "SIGHUP: cannot look at the binary on disk; no handover");
+                            continue;
+                        }
+                    }
+                }
                 let (reply, answer) = oneshot::channel();
                 if tx.send(handover::Request { reply }).await.is_err() {
                     return;
@@ -349,28 +361,35 @@ pub async fn run(
         ready(addr);
     }
     let mut shutdown = std::pin::pin!(shutdown);
-    let handing_over = loop {
+    // The running image is opened when a handover begins: what it falls
+    // back to if the new one cannot start.
+    let image = loop {
         tokio::select! {
-            _ = &mut shutdown => break false,
+            _ = &mut shutdown => break None,
             Some(req) = handover_rx.recv() => {
-                let refused = match (&image, &listener_keep) {
-                    (Err(e), _) | (_, Err(e)) => Some(handover::Refused::Unavailable(e.to_string())),
-                    _ => handover::preflight(&hooks.binary).await.err(),
+                let ready = match &listener_keep {
+                    Err(e) => Err(handover::Refused::Unavailable(e.to_string())),
+                    Ok(_) => proc::reexec::open_running_image()
+                        .map_err(|e| handover::Refused::Unavailable(e.to_string())),
                 };
-                match refused {
-                    Some(e) => {
+                let ready = match ready {
+                    Ok(image) => handover::preflight(&hooks.binary).await.map(|()| image),
+                    Err(e) => Err(e),
+                };
+                match ready {
+                    Err(e) => {
                         control.failed(e.to_string());
                         let _ = req.reply.send(Err(e));
                     }
-                    None => {
+                    Ok(image) => {
                         let _ = req.reply.send(Ok(hooks.binary.clone()));
-                        break true;
+                        break Some(image);
                     }
                 }
             }
         }
     };
-    if handing_over {
+    if let Some(image) = image {
         tracing::info!(binary = %hooks.binary.display(), "handover: stopping the server and parking every run");
         // Further requests are refused with the reason.
         handover_rx.close();
@@ -394,7 +413,7 @@ pub async fn run(
                 Vec::new()
             }
         };
-        let (Ok(image), Ok(listener_keep)) = (image, listener_keep) else {
+        let Ok(listener_keep) = listener_keep else {
             unreachable!("checked before the handover began");
         };
         for (k, v) in &hooks.handover_env {

@@ -117,7 +117,9 @@ pub struct Inherited {
 struct Back {
     /// `<state fd>:<image fd>`, as handed over.
     spec: String,
-    state: OwnedFd,
+    /// The state's memfd, held open until this image commits or goes back
+    /// (the previous image reads it again).
+    _state: OwnedFd,
     image: OwnedFd,
     /// Every descriptor taken over, to close on exec once committed.
     taken: Vec<RawFd>,
@@ -152,7 +154,6 @@ impl Inherited {
         let Some(back) = self.back.filter(|_| self.fallback.is_none()) else {
             return io::Error::other("no previous image to go back to");
         };
-        let _ = &back.state;
         exec_previous(&back.image, &back.spec, why, back.args, back.env)
     }
 }
@@ -195,6 +196,16 @@ pub enum Refused {
     Unavailable(String),
     #[error("{}: {why}", binary.display())]
     Preflight { binary: PathBuf, why: String },
+}
+
+/// Why a handover is asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trigger {
+    /// An operator's request (SIGUSR2): always.
+    Requested,
+    /// A reload (SIGHUP): only when the binary at the daemon's path is no
+    /// longer the running image (a package upgrade replaced it).
+    IfReplaced,
 }
 
 /// A request for a handover; answered once the preflight is done (with
@@ -319,15 +330,7 @@ pub fn exec(
 ) -> io::Error {
     use std::os::unix::ffi::OsStrExt;
     let args: Vec<OsString> = std::env::args_os().collect();
-    let own_env: Vec<OsString> = std::env::vars_os()
-        .filter(|(k, _)| k != ENV_STATE && k != ENV_FALLBACK)
-        .map(|(k, v)| {
-            let mut kv = k;
-            kv.push("=");
-            kv.push(v);
-            kv
-        })
-        .collect();
+    let own_env = current_env();
     let mut keep: Vec<RawFd> = vec![listener.as_raw_fd(), image.as_raw_fd()];
     let wire = Wire {
         args: args.iter().map(|a| a.as_bytes().to_vec()).collect(),
@@ -353,7 +356,7 @@ pub fn exec(
                 let s = r.streams.unwrap_or_default();
                 WireRun {
                     id: r.id.0,
-                    pid: r.pid,
+                    pid: r.pid.unwrap_or(0),
                     pidfd: r.pidfd.as_raw_fd(),
                     stdout: r.stdout.as_ref().map(AsRawFd::as_raw_fd),
                     stderr: r.stderr.as_ref().map(AsRawFd::as_raw_fd),
@@ -528,7 +531,7 @@ fn read(
         let [stdout_len, stdout_dropped, stderr_len, stderr_dropped] = r.streams;
         runs.push(HandedRun {
             id: ProcessId(r.id),
-            pid: r.pid,
+            pid: Some(r.pid).filter(|&p| p > 0),
             pidfd: take(r.pidfd)?,
             stdout: r.stdout.map(take).transpose()?,
             stderr: r.stderr.map(take).transpose()?,
@@ -554,7 +557,7 @@ fn read(
         fallback,
         back: Some(Back {
             spec: spec.to_string(),
-            state,
+            _state: state,
             image,
             taken,
             args: (!wire.args.is_empty()).then(|| {

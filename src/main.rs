@@ -127,7 +127,7 @@ fn main() -> ExitCode {
     // Its leaders are children of this (main) thread now, the orphan
     // reaper's: it must leave them to the supervisor.
     if let Some(i) = &inherited {
-        cyrnel::proc::protect_leaders(i.adoption.runs.iter().map(|r| r.pid));
+        cyrnel::proc::protect_leaders(i.adoption.runs.iter().filter_map(|r| r.pid));
     }
     // Restarted by a service manager after a crash: the runs parked in its
     // file-descriptor store (not our children any more).
@@ -305,8 +305,7 @@ fn serve(
     stored: Option<cyrnel::supervisor::Adoption>,
 ) -> Result<(), ()> {
     // The path the daemon was started from: a handover executes what is
-    // there now. Its running image, to tell whether an upgrade replaced it.
-    // (After a fallback through the image's descriptor the kernel names a
+    // there now (`app` tells whether an upgrade replaced it). (After a fallback through the image's descriptor the kernel names a
     // replaced file "<path> (deleted)".)
     let binary = std::env::current_exe()
         .map(
@@ -316,7 +315,6 @@ fn serve(
             },
         )
         .unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
-    let image = cyrnel::proc::reexec::open_running_image().ok();
     runtime.block_on(async {
         let mut signals = match Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR2]) {
             Ok(s) => s,
@@ -333,27 +331,17 @@ fn serve(
             log_filter: log_level_owned.then_some(log_filter),
             apply: reloads_tx,
         };
-        let on_disk = binary.clone();
         let shutdown = async move {
             while let Some(sig) = signals.next().await {
                 if sig == SIGHUP {
                     reloader.reload();
-                    let replaced = image.as_ref().map(|image| {
-                        cyrnel::proc::reexec::is_running_image(&on_disk, image)
-                    });
-                    match replaced {
-                        Some(Ok(false)) => {
-                            tracing::info!(binary = %on_disk.display(), "SIGHUP: the binary on disk is not the running one; handing over");
-                            let _ = handover_tx.try_send(());
-                        }
-                        Some(Err(e)) => tracing::warn!(binary = %on_disk.display(), error = %e, "SIGHUP: cannot look at the binary on disk; no handover"),
-                        _ => {}
-                    }
+                    // A handover follows if an upgrade replaced the binary.
+                    let _ = handover_tx.try_send(cyrnel::handover::Trigger::IfReplaced);
                     continue;
                 }
                 if sig == SIGUSR2 {
                     tracing::info!("SIGUSR2: handover requested");
-                    let _ = handover_tx.try_send(());
+                    let _ = handover_tx.try_send(cyrnel::handover::Trigger::Requested);
                     continue;
                 }
                 tracing::info!(signal = sig, "stop requested");

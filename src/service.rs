@@ -465,28 +465,25 @@ fn datagram_socket() -> io::Result<OwnedFd> {
         tv_sec: SEND_TIMEOUT.as_secs() as libc::time_t,
         tv_usec: 0,
     };
-    // SAFETY: setsockopt reads `size_of::<timeval>()` bytes from `timeout`,
-    // which lives across the call; the socket is open (owned above).
-    unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDTIMEO,
-            &timeout as *const libc::timeval as *const libc::c_void,
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        );
-    }
-    // SAFETY: as above, with a c_int.
-    unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            &SEND_BUFFER as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
+    set_socket_option(&socket, libc::SO_SNDTIMEO, &timeout);
+    set_socket_option(&socket, libc::SO_SNDBUF, &SEND_BUFFER);
     Ok(socket)
+}
+
+/// `setsockopt(SOL_SOCKET, option, value)`; a failure costs only the
+/// option (best effort, as both uses here are).
+fn set_socket_option<T>(socket: &OwnedFd, option: libc::c_int, value: &T) {
+    // SAFETY: setsockopt reads `size_of::<T>()` bytes from `value`, which
+    // lives across the call; the socket is open (borrowed).
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            (value as *const T).cast::<libc::c_void>(),
+            std::mem::size_of::<T>() as libc::socklen_t,
+        );
+    }
 }
 
 #[cfg(test)]

@@ -2,6 +2,17 @@
 
 use crate::*;
 
+/// One raw, unsandboxed `/bin/sh -c true` (no stdio), waited for: the
+/// baseline's unit.
+pub(crate) fn raw_spawn() -> std::io::Result<std::process::ExitStatus> {
+    Command::new("/bin/sh")
+        .args(["-c", "true"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+}
+
 /// The baseline: `total` spawns of `/bin/sh -c true` from `workers` threads,
 /// each waited for. No HTTP, no database.
 pub(crate) fn spawn_baseline(total: usize, workers: usize) -> Duration {
@@ -12,13 +23,7 @@ pub(crate) fn spawn_baseline(total: usize, workers: usize) -> Duration {
             let next = next.clone();
             std::thread::spawn(move || {
                 while next.fetch_add(1, Ordering::Relaxed) < total {
-                    let status = Command::new("/bin/sh")
-                        .args(["-c", "true"])
-                        .stdin(Stdio::null())
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::null())
-                        .status()
-                        .expect("spawn /bin/sh");
+                    let status = raw_spawn().expect("spawn /bin/sh");
                     assert!(status.success());
                 }
             })

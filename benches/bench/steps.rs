@@ -65,13 +65,7 @@ pub(crate) fn step_costs(dir: &Path, iterations: usize) -> Result<Vec<StepSample
         let us = |d: Duration| d.as_secs_f64() * 1e6;
         let t0 = Instant::now();
         if row == 0 {
-            let status = Command::new("/bin/sh")
-                .args(["-c", "true"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .map_err(|e| e.to_string())?;
+            let status = raw_spawn().map_err(|e| e.to_string())?;
             if !status.success() {
                 return Err(format!("`sh -c true` exited with {status}"));
             }

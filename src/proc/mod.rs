@@ -270,27 +270,8 @@ pub fn probe_spawn(
         credentials,
         sandbox: &prepared.steps,
     })?;
-    // SAFETY: siginfo_t is a C struct of integers and a union of
-    // integers and pointers, for which all-zero bytes are a valid value.
-    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `info` is a valid, writable siginfo_t that outlives the
-    // call, and the pidfd is open (owned by `child`, alive until the end
-    // of this function). A blocking wait that reaps our own child.
-    let r = unsafe {
-        libc::waitid(
-            libc::P_PIDFD,
-            child.pidfd.as_raw_fd() as libc::id_t,
-            &mut info,
-            libc::WEXITED | libc::__WALL,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: waitid succeeded without WNOHANG, so the kernel filled in the
-    // SIGCHLD layout of the union, of which si_status is a member.
-    let status = unsafe { info.si_status() };
-    Ok((info.si_code == libc::CLD_EXITED).then_some(status))
+    let (code, status) = child.wait()?;
+    Ok((code == libc::CLD_EXITED).then_some(status))
 }
 
 fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
@@ -675,12 +656,13 @@ fn sigchld_set() -> nix::sys::signal::SigSet {
 
 /// Reaps every exited child of the calling thread; returns how many.
 fn reap_own_children() -> usize {
-    let protected = PROTECTED_LEADERS
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clone();
-    if !protected.is_empty() {
-        return reap_own_children_but(&protected);
+    {
+        let protected = PROTECTED_LEADERS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !protected.is_empty() {
+            return reap_own_children_but(&protected);
+        }
     }
     let mut n = 0;
     loop {

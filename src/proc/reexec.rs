@@ -106,7 +106,6 @@ pub fn sealed_memfd(name: &CStr, bytes: &[u8]) -> io::Result<OwnedFd> {
 
 /// Everything in a file from its start (at most `max` bytes).
 pub fn read_from_start(fd: &OwnedFd, max: u64) -> io::Result<Vec<u8>> {
-    use std::io::Read;
     use std::os::unix::fs::FileExt;
     let file = fs::File::from(fd.try_clone()?);
     let len = file.metadata()?.len();
@@ -118,9 +117,6 @@ pub fn read_from_start(fd: &OwnedFd, max: u64) -> io::Result<Vec<u8>> {
     }
     let mut buf = vec![0u8; len as usize];
     file.read_exact_at(&mut buf, 0)?;
-    let mut rest = Vec::new();
-    // Nothing may follow (a sealed file cannot grow).
-    (&file).take(1).read_to_end(&mut rest)?;
     Ok(buf)
 }
 
@@ -130,11 +126,12 @@ pub fn open_running_image() -> io::Result<OwnedFd> {
     Ok(OwnedFd::from(fs::File::open("/proc/self/exe")?))
 }
 
-/// Whether `path` is the running image (`image`, from
-/// [`open_running_image`]): the same file, not only the same name.
-pub fn is_running_image(path: &Path, image: &OwnedFd) -> io::Result<bool> {
+/// Whether `path` is the running image: the same file, not only the same
+/// name (`/proc/self/exe` leads to the running image's file even when the
+/// one at its path was replaced).
+pub fn is_running_image(path: &Path) -> io::Result<bool> {
     let on_disk = fs::metadata(path)?;
-    let running = fs::File::from(image.try_clone()?).metadata()?;
+    let running = fs::metadata("/proc/self/exe")?;
     Ok(on_disk.dev() == running.dev() && on_disk.ino() == running.ino())
 }
 

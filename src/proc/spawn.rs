@@ -67,6 +67,39 @@ pub struct Child {
     pub start_time: Option<u64>,
 }
 
+impl Child {
+    /// Waits for the child to end and reaps it: `(si_code, si_status)`,
+    /// e.g. `(CLD_EXITED, code)`. For start-up probes and tests; runs are
+    /// waited for through `Leader`.
+    pub fn wait(&self) -> io::Result<(i32, i32)> {
+        wait_pidfd(&self.pidfd)
+    }
+}
+
+/// A blocking `waitid` that reaps our own child through its pidfd:
+/// `(si_code, si_status)`.
+fn wait_pidfd(pidfd: &OwnedFd) -> io::Result<(i32, i32)> {
+    // SAFETY: siginfo_t is a C struct of integers and a union of integers
+    // and pointers, for which all-zero bytes are a valid value.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `info` is a valid, writable siginfo_t that outlives the call,
+    // and the pidfd is open (borrowed for the call).
+    let r = unsafe {
+        libc::waitid(
+            libc::P_PIDFD,
+            pidfd.as_raw_fd() as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::__WALL,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: waitid succeeded without WNOHANG, so the kernel filled in the
+    // SIGCHLD layout of the union, of which si_status is a member.
+    Ok((info.si_code, unsafe { info.si_status() }))
+}
+
 /// Which step failed in the child (stored with its errno).
 #[derive(Clone, Copy)]
 #[repr(i32)]
@@ -387,18 +420,7 @@ pub fn created_in_cgroup_lives(cgroup: RawFd) -> bool {
     // SAFETY: CLONE_PIDFD gave us a fresh descriptor on the child, which
     // is waited for (and reaped) here.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
-    // SAFETY: siginfo_t is plain data, filled by waitid.
-    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-    // SAFETY: a blocking wait for our own child into the local siginfo_t.
-    let r = unsafe {
-        libc::waitid(
-            libc::P_PIDFD,
-            pidfd.as_raw_fd() as libc::id_t,
-            &mut info,
-            libc::WEXITED | libc::__WALL,
-        )
-    };
-    r == 0 && info.si_code == libc::CLD_EXITED
+    wait_pidfd(&pidfd).is_ok_and(|(code, _)| code == libc::CLD_EXITED)
 }
 
 thread_local! {
@@ -700,23 +722,10 @@ pub fn spawn(exec: &Exec<'_>) -> io::Result<Child> {
     let step = args.failed_step.load(Ordering::Acquire);
     if let Some(step) = Step::from_i32(step) {
         let errno = args.failed_errno.load(Ordering::Acquire);
-        // The child has exited (the clone returned): reap it.
-        // SAFETY: siginfo_t is a C struct of integers and a union of
-        // integers and pointers, for which all-zero bytes are a valid value.
-        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        // SAFETY: `info` is a live, writable siginfo_t for the whole call,
-        // and `pidfd` (owned here) is open. The child has already exited
-        // (with CLONE_VFORK the clone returns only once the child has
-        // called execve or exited, and it reported a failed step), so the
-        // blocking wait returns at once and reaps it.
-        unsafe {
-            libc::waitid(
-                libc::P_PIDFD,
-                pidfd.as_raw_fd() as libc::id_t,
-                &mut info,
-                libc::WEXITED | libc::__WALL,
-            );
-        }
+        // The child has exited (with CLONE_VFORK the clone returns only
+        // once the child has called execve or exited, and it reported a
+        // failed step), so the blocking wait returns at once and reaps it.
+        let _ = wait_pidfd(&pidfd);
         let err = io::Error::from_raw_os_error(errno);
         return Err(match step {
             Step::Exec => err,
@@ -1177,20 +1186,7 @@ pub(super) fn run_true_for_test(cgroup: RawFd, into_cgroup: bool) -> (i32, i32) 
         sandbox: &steps,
     })
     .unwrap();
-    // SAFETY: siginfo_t is plain data; a blocking wait for our child.
-    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-    // SAFETY: waitid on the child's pidfd into the local siginfo_t.
-    let r = unsafe {
-        libc::waitid(
-            libc::P_PIDFD,
-            child.pidfd.as_raw_fd() as libc::id_t,
-            &mut info,
-            libc::WEXITED | libc::__WALL,
-        )
-    };
-    assert_eq!(r, 0);
-    // SAFETY: waitid filled the siginfo_t of an exited child.
-    (info.si_code, unsafe { info.si_status() })
+    child.wait().unwrap()
 }
 
 #[cfg(test)]
@@ -1240,18 +1236,7 @@ mod tests {
         let mut out = String::new();
         std::io::Read::read_to_string(&mut std::fs::File::from(child.stdout), &mut out).unwrap();
         assert_eq!(cpus_allowed(&out), before);
-        // SAFETY: siginfo_t: all-zero bytes are a valid value.
-        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        // SAFETY: `info` is a live local and the pidfd is open; the
-        // blocking wait reaps this test's own child.
-        unsafe {
-            libc::waitid(
-                libc::P_PIDFD,
-                child.pidfd.as_raw_fd() as libc::id_t,
-                &mut info,
-                libc::WEXITED | libc::__WALL,
-            )
-        };
+        wait_pidfd(&child.pidfd).unwrap();
     }
 
     /// The start time worked out from the clock is the one `/proc` shows.
@@ -1278,18 +1263,7 @@ mod tests {
                 assert_eq!(t, from_proc);
                 known += 1;
             }
-            // SAFETY: siginfo_t: all-zero bytes are a valid value.
-            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-            // SAFETY: `info` is a live local and the pidfd is open; the
-            // blocking wait reaps this test's own child.
-            unsafe {
-                libc::waitid(
-                    libc::P_PIDFD,
-                    child.pidfd.as_raw_fd() as libc::id_t,
-                    &mut info,
-                    libc::WEXITED | libc::__WALL,
-                )
-            };
+            child.wait().unwrap();
         }
         assert!(known > 0, "the clock never told the start time");
     }

@@ -735,7 +735,7 @@ impl Actor {
         };
         let handed = HandedRun {
             id: p.id,
-            pid: leader.pid(),
+            pid: Some(leader.pid()),
             pidfd: leader.into_pidfd(),
             stdout: into_fd(p.stdout),
             stderr: into_fd(p.stderr),

@@ -78,7 +78,7 @@ pub fn adoption(fds: Vec<(String, OwnedFd)>) -> Adoption {
             Some(HandedRun {
                 id: ProcessId(id),
                 // The record's: the leader may be gone (and reaped) by now.
-                pid: 0,
+                pid: None,
                 pidfd,
                 stdout: out,
                 stderr: err,

@@ -312,6 +312,7 @@ fn transition(rec: &Record, event: Event) -> Decision {
                 Ok(settle(
                     &next,
                     None,
+                    false,
                     OutputOutcome::None,
                     StreamStats::default(),
                     now,
@@ -332,10 +333,7 @@ fn transition(rec: &Record, event: Event) -> Decision {
                 now,
             },
         ) => {
-            let (mut next, fx) = settle(rec, status, output, streams, now);
-            if status_lost && next.exit_state == Some(ExitState::Failed) && status.is_none() {
-                next.error = Some(EXIT_LOST_ERROR.to_string());
-            }
+            let (mut next, fx) = settle(rec, status, status_lost, output, streams, now);
             next.killed = killed;
             next.escaped = escaped;
             next.resources = resources;
@@ -350,6 +348,9 @@ fn transition(rec: &Record, event: Event) -> Decision {
 fn settle(
     rec: &Record,
     status: Option<ExitStatus>,
+    // The status is unknown because the leader ended while the daemon was
+    // down (see `Event::Settled`).
+    status_lost: bool,
     output: OutputOutcome,
     streams: StreamStats,
     now: u64,
@@ -397,6 +398,7 @@ fn settle(
                     signal_name(s)
                 )),
             ),
+            None if status_lost => (ExitState::Failed, Some(EXIT_LOST_ERROR.to_string())),
             None => (
                 ExitState::Failed,
                 Some("Process exit status is unknown.".to_string()),
@@ -446,24 +448,7 @@ mod tests {
 
     #[test]
     fn a_status_lost_in_a_restart_says_so() {
-        let running = running();
-        let lost = |status_lost| {
-            decide(
-                &running,
-                Event::Settled {
-                    status: None,
-                    status_lost,
-                    output: OutputOutcome::None,
-                    streams: StreamStats::default(),
-                    killed: None,
-                    escaped: None,
-                    resources: None,
-                    now: 900,
-                },
-            )
-            .unwrap()
-            .0
-        };
+        let lost = |status_lost| settled_as(&running(), None, status_lost, OutputOutcome::None);
         assert_eq!(lost(true).error.as_deref(), Some(EXIT_LOST_ERROR));
         assert_eq!(lost(true).exit_state, Some(ExitState::Failed));
         assert_eq!(
@@ -473,11 +458,20 @@ mod tests {
     }
 
     fn settled(r: &Record, status: Option<ExitStatus>, output: OutputOutcome) -> Record {
+        settled_as(r, status, false, output)
+    }
+
+    fn settled_as(
+        r: &Record,
+        status: Option<ExitStatus>,
+        status_lost: bool,
+        output: OutputOutcome,
+    ) -> Record {
         decide(
             r,
             Event::Settled {
                 status,
-                status_lost: false,
+                status_lost,
                 output,
                 streams: StreamStats::default(),
                 killed: None,

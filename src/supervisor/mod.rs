@@ -106,9 +106,9 @@ pub struct CreateRequest {
 #[derive(Debug)]
 pub struct HandedRun {
     pub id: ProcessId,
-    /// Its leader's pid (checked against the record; 0: unknown, the
-    /// record's) and pidfd.
-    pub pid: i32,
+    /// Its leader's pid, checked against the record (`None`: not known,
+    /// as after a crash; the record's is used), and pidfd.
+    pub pid: Option<i32>,
     pub pidfd: OwnedFd,
     /// The read ends of its output pipes (`None`: the stream had ended).
     pub stdout: Option<OwnedFd>,

@@ -36,11 +36,10 @@ impl Actor {
                 self.table.enqueue(id);
                 continue;
             }
-            if let Some(mut h) = handed.remove(&id) {
-                if h.pid == 0 {
-                    h.pid = identity.as_ref().map_or(0, |i| i.pid);
-                }
-                if h.pid != 0 && identity.as_ref().map(|i| i.pid) == Some(h.pid) {
+            if let Some(h) = handed.remove(&id) {
+                let recorded = identity.as_ref().map(|i| i.pid);
+                // Handed over with its pid: it must be the record's.
+                if recorded.is_some() && h.pid.is_none_or(|p| Some(p) == recorded) {
                     match self.adopt(&rec, h, child) {
                         Ok(()) => continue,
                         Err(e) => {
@@ -48,7 +47,7 @@ impl Actor {
                         }
                     }
                 } else {
-                    tracing::error!(%id, pid = h.pid, "a handed-over run does not match its record; putting the record's processes down");
+                    tracing::error!(%id, pid = ?h.pid, "a handed-over run does not match its record; putting the record's processes down");
                 }
             }
             let cgroup = self.settings.cgroups.as_ref().map(|r| r.run(id.0));
@@ -84,7 +83,7 @@ impl Actor {
         for (id, h) in handed {
             // Its record is settled or gone: the run ended before the
             // handover completed and was recorded.
-            tracing::info!(%id, pid = h.pid, "a handed-over run has no running record; nothing to adopt");
+            tracing::info!(%id, pid = ?h.pid, "a handed-over run has no running record; nothing to adopt");
         }
         self.remove_stale_cgroups();
         self.kill_untracked();
@@ -100,7 +99,12 @@ impl Actor {
     /// capture stopped; its timeout and kill deadline from the record.
     fn adopt(&mut self, rec: &Record, h: HandedRun, child: bool) -> std::io::Result<()> {
         let id = rec.id;
-        let leader = Arc::new(Leader::adopt(h.pidfd, h.pid, child)?);
+        let pid = rec
+            .identity
+            .as_ref()
+            .map(|i| i.pid)
+            .ok_or_else(|| std::io::Error::other("the record has no pid"))?;
+        let leader = Arc::new(Leader::adopt(h.pidfd, pid, child)?);
         let pipe = |fd: Option<std::os::fd::OwnedFd>| -> std::io::Result<Option<pipe::Receiver>> {
             fd.map(|fd| {
                 reexec::set_nonblocking(&fd)?;
@@ -133,7 +137,7 @@ impl Actor {
             .run_uid
             .filter(|u| self.uids.as_mut().is_some_and(|p| p.hold(*u)));
         let tracked = Tracked {
-            pgid: h.pid,
+            pgid: pid,
             tag: id.to_string(),
             uid,
             scope,
@@ -183,7 +187,7 @@ impl Actor {
             }
             State::Queued | State::Idle => {}
         }
-        tracing::info!(%id, pid = h.pid, child, "re-adopted a run");
+        tracing::info!(%id, pid, child, "re-adopted a run");
         Ok(())
     }
 

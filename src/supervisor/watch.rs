@@ -377,7 +377,10 @@ async fn capture(
                 });
             }
         }
-        let chunk: Vec<u8> = if let Some(j) = &mut journal {
+        // The bytes taken in: from the journal (owned) or read into `buf`;
+        // either way copied once, into the chunk stored.
+        let journaled: Vec<u8>;
+        let chunk: &[u8] = if let Some(j) = &mut journal {
             let taken = if stopping {
                 use std::os::fd::AsFd;
                 j.take_from(pipe.as_fd(), READ_BUF)
@@ -388,7 +391,10 @@ async fn capture(
             match taken {
                 Ok(0) => break,
                 Ok(_) => match j.unstored() {
-                    Ok(b) => b,
+                    Ok(b) => {
+                        journaled = b;
+                        &journaled
+                    }
                     Err(_) => break,
                 },
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && !stopping => continue,
@@ -418,7 +424,7 @@ async fn capture(
             if n == 0 {
                 break;
             }
-            buf[..n].to_vec()
+            &buf[..n]
         };
         let n = chunk.len();
         let room = cap.saturating_sub(kept).min(n as u64) as usize;

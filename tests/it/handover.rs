@@ -25,20 +25,20 @@ fn hand_over_then(d: &Daemon, accepted: impl FnOnce()) {
     assert_eq!(r.status, 202, "POST /handover: {r}");
     accepted();
     assert_eq!(r.json()["pid"].as_u64(), Some(u64::from(d.pid())));
-    poll("the new image to answer", || {
+    wait_generation(d, "the new image to answer", before + 1);
+}
+
+/// Waits until `GET /handover` answers with `generation` (a new image, or
+/// the previous one again, is serving); its answer.
+#[track_caller]
+fn wait_generation(d: &Daemon, what: &str, generation: u64) -> Json {
+    poll(what, || {
         match try_http(d.port(), "GET", "/handover", &[], None) {
-            Ok(r) if r.status == 200 => {
-                let g = r.json()["generation"].as_u64().unwrap_or(0);
-                if g == before + 1 {
-                    Ok(r.json())
-                } else {
-                    Err(format!("generation {g}"))
-                }
-            }
-            Ok(r) => Err(format!("status {}", r.status)),
+            Ok(r) if r.status == 200 && r.json()["generation"] == generation => Ok(r.json()),
+            Ok(r) => Err(format!("status {}: {}", r.status, r.text())),
             Err(e) => Err(e.to_string()),
         }
-    });
+    })
 }
 
 /// A script that stands in for a binary on disk.
@@ -370,24 +370,12 @@ fn sighup_hands_over_only_when_the_binary_was_replaced() {
     fs::remove_file(&bin).unwrap();
     install_binary(&bin);
     send_signal("HUP", d.pid() as i32);
-    poll("the handover after SIGHUP", || {
-        match try_http(d.port(), "GET", "/handover", &[], None) {
-            Ok(r) if r.status == 200 && r.json()["generation"] == 1 => Ok(()),
-            Ok(r) => Err(r.text()),
-            Err(e) => Err(e.to_string()),
-        }
-    });
+    wait_generation(&d, "the handover after SIGHUP", 1);
     assert!(is_alive(run_pid));
     assert_eq!(d.record(run)["state"], "running");
     // SIGUSR2: the operator's trigger, binary replaced or not.
     send_signal("USR2", d.pid() as i32);
-    poll("the handover after SIGUSR2", || {
-        match try_http(d.port(), "GET", "/handover", &[], None) {
-            Ok(r) if r.status == 200 && r.json()["generation"] == 2 => Ok(()),
-            Ok(r) => Err(r.text()),
-            Err(e) => Err(e.to_string()),
-        }
-    });
+    wait_generation(&d, "the handover after SIGUSR2", 2);
     assert_eq!(d.kill(run).status, 200);
     assert_eq!(d.wait_idle(run)["exitState"], "canceled");
     assert!(!is_alive(run_pid));
@@ -495,13 +483,7 @@ fn a_new_image_that_cannot_start_gives_every_run_back_to_the_previous_one() {
         );
         let r = d.post_no_body("/handover");
         assert_eq!(r.status, 202, "{r}");
-        let status = poll("the previous image to answer again", || {
-            match try_http(d.port(), "GET", "/handover", &[], None) {
-                Ok(r) if r.status == 200 && r.json()["generation"] == generation => Ok(r.json()),
-                Ok(r) => Err(r.text()),
-                Err(e) => Err(e.to_string()),
-            }
-        });
+        let status = wait_generation(&d, "the previous image to answer again", generation);
         let last = status["lastError"].as_str().unwrap_or_default().to_string();
         assert!(last.contains(why), "{status}");
         assert_eq!(d.pid(), pid);
