@@ -242,12 +242,13 @@ pub(crate) async fn bench_churn(k: &Knobs, bin: &Path, root: &Path, rep: &mut Re
     for round in 1..=rounds {
         let r = spawn_round(runs, clients, &d, &ev).await;
         progress!(
-            "churn: round {round}/{rounds}: baseline {:.0} spawns/s; daemon {:.0} runs/s ({} not success); ratio {:.2}; machine {:.0} % busy",
+            "churn: round {round}/{rounds}: baseline {:.0} spawns/s; daemon {:.0} runs/s ({} not success); ratio {:.2}; machine {:.0} % busy ({:.0} % stolen)",
             r.base_rate,
             r.rate,
             r.not_success,
             r.rate / r.base_rate,
-            r.machine_busy * 100.0
+            r.machine_busy * 100.0,
+            r.machine_steal * 100.0
         );
         all.push(r);
     }
@@ -291,6 +292,7 @@ pub(crate) async fn bench_churn(k: &Knobs, bin: &Path, root: &Path, rep: &mut Re
                 "baseline_spawns_per_s": r3(r.base_rate), "daemon_runs_per_s": r3(r.rate),
                 "ratio": r3(r.rate / r.base_rate), "not_success": r.not_success,
                 "daemon_cpu_s": r3(r.daemon_cpu_s), "machine_busy": r3(r.machine_busy),
+                "machine_steal": r3(r.machine_steal),
             })).collect::<Vec<_>>(),
         }),
     );

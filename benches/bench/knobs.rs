@@ -44,7 +44,7 @@ impl Knobs {
             only,
             spawn_runs: knob("BENCH_SPAWN_RUNS", 2000),
             spawn_clients: knob("BENCH_SPAWN_CLIENTS", 16),
-            spawn_rounds: knob("BENCH_SPAWN_ROUNDS", 3),
+            spawn_rounds: knob("BENCH_SPAWN_ROUNDS", 9),
             latency_samples: knob("BENCH_LATENCY_SAMPLES", 500),
             kill_grace_ms: knob("BENCH_KILL_GRACE_MS", 50),
             read_conns: knob("BENCH_READ_CONNS", 64),

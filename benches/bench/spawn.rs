@@ -66,10 +66,10 @@ pub(crate) async fn create_many(
 
 /// Jiffies of the whole machine from /proc/stat: (busy, total). Busy is
 /// everything but idle and iowait.
-pub(crate) fn machine_jiffies() -> (u64, u64) {
+pub(crate) fn machine_jiffies() -> (u64, u64, u64) {
     let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
     let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
-        return (0, 0);
+        return (0, 0, 0);
     };
     let f: Vec<u64> = line
         .split_whitespace()
@@ -78,7 +78,11 @@ pub(crate) fn machine_jiffies() -> (u64, u64) {
         .collect();
     let total: u64 = f.iter().take(8).sum();
     let idle = f.get(3).copied().unwrap_or(0) + f.get(4).copied().unwrap_or(0);
-    (total - idle, total)
+    // Time the hypervisor ran something else while this machine wanted
+    // to run (counted as busy above): on a shared host it moves both
+    // sides of a ratio, round by round.
+    let steal = f.get(7).copied().unwrap_or(0);
+    (total - idle, total, steal)
 }
 
 /// CPU seconds used by this harness process so far.
@@ -100,6 +104,9 @@ pub(crate) struct SpawnRound {
     pub(crate) harness_cpu_s: f64,
     /// Share of both cores busy (not idle, not iowait) during the daemon side.
     pub(crate) machine_busy: f64,
+    /// Of the machine's time in the round, the share the hypervisor gave
+    /// to other guests (`steal` in /proc/stat).
+    pub(crate) machine_steal: f64,
     pub(crate) first_id: u64,
 }
 
@@ -137,6 +144,7 @@ pub(crate) async fn spawn_round(
         children_cpu_s: cpu1.1 - cpu0.1,
         harness_cpu_s: h1 - h0,
         machine_busy: (m1.0 - m0.0) as f64 / (m1.1 - m0.1).max(1) as f64,
+        machine_steal: (m1.2 - m0.2) as f64 / (m1.1 - m0.1).max(1) as f64,
         first_id: ids[0],
     }
 }
@@ -170,7 +178,7 @@ pub(crate) async fn bench_spawn(k: &Knobs, d: &Daemon, ev: &Events, rep: &mut Re
         );
         let r = spawn_round(runs, clients, d, ev).await;
         progress!(
-            "spawn: round {round}: baseline {:.0} spawns/s; daemon {:.0} runs/s ({:.2} s; all 201s after {:.2} s; {} not success); ratio {:.2}; CPU: daemon {:.2} s, children {:.2} s, harness {:.2} s, machine {:.0} % busy",
+            "spawn: round {round}: baseline {:.0} spawns/s; daemon {:.0} runs/s ({:.2} s; all 201s after {:.2} s; {} not success); ratio {:.2}; CPU: daemon {:.2} s, children {:.2} s, harness {:.2} s, machine {:.0} % busy ({:.0} % stolen)",
             r.base_rate,
             r.rate,
             r.elapsed_s,
@@ -180,7 +188,8 @@ pub(crate) async fn bench_spawn(k: &Knobs, d: &Daemon, ev: &Events, rep: &mut Re
             r.daemon_cpu_s,
             r.children_cpu_s,
             r.harness_cpu_s,
-            r.machine_busy * 100.0
+            r.machine_busy * 100.0,
+            r.machine_steal * 100.0
         );
         all.push(r);
     }
@@ -219,6 +228,7 @@ pub(crate) async fn bench_spawn(k: &Knobs, d: &Daemon, ev: &Events, rep: &mut Re
                 "children_cpu_s": r3(r.children_cpu_s),
                 "harness_cpu_s": r3(r.harness_cpu_s),
                 "machine_busy": r3(r.machine_busy),
+                "machine_steal": r3(r.machine_steal),
             })
         })
         .collect();
