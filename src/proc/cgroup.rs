@@ -58,13 +58,6 @@ fn cgroup2_mount() -> Option<PathBuf> {
     })
 }
 
-/// FNV-1a: a stable, dependency-free name for an instance's cgroup folder.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf29ce484222325, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x100000001b3)
-    })
-}
-
 /// This process's own cgroup v2 path ("0::/path" in /proc/self/cgroup).
 fn own_cgroup() -> Option<String> {
     let s = fs::read_to_string("/proc/self/cgroup").ok()?;
@@ -86,7 +79,7 @@ impl CgroupRoot {
         let base = mount.join(own.trim_start_matches('/'));
         let dir = base.join(format!(
             "cyrnel-{:016x}",
-            fnv1a(instance.as_os_str().as_bytes())
+            super::fnv1a(instance.as_os_str().as_bytes())
         ));
         match fs::create_dir(&dir) {
             Ok(()) => {}

@@ -43,6 +43,15 @@ use tokio::net::unix::pipe;
 use crate::model::ProcIdentity;
 use cgroup::{Joiner, RunCgroup};
 
+/// FNV-1a (64 bits): a stable, dependency-free name for what belongs to
+/// one data dir on the host (its cgroup folder, its `/dev/shm` folder, its
+/// block of run uids).
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 /// `PIDFD_SIGNAL_PROCESS_GROUP` from linux/pidfd.h (Linux 6.9+).
 const PIDFD_SIGNAL_PROCESS_GROUP: libc::c_uint = 1 << 2;
 

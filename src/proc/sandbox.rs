@@ -1370,11 +1370,7 @@ fn search(entries: &[(u32, Action)]) -> Vec<libc::sock_filter> {
 /// daemons on one host do not share run uids unless their data dirs
 /// collide in 1 of 4094 blocks (`sandbox_uid_base` sets it explicitly).
 pub fn default_uid_base(data_dir: &Path) -> u32 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in data_dir.as_os_str().as_bytes() {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
+    let h = super::fnv1a(data_dir.as_os_str().as_bytes());
     0x7000_0000 + (h % 4094) as u32 * 65_536
 }
 
@@ -1408,6 +1404,9 @@ mod tests {
             );
             assert_eq!(base % 65_536, 0);
         }
+        // The block is persisted with every run (`run_uid`): the same data
+        // dir must keep the same block across versions.
+        assert_eq!(default_uid_base(Path::new("/var/lib/cyrnel")), 0x75fd_0000);
     }
 
     /// Runs a filter on one call, as the kernel would: the return value.
