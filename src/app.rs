@@ -435,6 +435,7 @@ pub async fn run(
     if let Some(root) = &cgroups {
         root.remove_if_empty();
     }
+    sandbox.remove_runs_base_if_empty();
     // Every final transition has been published: end the live streams so
     // the server's graceful stop does not wait on them.
     hub.close();
@@ -449,8 +450,7 @@ pub async fn run(
 /// data dir's on `/dev/shm` (a tmpfs: no disk inode per run) when the
 /// daemon may write there, else in `<data_dir>/run`.
 fn detect_sandbox(config: &Config, data_dir: &Path, dir_mode: u32) -> Result<Policy, AppError> {
-    let tag = format!("{:08x}", sandbox::default_uid_base(data_dir) >> 16);
-    let shm = Path::new("/dev/shm").join(format!("cyrnel-{tag}"));
+    let shm = sandbox::shm_runs_base(data_dir);
     let runs_base = match private_dir(&shm, 0o700) {
         Ok(()) if owned_by_me(&shm) => shm,
         _ => {

@@ -75,14 +75,10 @@ pub(crate) fn fd_count(pid: u32) -> (usize, usize) {
 }
 
 /// The run folder base a daemon on `data_dir` uses on `/dev/shm` (levels
-/// `landlock` and `none`; created at every level): `/dev/shm/cyrnel-<tag>`.
+/// `landlock` and `none`; created at every level): `/dev/shm/cyrnel-<hash>`.
 pub(crate) fn shm_runs_base(data_dir: &Path) -> PathBuf {
     let data_dir = fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
-    let tag = format!(
-        "{:08x}",
-        cyrnel::proc::sandbox::default_uid_base(&data_dir) >> 16
-    );
-    Path::new("/dev/shm").join(format!("cyrnel-{tag}"))
+    cyrnel::proc::sandbox::shm_runs_base(&data_dir)
 }
 
 /// What a daemon leaves on the host: its data dir, and its `/dev/shm` run

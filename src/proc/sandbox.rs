@@ -820,6 +820,12 @@ impl Policy {
         &self.paths.runs_base
     }
 
+    /// Removes the folder base once no run folder is left in it (graceful
+    /// stop); a restart on the same data dir makes it again.
+    pub fn remove_runs_base_if_empty(&self) {
+        let _ = fs::remove_dir(&self.paths.runs_base);
+    }
+
     /// After a restart: the folder of run `id` if one is left on the host
     /// (levels `landlock` and `none`; a private tmpfs is gone with the
     /// daemon's descriptor on it).
@@ -1362,6 +1368,20 @@ fn search(entries: &[(u32, Action)]) -> Vec<libc::sock_filter> {
     }
     p.extend(blocks);
     p
+}
+
+/// Where the daemon of `data_dir` keeps the folders of its runs at levels
+/// `landlock` and `none` when it may (a tmpfs: no disk inode per run):
+/// `/dev/shm/cyrnel-<hash of the data dir>`, the same 64-bit hash as its
+/// cgroup folder, so two daemons never share one. (Named after the uid
+/// block before, one of 4094: two data dirs in the same block shared the
+/// folder, or one daemon found another user's there and fell back to
+/// `<data_dir>/run`.)
+pub fn shm_runs_base(data_dir: &Path) -> PathBuf {
+    Path::new("/dev/shm").join(format!(
+        "cyrnel-{:016x}",
+        super::fnv1a(data_dir.as_os_str().as_bytes())
+    ))
 }
 
 /// A stable block of 65,536 uids for this data dir, in 1879048192 ..

@@ -405,6 +405,24 @@ fn landlock_a_run_folder_is_removed_when_it_settles() {
     assert!(!std::path::Path::new("/tmp/outside").exists());
 }
 
+/// The folder base on /dev/shm belongs to this data dir alone (named after
+/// its whole path, not after one of 4094 uid blocks, which let two daemons
+/// share it, or sent one to `<data_dir>/run` when another user's was
+/// there), and a graceful stop removes it.
+#[test]
+fn landlock_the_run_folder_base_is_this_data_dirs_and_goes_at_a_graceful_stop() {
+    let mut d = landlock();
+    let (rec, _, _) = run(&d, "echo x > kept");
+    assert_level(&rec, "landlock");
+    let base = d.runs_base().expect("runs_base in the start-up log");
+    let data_dir = fs::canonicalize(d.data_dir()).unwrap();
+    assert_eq!(base, cyrnel::proc::sandbox::shm_runs_base(&data_dir));
+    assert!(base.is_dir(), "{}", base.display());
+    assert!(!d.data_dir().join("run").exists());
+    d.stop_gracefully();
+    assert!(!base.exists(), "{} is left after the stop", base.display());
+}
+
 #[test]
 fn full_a_full_run_folder_fails_the_run_not_the_daemon() {
     let d = Daemon::options()
