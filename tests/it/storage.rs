@@ -413,11 +413,23 @@ fn a_damaged_manifest_refuses_start_and_salvage_rebuilds_from_the_tables() {
 // Space comes back: deletes reclaim disk without a restart.
 // ---------------------------------------------------------------------------
 
-/// Bytes of the files under `dir`.
+/// Bytes of the files under `dir`. The daemon runs while this walks:
+/// RocksDB removes obsolete files at any time, so an entry that is gone by
+/// the time it is looked at counts as nothing.
 fn du(dir: &std::path::Path) -> u64 {
+    let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if gone(&e) => return 0,
+        Err(e) => panic!("{}: {e}", dir.display()),
+    };
     let mut total = 0;
-    for e in fs::read_dir(dir).unwrap().flatten() {
-        let m = e.metadata().unwrap();
+    for e in entries.flatten() {
+        let m = match e.metadata() {
+            Ok(m) => m,
+            Err(err) if gone(&err) => continue,
+            Err(err) => panic!("{}: {err}", e.path().display()),
+        };
         total += if m.is_dir() { du(&e.path()) } else { m.len() };
     }
     total
