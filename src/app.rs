@@ -48,7 +48,7 @@ pub enum AppError {
 }
 
 /// Creates `dir` (0700) if missing; tightens an existing one to 0700,
-/// since it holds staged code and outputs.
+/// since it holds the database or runs' folders.
 fn private_dir(dir: &Path, mode: u32) -> Result<(), AppError> {
     let wrap = |source| AppError::DataDir {
         path: dir.to_path_buf(),

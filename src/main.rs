@@ -65,7 +65,7 @@ struct Cli {
     /// Address and port to listen on (default 127.0.0.1:9371).
     #[arg(long, value_name = "ADDR:PORT")]
     listen: Option<String>,
-    /// Directory for the database and staged code (default ./cyrnel-data).
+    /// Directory for the database (default ./cyrnel-data).
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
     /// Read every table and log of the database, print what is readable
@@ -586,8 +586,8 @@ The configuration file of packaged installs (\fB\-\-config\fR), 0640
 root:cyrnel because it may hold the API key.
 .TP
 \fI/var/lib/cyrnel\fR
-The data directory of packaged installs: the database and the staged code of
-every run, 0700 cyrnel:cyrnel. Without a configuration it is
+The data directory of packaged installs: the database (runs' folders live on a
+tmpfs), 0700 cyrnel:cyrnel. Without a configuration it is
 \fIcyrnel\-data\fR in the working directory.
 .TP
 \fI/usr/lib/systemd/system/cyrneld.service\fR
