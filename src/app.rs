@@ -109,6 +109,9 @@ pub struct Hooks {
     /// Variables the next image must get back (the API key, scrubbed from
     /// this process's environment at start).
     pub handover_env: Vec<(String, String)>,
+    /// The service manager (`NOTIFY_SOCKET`): its fd store keeps runs
+    /// across a crash when there is one.
+    pub service: Arc<crate::service::Notifier>,
 }
 
 /// Runs the daemon until `shutdown` resolves, with `main`'s hooks; returns
@@ -269,10 +272,7 @@ pub async fn run(
             credentials,
             cgroup_limits,
             idempotency_retention_ms: config.idempotency_retention_s.saturating_mul(1000),
-            service: {
-                let n = crate::service::Notifier::from_env();
-                n.is_present().then(|| Arc::new(n))
-            },
+            service: hooks.service.is_present().then(|| hooks.service.clone()),
         },
         hub.clone(),
         adoption,

@@ -29,7 +29,6 @@ use std::sync::Arc;
 
 use clap::Parser;
 use futures_util::StreamExt;
-use sd_notify::NotifyState;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR2};
 use signal_hook_tokio::Signals;
 use tokio::sync::{mpsc, watch};
@@ -39,6 +38,7 @@ use tracing_subscriber::{reload, EnvFilter, Registry};
 
 use cyrnel::app::Hooks;
 use cyrnel::config::{self, Config, Flags, Reload};
+use cyrnel::service::Notifier;
 
 /// Supervises OS processes behind the Cyrnel Processes HTTP API.
 ///
@@ -325,11 +325,17 @@ fn serve(
         };
         let (reloads_tx, reloads) = watch::channel(config.clone());
         let (handover_tx, handovers) = mpsc::channel(4);
+        // The service manager (`NOTIFY_SOCKET`), one socket for the
+        // daemon's whole life: state changes from here, the fd store from
+        // the supervisor.
+        let service = Arc::new(Notifier::from_env());
+        let (stop_service, ready_service) = (service.clone(), service.clone());
         let mut reloader = Reloader {
             flags,
             running: config.clone(),
             log_filter: log_level_owned.then_some(log_filter),
             apply: reloads_tx,
+            service: service.clone(),
         };
         let shutdown = async move {
             while let Some(sig) = signals.next().await {
@@ -345,10 +351,10 @@ fn serve(
                     continue;
                 }
                 tracing::info!(signal = sig, "stop requested");
-                notify(&[
-                    NotifyState::Stopping,
-                    NotifyState::Status("stopping: terminating running processes"),
-                ]);
+                notify(
+                    &stop_service,
+                    "STOPPING=1\nSTATUS=stopping: terminating running processes",
+                );
                 return;
             }
         };
@@ -357,11 +363,11 @@ fn serve(
             .into_iter()
             .collect();
         let hooks = Hooks {
-            ready: Some(Box::new(|addr| {
-                notify(&[
-                    NotifyState::Ready,
-                    NotifyState::Status(&format!("listening on {addr}")),
-                ]);
+            ready: Some(Box::new(move |addr| {
+                notify(
+                    &ready_service,
+                    &format!("READY=1\nSTATUS=listening on {addr}"),
+                );
             })),
             reloads: Some(reloads),
             inherited,
@@ -369,6 +375,7 @@ fn serve(
             handovers: Some(handovers),
             binary,
             handover_env,
+            service,
         };
         cyrnel::app::run(config, shutdown, hooks)
             .await
@@ -381,8 +388,8 @@ fn serve(
 
 /// Tells systemd about a state change; a failure only costs the
 /// notification, never the daemon.
-fn notify(states: &[NotifyState]) {
-    if let Err(e) = sd_notify::notify(states) {
+fn notify(service: &Notifier, text: &str) {
+    if let Err(e) = service.notify(text) {
         tracing::warn!(error = %e, "cannot notify the service manager");
     }
 }
@@ -400,16 +407,15 @@ struct Reloader {
     /// Hands the settings in force to `app`, which applies the API key
     /// and the rate limits.
     apply: watch::Sender<Config>,
+    /// RELOADING=1 … READY=1 around a reload.
+    service: Arc<Notifier>,
 }
 
 impl Reloader {
     fn reload(&mut self) {
-        let mut states = vec![NotifyState::Reloading];
-        // systemd (v253+) wants a timestamp with RELOADING=1.
-        if let Ok(now) = NotifyState::monotonic_usec_now() {
-            states.push(now);
+        if let Err(e) = self.service.reloading() {
+            tracing::warn!(error = %e, "cannot notify the service manager");
         }
-        notify(&states);
         let file = match &self.flags.config {
             Some(path) => path.display().to_string(),
             None => "(no file: environment and defaults)".to_string(),
@@ -422,7 +428,7 @@ impl Reloader {
                 "configuration reload failed; the running configuration is unchanged"
             ),
         }
-        notify(&[NotifyState::Ready]);
+        notify(&self.service, "READY=1");
     }
 
     fn try_reload(&mut self) -> Result<(), String> {

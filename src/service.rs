@@ -142,6 +142,21 @@ impl Notifier {
         self.send(text.as_bytes(), None)
     }
 
+    /// `RELOADING=1` with the `MONOTONIC_USEC=` that systemd (v253+) wants
+    /// with it.
+    pub fn reloading(&self) -> io::Result<()> {
+        let mut now = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes one timespec into our local.
+        if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let usec = now.tv_sec as u64 * 1_000_000 + now.tv_nsec as u64 / 1_000;
+        self.notify(&format!("RELOADING=1\nMONOTONIC_USEC={usec}"))
+    }
+
     /// Parks a duplicate of `fd` in the manager's store under `name`
     /// (`FDSTORE=1`, `FDPOLL=0`, `FDNAME=name`). With `FDPOLL=0` the manager
     /// keeps it even once it reports `POLLHUP` or `POLLERR` (a pipe whose
