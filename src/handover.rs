@@ -99,6 +99,31 @@ enum WireFolder {
     Host(RawFd, PathBuf),
 }
 
+impl WireRun {
+    /// Every descriptor of the run the state names.
+    fn fds(&self) -> impl Iterator<Item = RawFd> + '_ {
+        let folder = self.folder.as_ref().map(|f| match f {
+            WireFolder::Private(fd) | WireFolder::Host(fd, _) => *fd,
+        });
+        [
+            Some(self.pidfd),
+            self.stdout,
+            self.stderr,
+            self.journals[0],
+            self.journals[1],
+            folder,
+        ]
+        .into_iter()
+        .flatten()
+    }
+}
+
+/// Byte strings of the state as `OsString`s (`None`: absent, as in a
+/// version-1 state).
+fn os_strings(items: Vec<Vec<u8>>) -> Option<Vec<OsString>> {
+    (!items.is_empty()).then(|| items.into_iter().map(OsString::from_vec).collect())
+}
+
 /// What an image started by a handover took over. Until
 /// [`Inherited::commit`] every descriptor stays as it was handed over
 /// (without `FD_CLOEXEC`), so [`Inherited::fall_back`] can still give all
@@ -342,17 +367,6 @@ pub fn exec(
         runs: runs
             .iter()
             .map(|r| {
-                let fds = [
-                    Some(&r.pidfd),
-                    r.stdout.as_ref(),
-                    r.stderr.as_ref(),
-                    r.journals[0].as_ref(),
-                    r.journals[1].as_ref(),
-                ];
-                keep.extend(fds.into_iter().flatten().map(AsRawFd::as_raw_fd));
-                if let Some(f) = &r.folder {
-                    keep.push(f.fd().as_raw_fd());
-                }
                 let s = r.streams.unwrap_or_default();
                 WireRun {
                     id: r.id.0,
@@ -382,6 +396,7 @@ pub fn exec(
             })
             .collect(),
     };
+    keep.extend(wire.runs.iter().flat_map(WireRun::fds));
     let json = match serde_json::to_vec(&wire) {
         Ok(j) => j,
         Err(e) => return io::Error::other(e),
@@ -399,19 +414,14 @@ pub fn exec(
             return e;
         }
     }
-    let env_for = |fallback: Option<&str>| -> Vec<OsString> {
-        let mut env = own_env.clone();
-        env.push(format!("{ENV_STATE}={}:{}", state.as_raw_fd(), image.as_raw_fd()).into());
-        if let Some(why) = fallback {
-            env.push(format!("{ENV_FALLBACK}={}", why.replace('\n', " ")).into());
-        }
-        env
-    };
+    let spec = format!("{}:{}", state.as_raw_fd(), image.as_raw_fd());
+    let mut env = own_env.clone();
+    env.push(format!("{ENV_STATE}={spec}").into());
     tracing::info!(binary = %binary.display(), runs = runs.len(), "handing over: executing the new image");
-    let e = reexec::exec(Some(binary), image, args.clone(), env_for(None));
+    let e = reexec::exec(Some(binary), image, args.clone(), env);
     let why = format!("cannot execute {}: {e}", binary.display());
     tracing::error!(%why, "handover failed; executing the previous image again");
-    reexec::exec(None, image, args, env_for(Some(&why)))
+    exec_previous(image, &spec, &why, Some(args), Some(own_env))
 }
 
 /// Step 5: when this image was started by a handover, takes over its state
@@ -492,22 +502,7 @@ fn read(
     // First every check, taking nothing: a failure must leave every
     // descriptor open for the previous image to take back.
     let mut all = vec![wire.listener, wire.image];
-    for r in &wire.runs {
-        all.extend(
-            [
-                Some(r.pidfd),
-                r.stdout,
-                r.stderr,
-                r.journals[0],
-                r.journals[1],
-            ]
-            .into_iter()
-            .flatten(),
-        );
-        if let Some(WireFolder::Private(fd) | WireFolder::Host(fd, _)) = &r.folder {
-            all.push(*fd);
-        }
-    }
+    all.extend(wire.runs.iter().flat_map(WireRun::fds));
     let mut seen = std::collections::HashSet::from([state_fd]);
     for &fd in &all {
         if !seen.insert(fd) {
@@ -560,18 +555,8 @@ fn read(
             _state: state,
             image,
             taken,
-            args: (!wire.args.is_empty()).then(|| {
-                wire.args
-                    .iter()
-                    .map(|a| OsString::from_vec(a.clone()))
-                    .collect()
-            }),
-            env: (!wire.env.is_empty()).then(|| {
-                wire.env
-                    .iter()
-                    .map(|e| OsString::from_vec(e.clone()))
-                    .collect()
-            }),
+            args: os_strings(wire.args),
+            env: os_strings(wire.env),
         }),
     })
 }

@@ -41,11 +41,21 @@ pub fn raise_pipe_size(fd: BorrowedFd<'_>, bytes: i32) -> io::Result<i32> {
     fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, bytes)
 }
 
-/// Clears `FD_CLOEXEC`: the descriptor survives the next `execve`.
-pub fn keep_across_exec(fd: BorrowedFd<'_>) -> io::Result<()> {
+/// Sets or clears `FD_CLOEXEC`.
+fn set_cloexec(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
     let fd = fd.as_raw_fd();
     let flags = fcntl(fd, libc::F_GETFD, 0)?;
-    fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC).map(|_| ())
+    let flags = if on {
+        flags | libc::FD_CLOEXEC
+    } else {
+        flags & !libc::FD_CLOEXEC
+    };
+    fcntl(fd, libc::F_SETFD, flags).map(|_| ())
+}
+
+/// Clears `FD_CLOEXEC`: the descriptor survives the next `execve`.
+pub fn keep_across_exec(fd: BorrowedFd<'_>) -> io::Result<()> {
+    set_cloexec(fd, false)
 }
 
 /// Whether a descriptor number is open (without taking it).
@@ -61,22 +71,14 @@ pub fn is_open(fd: RawFd) -> io::Result<()> {
 
 /// Sets `FD_CLOEXEC` again on a descriptor taken over.
 pub fn close_on_exec(fd: BorrowedFd<'_>) -> io::Result<()> {
-    let fd = fd.as_raw_fd();
-    let flags = fcntl(fd, libc::F_GETFD, 0)?;
-    fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC).map(|_| ())
+    set_cloexec(fd, true)
 }
 
 /// Takes ownership of a descriptor number handed over through `execve`,
 /// leaving `FD_CLOEXEC` clear (so it can still be handed back; see
 /// [`close_on_exec`]). Fails (EBADF) when it is not open.
 pub fn take_handed_over(fd: RawFd) -> io::Result<OwnedFd> {
-    if fd < 3 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("descriptor {fd} cannot have been handed over"),
-        ));
-    }
-    fcntl(fd, libc::F_GETFD, 0)?;
+    is_open(fd)?;
     // SAFETY: the descriptor is open (F_GETFD succeeded) and was handed to
     // this image to own; every number is taken at most once (the caller
     // checks the handed-over state for duplicates).
