@@ -541,7 +541,13 @@ impl Actor {
                         }
                         tracing::debug!(%id, pid = leader.pid(), "started");
                         if let Some(service) = &self.settings.service {
-                            park_in_store(service, id, &leader, [&sp.stdout, &sp.stderr], &folder);
+                            super::fdstore::park(
+                                service,
+                                id,
+                                &leader,
+                                [&sp.stdout, &sp.stderr],
+                                &folder,
+                            );
                         }
                         let ctx = self.run_context(id, gen, Some(folder), StreamStats::default());
                         tokio::spawn(watch::watch_child(
@@ -754,52 +760,20 @@ impl Actor {
 
     /// Answers the handover once nothing starts, runs or waits for a write.
     fn check_parked(&mut self) {
-        let Some(parking) = &self.parking else {
+        let Some(parking) = &mut self.parking else {
             return;
         };
         if parking.waiters.is_empty() || !self.pending.is_empty() || !self.table.quiet() {
             return;
         }
-        if let Some(parking) = &mut self.parking {
-            let runs = std::mem::take(&mut parking.runs);
-            let mut waiters = parking.waiters.drain(..);
-            if let Some(first) = waiters.next() {
-                let _ = first.send(runs);
-            }
-            // A second request gets nothing: the runs went to the first.
-            for w in waiters {
-                let _ = w.send(Vec::new());
-            }
+        let runs = std::mem::take(&mut parking.runs);
+        let mut waiters = parking.waiters.drain(..);
+        if let Some(first) = waiters.next() {
+            let _ = first.send(runs);
+        }
+        // A second request gets nothing: the runs went to the first.
+        for w in waiters {
+            let _ = w.send(Vec::new());
         }
     }
 }
-
-/// Parks a started run's descriptors in the service manager's store, with
-/// its pipes raised to the largest capacity allowed (what the run writes
-/// while no daemon reads waits there).
-fn park_in_store(
-    service: &crate::service::Notifier,
-    id: ProcessId,
-    leader: &crate::proc::Leader,
-    [stdout, stderr]: [&tokio::net::unix::pipe::Receiver; 2],
-    folder: &RunFolder,
-) {
-    use std::os::fd::AsFd;
-    for pipe in [stdout.as_fd(), stderr.as_fd()] {
-        let _ = crate::proc::reexec::raise_pipe_size(pipe, PARKED_PIPE_BYTES);
-    }
-    super::fdstore::park(
-        service,
-        id,
-        [
-            Some(leader.pidfd()),
-            Some(stdout.as_fd()),
-            Some(stderr.as_fd()),
-            folder.private_fd(),
-        ],
-    );
-}
-
-/// The capacity asked for a parked run's pipes (the kernel's default
-/// `fs.pipe-max-size`; root may get it beyond that).
-const PARKED_PIPE_BYTES: i32 = 1 << 20;

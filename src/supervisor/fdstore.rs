@@ -10,22 +10,57 @@
 //! capture when the first bytes arrive, see `proc::journal`).
 
 use std::collections::BTreeMap;
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
+
+use tokio::net::unix::pipe;
 
 use super::{Adoption, HandedRun};
-use crate::model::ProcessId;
-use crate::proc::sandbox::FolderHandle;
+use crate::model::{ProcessId, Stream};
+use crate::proc::sandbox::{FolderHandle, RunFolder};
+use crate::proc::{reexec, Leader};
 use crate::service::Notifier;
 
 const KINDS: [&str; 6] = ["pid", "out", "err", "dir", "jout", "jerr"];
 
-pub(super) fn name(id: ProcessId, kind: &str) -> String {
+/// The capacity asked for a parked run's pipes (the kernel's default
+/// `fs.pipe-max-size`; root may get it beyond that).
+const PARKED_PIPE_BYTES: i32 = 1 << 20;
+
+fn name(id: ProcessId, kind: &str) -> String {
     format!("run-{}-{kind}", id.0)
 }
 
-/// Parks a started run's descriptors (`dir`: its private folder, level
+/// The name a stream's capture journal is parked under.
+pub(super) fn journal_name(id: ProcessId, stream: Stream) -> String {
+    name(
+        id,
+        match stream {
+            Stream::Stdout => "jout",
+            Stream::Stderr => "jerr",
+        },
+    )
+}
+
+/// Parks a started run's descriptors: its pidfd, its output pipes (raised
+/// to the largest capacity allowed: what the run writes while no daemon
+/// reads waits there) and its folder (`dir`: a private one, level
 /// `full`). A failure costs only the run's survival of a crash.
-pub(super) fn park(notifier: &Notifier, id: ProcessId, fds: [Option<BorrowedFd<'_>>; 4]) {
+pub(super) fn park(
+    notifier: &Notifier,
+    id: ProcessId,
+    leader: &Leader,
+    [stdout, stderr]: [&pipe::Receiver; 2],
+    folder: &RunFolder,
+) {
+    for pipe in [stdout.as_fd(), stderr.as_fd()] {
+        let _ = reexec::raise_pipe_size(pipe, PARKED_PIPE_BYTES);
+    }
+    let fds = [
+        Some(leader.pidfd()),
+        Some(stdout.as_fd()),
+        Some(stderr.as_fd()),
+        folder.private_fd(),
+    ];
     for (kind, fd) in KINDS[..4].iter().zip(fds) {
         if let Some(fd) = fd {
             if let Err(e) = notifier.store(&name(id, kind), fd) {

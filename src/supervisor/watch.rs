@@ -330,10 +330,6 @@ async fn capture(
             Err(e) => tracing::warn!(%id, error = %e, "cannot read a capture journal"),
         }
     }
-    let journal_name = match stream {
-        Stream::Stdout => "jout",
-        Stream::Stderr => "jerr",
-    };
     // A stream that had ended before a handover: nothing more comes.
     let Some(pipe) = pipe else {
         return Captured {
@@ -372,7 +368,7 @@ async fn capture(
                 // The first bytes: a journal, parked before it takes any.
                 journal = Journal::create(kept).ok().filter(|j| {
                     service
-                        .store(&super::fdstore::name(id, journal_name), j.fd())
+                        .store(&super::fdstore::journal_name(id, stream), j.fd())
                         .is_ok()
                 });
             }
