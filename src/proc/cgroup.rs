@@ -277,6 +277,11 @@ fn open_dir(dir: &Path) -> io::Result<OwnedFd> {
     Ok(OwnedFd::from(dir))
 }
 
+/// Whether a `cgroup.events` text has the line `populated 1`.
+fn says_populated(events: &[u8]) -> bool {
+    events.split(|b| *b == b'\n').any(|l| l == b"populated 1")
+}
+
 /// A run's `cgroup.events`, open and registered for the kernel's change
 /// notification: kernfs reports `EPOLLPRI` on an open cgroup file once its
 /// content changed since that descriptor last read it. (Not inotify: closing
@@ -294,7 +299,7 @@ impl EventsFile {
         let mut buf = [0u8; 256];
         // pread(2) at offset 0.
         let n = self.fd.get_ref().read_at(&mut buf, 0)?;
-        Ok(buf[..n].split(|b| *b == b'\n').any(|l| l == b"populated 1"))
+        Ok(says_populated(&buf[..n]))
     }
 
     /// Waits until the file has changed since the last [`EventsFile::populated`].
@@ -402,10 +407,7 @@ impl RunCgroup {
         let mut buf = [0u8; 256];
         // SAFETY: read(2) into a local buffer of the size passed.
         let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        n > 0
-            && buf[..n as usize]
-                .split(|b| *b == b'\n')
-                .any(|l| l == b"populated 1")
+        n > 0 && says_populated(&buf[..n as usize])
     }
 
     /// Opens `cgroup.events` for change notifications; read it with

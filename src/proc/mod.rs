@@ -10,7 +10,8 @@
 //! the reap happens once, explicitly, in [`Leader::reap`]. Orphans
 //! reparented to the daemon are reaped by the main thread only
 //! ([`OrphanReaper`]), whose `waitid(P_ALL)` is limited to that thread's
-//! children with an exit signal and so never sees a leader. Nothing waits
+//! own children (`__WNOTHREAD`) and so never sees a leader, a child of the
+//! spawner thread (handed-over leaders are protected by pid). Nothing waits
 //! for any child of the whole process. It knows nothing of HTTP, JSON or
 //! RocksDB.
 //!
@@ -221,11 +222,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
             .unwrap_or(0),
         boot_id: boot_id().to_string(),
     };
-    // SAFETY: the AsyncFd takes ownership of the OwnedFd, which stays open
-    // and refers to the same pidfd until the AsyncFd is dropped.
-    let pidfd =
-        unsafe { AsyncFd::register_with_interest(child.pidfd, tokio::io::Interest::READABLE) }
-            .map_err(|e| e.into_parts().1)?;
+    let pidfd = register_pidfd(child.pidfd)?;
     Ok(Spawned {
         leader: Leader {
             pid,
@@ -236,6 +233,14 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
         stderr: pipe_receiver(child.stderr)?,
         identity,
     })
+}
+
+/// A pidfd registered with the runtime: readable once its process exits.
+fn register_pidfd(pidfd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: the AsyncFd takes ownership of the OwnedFd, which stays open
+    // and refers to the same pidfd until the AsyncFd is dropped.
+    unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
 }
 
 /// The read end of a child's output pipe (a fresh `pipe2` end, blocking,
@@ -336,7 +341,8 @@ impl Rusage {
     }
 }
 
-/// waitid(P_PIDFD) on our own child (`__WALL`: leaders have no exit signal).
+/// waitid(P_PIDFD) on our own child (`__WALL`: a leader has no exit signal
+/// until its own exec).
 /// Through the raw system call, whose fifth argument (which glibc's
 /// wrapper hides) returns the child's resource usage, also with `WNOWAIT`.
 fn waitid_pidfd(pidfd: &OwnedFd, flags: libc::c_int) -> io::Result<Option<(ExitStatus, Rusage)>> {
@@ -382,12 +388,11 @@ impl Leader {
     /// Call from within the runtime.
     pub fn adopt(pidfd: OwnedFd, pid: i32, child: bool) -> io::Result<Leader> {
         reexec::set_nonblocking(&pidfd)?;
-        // SAFETY: the AsyncFd takes ownership of the OwnedFd, which stays
-        // open and refers to the same pidfd until the AsyncFd is dropped.
-        let pidfd =
-            unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }
-                .map_err(|e| e.into_parts().1)?;
-        Ok(Leader { pid, pidfd, child })
+        Ok(Leader {
+            pid,
+            pidfd: register_pidfd(pidfd)?,
+            child,
+        })
     }
 
     pub fn pid(&self) -> i32 {
