@@ -303,7 +303,7 @@ pub async fn run(
         tracing::error!(%why, "a handover failed: this is the previous image again, with every run");
     }
     if let Some(mut signals) = hooks.handovers.take() {
-        let tx = handover_tx.clone();
+        let control = control.clone();
         let binary = hooks.binary.clone();
         tokio::spawn(async move {
             while let Some(trigger) = signals.recv().await {
@@ -319,11 +319,7 @@ pub async fn run(
                         }
                     }
                 }
-                let (reply, answer) = oneshot::channel();
-                if tx.send(handover::Request { reply }).await.is_err() {
-                    return;
-                }
-                if let Ok(Err(e)) = answer.await {
+                if let Err(e) = control.request().await {
                     tracing::error!(error = %e, "handover refused");
                 }
             }

@@ -791,6 +791,24 @@ pub fn signal_number(name: &str) -> Option<i32> {
         .filter(|n| (1..=64).contains(n))
 }
 
+/// `POST /handover`'s answer.
+#[derive(Clone, Debug, serde::Deserialize)]
+pub struct HandoverStarted {
+    pub binary: String,
+    pub pid: u32,
+}
+
+/// `GET /handover`'s answer.
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HandoverStatus {
+    pub pid: u32,
+    pub generation: u64,
+    pub binary: String,
+    pub state_version: u32,
+    pub last_error: Option<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -884,22 +902,4 @@ mod tests {
         drop(text);
         assert_eq!(p.r#ref.as_deref(), Some("a\"b"));
     }
-}
-
-/// `POST /handover`'s answer.
-#[derive(Clone, Debug, serde::Deserialize)]
-pub struct HandoverStarted {
-    pub binary: String,
-    pub pid: u32,
-}
-
-/// `GET /handover`'s answer.
-#[derive(Clone, Debug, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct HandoverStatus {
-    pub pid: u32,
-    pub generation: u64,
-    pub binary: String,
-    pub state_version: u32,
-    pub last_error: Option<String>,
 }

@@ -535,12 +535,7 @@ async fn handover(state: &ApiState) -> Response<Body> {
     match state.handover.request().await {
         Ok(binary) => json(
             StatusCode::ACCEPTED,
-            serde_json::json!({
-                "status": "handing over",
-                "binary": binary.display().to_string(),
-                "pid": std::process::id(),
-            })
-            .to_string(),
+            wire::handover_started(&binary, std::process::id()),
         ),
         Err(e) => error(StatusCode::CONFLICT, &format!("Handover refused: {e}.")),
     }

@@ -325,6 +325,16 @@ pub fn parse_run(body: &Value) -> Result<bool, Invalid> {
     }
 }
 
+/// `POST /handover`'s answer: the binary that passed the preflight.
+pub fn handover_started(binary: &std::path::Path, pid: u32) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "status": "handing over",
+        "binary": binary.display().to_string(),
+        "pid": pid,
+    }))
+    .expect("json")
+}
+
 /// `GET /handover`: this daemon's handovers.
 pub fn handover_status(s: &crate::handover::Status, pid: u32) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({
