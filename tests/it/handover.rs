@@ -50,14 +50,70 @@ fn put_script(path: &Path, body: &str) {
     fs::rename(&tmp, path).unwrap();
 }
 
-/// `out 0` … `out n-1`, each line exactly once and in order.
-#[track_caller]
-fn assert_numbered(text: &str, prefix: &str) -> usize {
-    let lines: Vec<&str> = text.lines().collect();
-    for (i, l) in lines.iter().enumerate() {
-        assert_eq!(*l, format!("{prefix} {i}"), "line {i} of {text:?}");
+/// Puts the binary `from` at `path` as a new file (a running daemon's
+/// image is never written to), as a package upgrade does.
+fn replace_binary(path: &Path, from: &Path) {
+    fs::remove_file(path).unwrap();
+    install_binary_from(from, path);
+}
+
+/// A daemon on its own copy of the binary, with one run that prints
+/// `before`, waits for its marker `go`, prints `after` and exits `code`:
+/// for handovers that must change nothing, then one that works.
+struct WaitingRun {
+    _markers: tempfile::TempDir,
+    go: std::path::PathBuf,
+    d: Daemon,
+    pid: u32,
+    run: i64,
+    run_pid: i32,
+    bin: std::path::PathBuf,
+    code: i32,
+}
+
+impl WaitingRun {
+    fn start(code: i32) -> WaitingRun {
+        let markers = marker_dir();
+        let go = markers.path().join("go");
+        let d = Daemon::options().own_binary().start();
+        let pid = d.pid();
+        let run = d.create_code(&format!(
+            "echo before; while [ ! -e {} ]; do sleep 0.01; done; echo after; exit {code}",
+            sq(&go)
+        ));
+        let run_pid = d.wait_running_pid(run);
+        let bin = d.binary();
+        WaitingRun {
+            _markers: markers,
+            go,
+            d,
+            pid,
+            run,
+            run_pid,
+            bin,
+            code,
+        }
     }
-    lines.len()
+
+    /// Nothing changed: the same daemon, the run alive and `running`.
+    #[track_caller]
+    fn assert_untouched(&self, what: &str) {
+        assert_eq!(self.d.pid(), self.pid, "{what}");
+        assert!(is_alive(self.run_pid), "{what}: the run is alive");
+        assert_eq!(self.d.record(self.run)["state"], "running", "{what}");
+    }
+
+    /// The real binary again (a new file): a handover that works, and the
+    /// run ends as it would have.
+    #[track_caller]
+    fn finish_with_the_real_binary(self) {
+        replace_binary(&self.bin, Path::new(BIN));
+        hand_over(&self.d);
+        fs::write(&self.go, "").unwrap();
+        let r = self.d.wait_idle(self.run);
+        assert_eq!(r["exitCode"], self.code, "{r}");
+        assert_eq!(self.d.stdout_text(self.run), "before\nafter\n");
+    }
 }
 
 /// Every event from the start, until `done` holds; their ids have no gap.
@@ -288,36 +344,28 @@ fn twenty_handovers_under_load_lose_nothing() {
 
 #[test]
 fn a_refused_handover_leaves_every_run_alive() {
-    let markers = marker_dir();
-    let go = markers.path().join("go");
-    let d = Daemon::options().own_binary().start();
-    let pid = d.pid();
-    let run = d.create_code(&format!(
-        "echo before; while [ ! -e {} ]; do sleep 0.01; done; echo after; exit 5",
-        sq(&go)
-    ));
-    let run_pid = d.wait_running_pid(run);
-    let bin = d.binary();
+    let w = WaitingRun::start(5);
+    let (d, bin) = (&w.d, &w.bin);
     type Case<'a> = (&'a str, Box<dyn Fn() + 'a>, &'a str);
     let cases: [Case; 4] = [
         (
             "missing",
-            Box::new(|| fs::remove_file(&bin).unwrap()),
+            Box::new(|| fs::remove_file(bin).unwrap()),
             "cannot run it",
         ),
         (
             "exits at once",
-            Box::new(|| put_script(&bin, "exit 1")),
+            Box::new(|| put_script(bin, "exit 1")),
             "--handover-check failed",
         ),
         (
             "from a future state version",
-            Box::new(|| put_script(&bin, "echo 'cyrneld handover reads 99-99'")),
+            Box::new(|| put_script(bin, "echo 'cyrneld handover reads 99-99'")),
             "reads handover state versions 99-99",
         ),
         (
             "says nothing",
-            Box::new(|| put_script(&bin, "true")),
+            Box::new(|| put_script(bin, "true")),
             "did not say which state versions",
         ),
     ];
@@ -336,18 +384,9 @@ fn a_refused_handover_leaves_every_run_alive() {
             status["lastError"].as_str().unwrap().contains(why),
             "{what}: {status}"
         );
-        assert_eq!(d.pid(), pid, "{what}");
-        assert!(is_alive(run_pid), "{what}: the run is alive");
-        assert_eq!(d.record(run)["state"], "running", "{what}");
+        w.assert_untouched(what);
     }
-    // The real binary again (a new file): the handover goes through.
-    fs::remove_file(&bin).unwrap();
-    install_binary(&bin);
-    hand_over(&d);
-    fs::write(&go, "").unwrap();
-    let r = d.wait_idle(run);
-    assert_eq!(r["exitCode"], 5);
-    assert_eq!(d.stdout_text(run), "before\nafter\n");
+    w.finish_with_the_real_binary();
 }
 
 #[test]
@@ -357,18 +396,10 @@ fn sighup_hands_over_only_when_the_binary_was_replaced() {
     let run_pid = d.wait_running_pid(run);
     // Same binary: a reload, no handover.
     send_signal("HUP", d.pid() as i32);
-    poll("the reload to be logged", || {
-        if d.logs().contains("SIGHUP: reloading") {
-            Ok(())
-        } else {
-            Err("not yet".into())
-        }
-    });
+    wait_log_count(&d, "SIGHUP: reloading", 1);
     assert_eq!(d.get("/handover").json()["generation"], 0);
     // Replaced (as by a package upgrade): the reload hands over.
-    let bin = d.binary();
-    fs::remove_file(&bin).unwrap();
-    install_binary(&bin);
+    replace_binary(&d.binary(), Path::new(BIN));
     send_signal("HUP", d.pid() as i32);
     wait_generation(&d, "the handover after SIGHUP", 1);
     assert!(is_alive(run_pid));
@@ -419,8 +450,7 @@ fn an_upgrade_from_the_previous_release_keeps_every_run() {
     // The package manager puts the new binary in place; the old daemon
     // hands over to it (it reads version 1).
     let bin = d.binary();
-    fs::remove_file(&bin).unwrap();
-    install_binary(&bin);
+    replace_binary(&bin, Path::new(BIN));
     hand_over(&d);
     let new = d.get("/handover").json();
     assert_eq!(new["stateVersion"], 2, "{new}");
@@ -434,8 +464,7 @@ fn an_upgrade_from_the_previous_release_keeps_every_run() {
     assert_eq!(d.wait_idle(sleeper)["exitState"], "canceled");
     // Back to the previous release: it cannot read version 2, so the
     // handover is refused and nothing changes.
-    fs::remove_file(&bin).unwrap();
-    install_binary_from(&previous_release(), &bin);
+    replace_binary(&bin, &previous_release());
     let r = d.post_no_body("/handover");
     assert_eq!(r.status, 409, "{r}");
     assert!(
@@ -448,16 +477,8 @@ fn an_upgrade_from_the_previous_release_keeps_every_run() {
 
 #[test]
 fn a_new_image_that_cannot_start_gives_every_run_back_to_the_previous_one() {
-    let markers = marker_dir();
-    let go = markers.path().join("go");
-    let d = Daemon::options().own_binary().start();
-    let pid = d.pid();
-    let run = d.create_code(&format!(
-        "echo before; while [ ! -e {} ]; do sleep 0.01; done; echo after; exit 9",
-        sq(&go)
-    ));
-    let run_pid = d.wait_running_pid(run);
-    let bin = d.binary();
+    let w = WaitingRun::start(9);
+    let d = &w.d;
     // Binaries that pass the check, then reject what they are started
     // with: a flag they do not know, a configuration they refuse.
     let cases = [
@@ -474,7 +495,7 @@ fn a_new_image_that_cannot_start_gives_every_run_back_to_the_previous_one() {
     ];
     for (generation, (flag, env, why)) in (1u64..).zip(cases) {
         put_script(
-            &bin,
+            &w.bin,
             &format!(
                 "if [ \"$1\" = --handover-check ]; then exec {real} --handover-check; fi\n\
                  {env} exec {real} {flag} \"$@\"",
@@ -483,19 +504,10 @@ fn a_new_image_that_cannot_start_gives_every_run_back_to_the_previous_one() {
         );
         let r = d.post_no_body("/handover");
         assert_eq!(r.status, 202, "{r}");
-        let status = wait_generation(&d, "the previous image to answer again", generation);
+        let status = wait_generation(d, "the previous image to answer again", generation);
         let last = status["lastError"].as_str().unwrap_or_default().to_string();
         assert!(last.contains(why), "{status}");
-        assert_eq!(d.pid(), pid);
-        assert!(is_alive(run_pid), "the run is alive");
-        assert_eq!(d.record(run)["state"], "running");
+        w.assert_untouched(why);
     }
-    // The real binary again: a handover that works.
-    fs::remove_file(&bin).unwrap();
-    install_binary(&bin);
-    hand_over(&d);
-    fs::write(&go, "").unwrap();
-    let r = d.wait_idle(run);
-    assert_eq!(r["exitCode"], 9, "{r}");
-    assert_eq!(d.stdout_text(run), "before\nafter\n");
+    w.finish_with_the_real_binary();
 }

@@ -8,15 +8,6 @@ use std::fs;
 
 use crate::support::*;
 
-/// `out 0` … `out n-1` (or `err …`), each line once and in order.
-#[track_caller]
-fn numbered(text: &str, prefix: &str) -> usize {
-    for (i, l) in text.lines().enumerate() {
-        assert_eq!(l, format!("{prefix} {i}"), "line {i}");
-    }
-    text.lines().count()
-}
-
 #[test]
 fn a_crash_loses_no_run_no_exit_status_and_no_byte() {
     let markers = marker_dir();
@@ -91,8 +82,8 @@ fn a_crash_loses_no_run_no_exit_status_and_no_byte() {
     fs::write(&go, "").unwrap();
     let w = d.wait_idle(writer);
     assert_eq!(w["exitCode"], 4, "{w}");
-    let out = numbered(&d.stdout_text(writer), "out");
-    let err = numbered(&d.stderr_text(writer), "err");
+    let out = assert_numbered(&d.stdout_text(writer), "out");
+    let err = assert_numbered(&d.stderr_text(writer), "err");
     assert!(out > 0 && out == err, "stdout {out} lines, stderr {err}");
 
     assert_eq!(d.kill(sleeper).status, 200);

@@ -60,20 +60,6 @@ fn hup(d: &Daemon) {
     send_signal("HUP", d.pid() as i32);
 }
 
-/// Waits until the daemon's log contains `needle` `n` times or more (each
-/// reload logs one line, so this is how a test knows a reload was handled).
-#[track_caller]
-fn wait_log_count(d: &Daemon, needle: &str, n: usize) {
-    poll(&format!("{n} × {needle:?} in the daemon's log"), || {
-        let logs = d.logs();
-        if logs.matches(needle).count() >= n {
-            Ok(())
-        } else {
-            Err(logs)
-        }
-    })
-}
-
 /// Waits until requests with `key` pass and requests with `old` get 401.
 #[track_caller]
 fn wait_key_in_force(d: &Daemon, key: Option<&str>, old: &str) {

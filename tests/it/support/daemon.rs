@@ -745,6 +745,20 @@ pub fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (ExitStatus, String) 
     (status, fs::read_to_string(&out_path).unwrap_or_default())
 }
 
+/// Waits until the daemon's log contains `needle` `n` times or more (each
+/// reload logs one line, so this is how a test knows a reload was handled).
+#[track_caller]
+pub fn wait_log_count(d: &Daemon, needle: &str, n: usize) {
+    poll(&format!("{n} × {needle:?} in the daemon's log"), || {
+        let logs = d.logs();
+        if logs.matches(needle).count() >= n {
+            Ok(())
+        } else {
+            Err(logs)
+        }
+    })
+}
+
 /// Copies the binary under test to `to` (0755, a new file: a running
 /// daemon's image is never written to).
 pub fn install_binary(to: &Path) {

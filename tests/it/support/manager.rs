@@ -414,7 +414,15 @@ impl Manager {
     /// returns the new pid.
     #[track_caller]
     pub fn kill9_and_wait_ready(&mut self) -> u32 {
+        self.kill9_then(|_| ())
+    }
+
+    /// `kill9_and_wait_ready`, doing `meanwhile` while the main process is
+    /// down (how long it has: `ManagerOptions::restart_sec`).
+    #[track_caller]
+    pub fn kill9_then(&mut self, meanwhile: impl FnOnce(&mut Manager)) -> u32 {
         let old = self.kill9();
+        meanwhile(self);
         self.wait_for("the restarted main process to say READY=1", |s| {
             s.ready.filter(|p| *p != old)
         })
@@ -553,18 +561,23 @@ impl ManagedDaemon {
     }
 
     /// Waits for READY=1, reads the port the daemon logged, waits for
-    /// `/health`; returns the pid.
+    /// `/health`.
     #[track_caller]
-    fn wait_ready(&mut self) -> u32 {
-        let pid = self.manager.wait_ready();
+    fn wait_ready(&mut self) {
+        self.manager.wait_ready();
         // The daemon logs where it listens before it says READY=1; the
         // last such line is the running daemon's.
+        const LISTENING: &str = "cyrneld listening addr=127.0.0.1:";
         let log = self.manager.log();
         let port = log
-            .rsplit("cyrneld listening addr=127.0.0.1:")
-            .next()
-            .filter(|_| log.contains("cyrneld listening addr=127.0.0.1:"))
-            .and_then(|rest| rest.split_whitespace().next()?.parse::<u16>().ok())
+            .rfind(LISTENING)
+            .and_then(|at| {
+                log[at + LISTENING.len()..]
+                    .split_whitespace()
+                    .next()?
+                    .parse::<u16>()
+                    .ok()
+            })
             .unwrap_or_else(|| panic!("no listening address logged\n{}", self.manager.report()));
         self.daemon.set_port(port);
         poll(
@@ -575,7 +588,6 @@ impl ManagedDaemon {
                 Err(e) => Err(e.to_string()),
             },
         );
-        pid
     }
 
     /// SIGKILLs the daemon (a crash); the stand-in restarts it with the
@@ -590,13 +602,7 @@ impl ManagedDaemon {
     /// (how long it has: `ManagerOptions::restart_sec`).
     #[track_caller]
     pub fn kill9_then(&mut self, meanwhile: impl FnOnce(&mut Manager)) -> u32 {
-        let old = self.manager.kill9();
-        meanwhile(&mut self.manager);
-        let new = self
-            .manager
-            .wait_for("the restarted daemon to say READY=1", |s| {
-                s.ready.filter(|p| *p != old)
-            });
+        let new = self.manager.kill9_then(meanwhile);
         self.wait_ready();
         new
     }

@@ -96,3 +96,13 @@ impl Lcg {
         (self.0 >> 33) % n
     }
 }
+
+/// `out 0` … `out n-1`, each line exactly once and in order; how many.
+#[track_caller]
+pub fn assert_numbered(text: &str, prefix: &str) -> usize {
+    let lines: Vec<&str> = text.lines().collect();
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(*l, format!("{prefix} {i}"), "line {i} of {text:?}");
+    }
+    lines.len()
+}
