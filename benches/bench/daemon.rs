@@ -18,6 +18,18 @@ pub(crate) const COMMON_ENV: &[(&str, &str)] = &[
     ("CYRNEL_RATE_LIMIT_MAX", "0"),
 ];
 
+/// `program` without the harness's own `CYRNEL_*` settings: a daemon
+/// gets exactly what the section gives it.
+pub(crate) fn clean_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new(program);
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("CYRNEL_") {
+            cmd.env_remove(&k);
+        }
+    }
+    cmd
+}
+
 pub(crate) struct Daemon {
     pub(crate) name: String,
     pub(crate) bin: PathBuf,
@@ -75,12 +87,7 @@ impl Daemon {
             .log_dir
             .join(format!("{}-{}.log", self.name, self.starts));
         let log = fs::File::create(&log_path).expect("create daemon log");
-        let mut cmd = Command::new(&self.bin);
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("CYRNEL_") {
-                cmd.env_remove(&k);
-            }
-        }
+        let mut cmd = clean_command(&self.bin);
         cmd.arg("--listen")
             .arg(format!("127.0.0.1:{}", self.port))
             .arg("--data-dir")

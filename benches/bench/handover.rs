@@ -154,7 +154,7 @@ async fn bench_crash(k: &Knobs, bin: &Path, root: &Path, env: &[(&str, &str)]) -
     let data = root.join("crash-data");
     fs::create_dir_all(&data).expect("data dir");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/support/manager.py");
-    let mut cmd = Command::new("python3");
+    let mut cmd = clean_command("python3");
     cmd.arg(&script)
         .arg("--socket")
         .arg(root.join("notify"))
@@ -175,17 +175,8 @@ async fn bench_crash(k: &Knobs, bin: &Path, root: &Path, env: &[(&str, &str)]) -
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("CYRNEL_") {
-            cmd.env_remove(&k);
-        }
-    }
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.env("CYRNEL_RATE_LIMIT_CREATE_PER_MIN", "0")
-        .env("CYRNEL_RATE_LIMIT_KILL_PER_MIN", "0")
-        .env("CYRNEL_RATE_LIMIT_RUN_PER_MIN", "0");
+    cmd.envs(COMMON_ENV.iter().copied())
+        .envs(env.iter().copied());
     let mut manager = cmd.spawn().expect("start the service-manager stand-in");
     let (tx, rx) = std::sync::mpsc::channel::<(Instant, String)>();
     let out = manager.stdout.take().expect("stdout");
@@ -206,12 +197,14 @@ async fn bench_crash(k: &Knobs, bin: &Path, root: &Path, env: &[(&str, &str)]) -
             }
         }
     };
-    let (_, ready) = next("ready ");
-    let mut pid: i32 = ready
-        .split_whitespace()
-        .nth(1)
-        .and_then(|p| p.parse().ok())
-        .expect("pid");
+    // `ready <pid>`: the main process that said READY=1.
+    let pid_of = |line: &str| -> i32 {
+        line.split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .expect("pid")
+    };
+    let mut pid = pid_of(&next("ready ").1);
     progress!("handover: crash: starting {n} × `sleep 3600` under the stand-in");
     create_many(addr, 16, n, Bytes::from_static(br#"{"code":"sleep 3600"}"#)).await;
     wait_running(addr, n, "crash").await;
@@ -221,11 +214,7 @@ async fn bench_crash(k: &Knobs, bin: &Path, root: &Path, env: &[(&str, &str)]) -
         unsafe { libc::kill(pid, libc::SIGKILL) };
         let (started, _) = next("started ");
         let (ready_at, line) = next("ready ");
-        pid = line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|p| p.parse().ok())
-            .expect("pid");
+        pid = pid_of(&line);
         while try_get(addr, "/health").await.is_none() {}
         let answered = Instant::now();
         let to_ready = ms(ready_at - started);
