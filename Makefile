@@ -82,29 +82,28 @@ promtool:
 	fi
 	@echo "promtool: $(PROMTOOL)"
 
-# The previous release, for the upgrade test (tests/it/handover.rs hands
-# over from it to this build): the commit below, the last that writes
-# handover state version 1, built once from `git archive` on a target dir of
+# An earlier build, for the upgrade test (tests/it/handover.rs hands over
+# from it to this build): the commit below, the last that writes handover
+# state version 1 (a development build: no release wrote it), built once from `git archive` on a target dir of
 # its own (sharing one would let cargo mistake one build's binary for the
 # other's) and kept in the cache dir.
 HANDOVER_BASE = 45a5cc579d545602623cdcdc8641033c1e759989
 PREVIOUS_BIN = $(CACHE_DIR)/cyrneld-$(HANDOVER_BASE)
 
-## previous: build the previous release's cyrneld (commit HANDOVER_BASE) into the cache dir, once
+## previous: build the earlier cyrneld of the upgrade test (commit HANDOVER_BASE) into the cache dir, once
 previous: deps
 	@if [ ! -x "$(PREVIOUS_BIN)" ]; then \
 	  git cat-file -e $(HANDOVER_BASE)^{commit} 2>/dev/null || { \
-	    echo "the previous release ($(HANDOVER_BASE)) is not in this checkout's history: run from a git clone"; exit 1; }; \
+	    echo "the earlier build ($(HANDOVER_BASE)) is not in this checkout's history: run from a git clone"; exit 1; }; \
 	  src=$(CACHE_DIR)/previous-src; rm -rf "$$src" && mkdir -p "$$src" && \
 	  git archive $(HANDOVER_BASE) | tar -x -C "$$src" && \
-	  echo "building the previous release $(HANDOVER_BASE) (once)" && \
-	  (cd "$$src" && CCACHE_DIR=$(CACHE_DIR)/ccache CCACHE_BASEDIR="$$src" \
-	    $(if $(shell command -v ccache 2>/dev/null),CC="ccache cc" CXX="ccache c++") \
+	  echo "building the earlier build $(HANDOVER_BASE) (once)" && \
+	  (cd "$$src" && $(CARGO_ENV) CCACHE_BASEDIR="$$src" \
 	    $(CARGO) build --release --bin cyrneld --target-dir $(CACHE_DIR)/target-previous) && \
 	  cp $(CACHE_DIR)/target-previous/release/cyrneld "$(PREVIOUS_BIN).tmp" && \
 	  mv "$(PREVIOUS_BIN).tmp" "$(PREVIOUS_BIN)" && rm -rf "$$src"; \
 	fi
-	@echo "previous release: $(PREVIOUS_BIN)"
+	@echo "earlier build: $(PREVIOUS_BIN)"
 
 ## test: lint, every unit and integration test against the real daemon, then the schemathesis run (fuzz)
 test: lint promtool previous
