@@ -220,6 +220,16 @@ apt_in() {
 	}
 }
 
+# rpm_in ROOT ARGS...: rpm --root ROOT ARGS, failing the test with its output.
+rpm_in() {
+	local root=$1
+	shift
+	rpm --root "$root" "$@" >"$work/rpm.log" 2>&1 || {
+		cat "$work/rpm.log" >&2
+		fail "rpm $* in $(basename "$root")"
+	}
+}
+
 # --- the daemon, started like the unit starts it -------------------------
 
 unit_value() { # ROOT KEY: the value of KEY= in the installed unit
@@ -547,7 +557,8 @@ unit_actions() {
 
 # no_restart_in TEXT: none of the script lines (comments aside) restarts.
 no_restart_in() {
-	! grep -vE '^[[:space:]]*#' <<<"$1" | grep -qwE 'restart|try-restart|reload-or-restart|try-reload-or-restart|condrestart'
+	# -w: `restart` also matches try-restart and (try-)reload-or-restart.
+	! grep -vE '^[[:space:]]*#' <<<"$1" | grep -qwE 'restart|condrestart'
 }
 
 # --- .deb in a container-like root (no systemd) --------------------------
@@ -776,11 +787,8 @@ log ".rpm installed with rpm --root into a minbase root (scriptlets run there)"
 new_root rpm "$base"
 P=$work/rpm
 cp "$rpm_file" "$P/tmp/pkgs/"
-rpm --root "$P" --initdb
-rpm --root "$P" -i --nodeps "$rpm_file" >"$work/rpm.log" 2>&1 || {
-	cat "$work/rpm.log" >&2
-	fail "rpm -i"
-}
+rpm_in "$P" --initdb
+rpm_in "$P" -i --nodeps "$rpm_file"
 ok "rpm --root … -i --nodeps $(basename "$rpm_file")"
 check "rpm -V --nodeps: installed files match the package" rpm --root "$P" -V --nodeps cyrnel
 check_user "$P"
@@ -792,17 +800,11 @@ stop_daemon
 log ".rpm upgrade (release 2) and erase"
 echo 'max_running = 8' >>"$P/etc/cyrnel/cyrneld.toml"
 "$repo/packaging/rpm/build.sh" "$work" 2 >/dev/null || fail "building the release-2 .rpm"
-rpm --root "$P" -U --nodeps "$work/cyrnel-$upstream-2.x86_64.rpm" >"$work/rpm.log" 2>&1 || {
-	cat "$work/rpm.log" >&2
-	fail "rpm -U"
-}
+rpm_in "$P" -U --nodeps "$work/cyrnel-$upstream-2.x86_64.rpm"
 check_eq "upgraded" "cyrnel-$upstream-2.x86_64" "$(rpm --root "$P" -q cyrnel)"
 check "the modified config survived the upgrade (noreplace)" grep -qx 'max_running = 8' "$P/etc/cyrnel/cyrneld.toml"
 check "the data survived the upgrade" test -d "$P/var/lib/cyrnel/db"
-rpm --root "$P" -e cyrnel >"$work/rpm.log" 2>&1 || {
-	cat "$work/rpm.log" >&2
-	fail "rpm -e"
-}
+rpm_in "$P" -e cyrnel
 check "erase removes the binaries" test ! -e "$P/usr/bin/cyrneld"
 check "erase keeps /var/lib/cyrnel" test -d "$P/var/lib/cyrnel/db"
 check "erase keeps the modified config as .rpmsave" grep -qx 'max_running = 8' "$P/etc/cyrnel/cyrneld.toml.rpmsave"
@@ -813,27 +815,20 @@ check "no scriptlet of the .rpm restarts the daemon" no_restart_in "$(rpm -qp --
 new_root rpm-sd "$base"
 Q=$work/rpm-sd
 fake_systemd "$Q"
-rpm --root "$Q" --initdb
-# rpm_in ARGS...: rpm --root Q ARGS, failing the test with its output.
-rpm_in() {
-	rpm --root "$Q" "$@" >"$work/rpm.log" 2>&1 || {
-		cat "$work/rpm.log" >&2
-		fail "rpm $*"
-	}
-}
+rpm_in "$Q" --initdb
 unit_running "$Q" no
-rpm_in -i --nodeps "$rpm_file"
+rpm_in "$Q" -i --nodeps "$rpm_file"
 check_eq "install: the unit is enabled and started" "enable cyrneld.service,start cyrneld.service" \
 	"$(unit_actions "$Q")"
 unit_running "$Q" yes
-rpm_in -U --nodeps "$work/cyrnel-$upstream-2.x86_64.rpm"
+rpm_in "$Q" -U --nodeps "$work/cyrnel-$upstream-2.x86_64.rpm"
 check_eq "upgrade while the daemon runs: a reload (the replaced package's %postun), no restart" \
 	"reload cyrneld.service" "$(unit_actions "$Q")"
 unit_running "$Q" no
-rpm_in -U --nodeps "$work/cyrnel-$upstream-3.x86_64.rpm"
+rpm_in "$Q" -U --nodeps "$work/cyrnel-$upstream-3.x86_64.rpm"
 check_eq "upgrade while it does not run: nothing" "" "$(unit_actions "$Q")"
 unit_running "$Q" yes
-rpm_in -e cyrnel
+rpm_in "$Q" -e cyrnel
 check_eq "erase: the unit is stopped and disabled" "stop cyrneld.service,disable cyrneld.service" \
 	"$(unit_actions "$Q")"
 
