@@ -428,13 +428,36 @@ fn previous_release() -> std::path::PathBuf {
     path
 }
 
+/// Removes, when dropped, the folder base the previous release made on
+/// `/dev/shm` for `data_dir` (it named it after the data dir's uid block,
+/// `cyrnel-<block>`, and left it at a stop; this release names it after the
+/// whole path and removes its own), if it is empty. One was left in
+/// `/dev/shm` by every run of the upgrade test before.
+struct PreviousReleaseBase(std::path::PathBuf);
+
+impl PreviousReleaseBase {
+    fn of(data_dir: &Path) -> PreviousReleaseBase {
+        let block = cyrnel::proc::sandbox::default_uid_base(data_dir) >> 16;
+        PreviousReleaseBase(Path::new("/dev/shm").join(format!("cyrnel-{block:08x}")))
+    }
+}
+
+impl Drop for PreviousReleaseBase {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir(&self.0);
+    }
+}
+
 #[test]
 fn an_upgrade_from_the_previous_release_keeps_every_run() {
     let markers = marker_dir();
     let go = markers.path().join("go");
+    // Declared before the daemon, so it is dropped after the daemon stops.
+    let _old_base;
     let d = Daemon::options()
         .own_binary_from(&previous_release())
         .start();
+    _old_base = PreviousReleaseBase::of(d.data_dir());
     let old = d.get("/handover").json();
     assert_eq!(
         old["stateVersion"], 1,
