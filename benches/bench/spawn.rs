@@ -64,8 +64,9 @@ pub(crate) async fn create_many(
     ids
 }
 
-/// Jiffies of the whole machine from /proc/stat: (busy, total). Busy is
-/// everything but idle and iowait.
+/// Jiffies of the whole machine from /proc/stat: (busy, total, steal).
+/// Busy is everything but idle and iowait; steal is the time the
+/// hypervisor gave to other guests.
 pub(crate) fn machine_jiffies() -> (u64, u64, u64) {
     let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
     let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
