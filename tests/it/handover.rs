@@ -41,6 +41,14 @@ fn wait_generation(d: &Daemon, what: &str, generation: u64) -> Json {
     })
 }
 
+/// The image answering on `d`'s port runs as the process the test started
+/// (`GET /handover` reports the answering daemon's pid).
+#[track_caller]
+fn assert_same_process_answers(d: &Daemon, what: &str) {
+    let answering = d.get("/handover").json()["pid"].as_u64();
+    assert_eq!(answering, Some(u64::from(d.pid())), "{what}");
+}
+
 /// A script that stands in for a binary on disk.
 fn put_script(path: &Path, body: &str) {
     let tmp = path.with_extension("new");
@@ -64,7 +72,6 @@ struct WaitingRun {
     _markers: tempfile::TempDir,
     go: std::path::PathBuf,
     d: Daemon,
-    pid: u32,
     run: i64,
     run_pid: i32,
     bin: std::path::PathBuf,
@@ -76,7 +83,6 @@ impl WaitingRun {
         let markers = marker_dir();
         let go = markers.path().join("go");
         let d = Daemon::options().own_binary().start();
-        let pid = d.pid();
         let run = d.create_code(&format!(
             "echo before; while [ ! -e {} ]; do sleep 0.01; done; echo after; exit {code}",
             sq(&go)
@@ -87,7 +93,6 @@ impl WaitingRun {
             _markers: markers,
             go,
             d,
-            pid,
             run,
             run_pid,
             bin,
@@ -95,10 +100,11 @@ impl WaitingRun {
         }
     }
 
-    /// Nothing changed: the same daemon, the run alive and `running`.
+    /// Nothing changed: the daemon process started answers, the run alive
+    /// and `running`.
     #[track_caller]
     fn assert_untouched(&self, what: &str) {
-        assert_eq!(self.d.pid(), self.pid, "{what}");
+        assert_same_process_answers(&self.d, what);
         assert!(is_alive(self.run_pid), "{what}: the run is alive");
         assert_eq!(self.d.record(self.run)["state"], "running", "{what}");
     }
@@ -149,7 +155,6 @@ fn a_handover_keeps_runs_in_every_state_exact() {
         .own_binary()
         .env("CYRNEL_MAX_RUNNING", "5")
         .start();
-    let pid = d.pid();
     // Writes numbered lines to both streams until told to stop.
     let writer = d.create_code(&format!(
         "i=0; while [ ! -e {go} ]; do echo \"out $i\"; echo \"err $i\" >&2; i=$((i+1)); done; \
@@ -193,7 +198,7 @@ fn a_handover_keeps_runs_in_every_state_exact() {
 
     hand_over_then(&d, || fs::write(&during, "").unwrap());
 
-    assert_eq!(d.pid(), pid, "the same daemon process");
+    assert_same_process_answers(&d, "the same daemon process");
     assert!(is_alive(writer_pid), "the writer kept running");
     assert_eq!(d.record(writer)["state"], "running");
     assert_eq!(d.record(terminating)["state"], "terminating");
@@ -428,19 +433,12 @@ fn previous_release() -> std::path::PathBuf {
     path
 }
 
-/// Removes, when dropped, the folder base the previous release made on
-/// `/dev/shm` for `data_dir` (it named it after the data dir's uid block,
-/// `cyrnel-<block>`, and left it at a stop; this release names it after the
-/// whole path and removes its own), if it is empty. One was left in
-/// `/dev/shm` by every run of the upgrade test before.
+/// Removes, when dropped, the folder base the previous release logged
+/// (`runs_base=`) if it is empty: it named the base after the data dir's
+/// uid block and left it at a stop, while this release names it after the
+/// whole path and removes only its own. One was left in `/dev/shm` by every
+/// run of the upgrade test before.
 struct PreviousReleaseBase(std::path::PathBuf);
-
-impl PreviousReleaseBase {
-    fn of(data_dir: &Path) -> PreviousReleaseBase {
-        let block = cyrnel::proc::sandbox::default_uid_base(data_dir) >> 16;
-        PreviousReleaseBase(Path::new("/dev/shm").join(format!("cyrnel-{block:08x}")))
-    }
-}
 
 impl Drop for PreviousReleaseBase {
     fn drop(&mut self) {
@@ -457,7 +455,7 @@ fn an_upgrade_from_the_previous_release_keeps_every_run() {
     let d = Daemon::options()
         .own_binary_from(&previous_release())
         .start();
-    _old_base = PreviousReleaseBase::of(d.data_dir());
+    _old_base = PreviousReleaseBase(d.runs_base().expect("the previous release logs runs_base="));
     let old = d.get("/handover").json();
     assert_eq!(
         old["stateVersion"], 1,

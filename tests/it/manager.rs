@@ -628,7 +628,7 @@ fn cyrneld_starts_crashes_restarts_and_stops_under_the_stand_in() {
     d.wait_idle(id2);
     let end = d.stop();
     assert!(end.leftovers.is_empty(), "{:?}", end.leftovers);
-    assert!(d.log().contains("cyrneld listening"));
+    assert!(d.logs().contains("cyrneld listening"));
 }
 
 #[test]

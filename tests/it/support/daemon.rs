@@ -273,10 +273,7 @@ impl Daemon {
                     self.logs()
                 );
             }
-            let log = fs::read_to_string(&log_path).unwrap_or_default();
-            log.split("cyrneld listening addr=127.0.0.1:")
-                .nth(1)
-                .and_then(|rest| rest.split_whitespace().next()?.parse::<u16>().ok())
+            listening_port(&fs::read_to_string(&log_path).unwrap_or_default())
                 .ok_or_else(|| "no listening line yet".to_string())
         });
         self.port = port;
@@ -287,11 +284,7 @@ impl Daemon {
                     self.logs()
                 );
             }
-            match try_http(port, "GET", "/health", &[], None) {
-                Ok(r) if r.status == 200 => Ok(()),
-                Ok(r) => Err(format!("status {}", r.status)),
-                Err(e) => Err(e.to_string()),
-            }
+            health(port)
         });
     }
 
@@ -693,6 +686,24 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         self.stop_quietly();
         self.kill_leftovers();
+    }
+}
+
+/// The port in the last line of `log` where the daemon says where it
+/// listens (a log may hold several starts).
+pub(super) fn listening_port(log: &str) -> Option<u16> {
+    const LISTENING: &str = "cyrneld listening addr=127.0.0.1:";
+    let at = log.rfind(LISTENING)? + LISTENING.len();
+    log[at..].split_whitespace().next()?.parse().ok()
+}
+
+/// Whether the daemon on `port` answers `GET /health` with 200 (else why
+/// not), for `poll`.
+pub(super) fn health(port: u16) -> Result<(), String> {
+    match try_http(port, "GET", "/health", &[], None) {
+        Ok(r) if r.status == 200 => Ok(()),
+        Ok(r) => Err(format!("status {}", r.status)),
+        Err(e) => Err(e.to_string()),
     }
 }
 

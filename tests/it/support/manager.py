@@ -14,7 +14,7 @@ document it:
   an @abstract name. Only the main process may send (NotifyAccess=main:
   the sender's pid, from SCM_CREDENTIALS); a datagram with a NUL byte or
   truncated is ignored. READY=1, RELOADING=1, STOPPING=1 (which wins over
-  READY=1, which wins over RELOADING=1), STATUS=, MAINPID=.
+  READY=1, which wins over RELOADING=1), STATUS=.
 - The fd store. FDSTOREREMOVE=1 with a valid FDNAME= closes every stored
   descriptor of that name (and wins over FDSTORE=1 in the same message).
   FDSTORE=1 stores each attached descriptor under FDNAME= ("stored" when
@@ -30,7 +30,8 @@ document it:
 - Restart=on-failure: when the main process exits with a code other than 0
   or dies by a signal other than SIGHUP, SIGINT, SIGTERM and SIGPIPE (those
   four count as clean, as for systemd), and no stop was asked for, it is
-  started again (after --restart-sec seconds) with the store passed:
+  started again (after --restart-sec seconds, or with --hold-restarts when
+  the `restart` command comes) with the store passed:
   descriptors 3..3+n, LISTEN_FDS=n, LISTEN_FDNAMES (':'-joined), LISTEN_PID
   (the new process's own pid: fork, dup2 into place, set the environment,
   execve). As systemd keeps the store in a list it prepends to, the most
@@ -51,14 +52,14 @@ set as above).
 Departures from systemd, for tests: what is left of the unit once it is
 inactive (with KillMode=process systemd leaves it running) is reported
 (`leftover`) and then SIGKILLed, so that a test leaves nothing behind; the
-restart delay and start limits are options; MAINPID= is taken from the main
-process without checks, and its exit is only seen if it is a descendant.
+restart delay and start limits are options, and a restart can be held until
+a test says so.
 
 Output: one line per event on stdout, flushed at once:
 
     started PID N NAMES       started with N stored descriptors, NAMES their
                               LISTEN_FDNAMES (empty when N is 0)
-    ready PID | reloading PID | stopping PID | status PID TEXT | mainpid PID
+    ready PID | reloading PID | stopping PID | status PID TEXT
     stored NAME               a descriptor entered the store
     duplicate NAME            already in the store (same open file): closed
     full NAME                 FileDescriptorStoreMax reached: closed
@@ -70,7 +71,8 @@ Output: one line per event on stdout, flushed at once:
                               the main process ended
     reaped PID exited CODE | reaped PID killed SIG | reaped PID dumped SIG
                               another process (an orphan) was reaped
-    restarting COUNT          the COUNTth automatic restart begins
+    restarting COUNT          the COUNTth automatic restart begins (held:
+                              it starts at the `restart` command)
     failed REASON             the unit failed (start-limit-hit, spawn error)
     list COUNT NAMES          answer to `list`: the store in LISTEN order,
                               ':'-joined
@@ -78,7 +80,7 @@ Output: one line per event on stdout, flushed at once:
     leftover PID COMM         a process still there once the unit is inactive
     inactive                  the unit is inactive; the stand-in exits 0
 
-Commands, one per line on stdin: `stop`, `list`.
+Commands, one per line on stdin: `stop`, `list`, `restart` (a held restart).
 """
 
 import argparse
@@ -163,6 +165,7 @@ class Manager:
         self.stop_requested = False
         self.stop_deadline = None
         self.restart_at = None
+        self.restart_held = False
         self.restarts = 0
         self.starts = []  # start times, for the start limit
         self.finished = False
@@ -274,13 +277,17 @@ class Manager:
             return
         self.restarts += 1
         emit("restarting", self.restarts)
-        self.restart_at = time.monotonic() + self.args.restart_sec
+        if self.args.hold_restarts:
+            self.restart_held = True
+        else:
+            self.restart_at = time.monotonic() + self.args.restart_sec
 
     def stop(self):
         if self.stop_requested:
             return
         self.stop_requested = True
         self.restart_at = None
+        self.restart_held = False
         if self.main_pid is None:
             self.deactivate()
             return
@@ -407,13 +414,6 @@ class Manager:
                     return t[len(prefix):]
             return None
 
-        mainpid = find("MAINPID=")
-        if mainpid is not None:
-            try:
-                self.main_pid = int(mainpid)
-                emit("mainpid", self.main_pid)
-            except ValueError:
-                note("MAINPID=%s is not a pid; ignored" % mainpid)
         if "STOPPING=1" in tags:
             emit("stopping", sender)
         elif "READY=1" in tags:
@@ -492,6 +492,12 @@ class Manager:
             command = line.decode().strip()
             if command == "stop":
                 self.stop()
+            elif command == "restart":
+                if self.restart_held:
+                    self.restart_held = False
+                    self.start()
+                else:
+                    note("restart: no restart is held")
             elif command == "list":
                 emit("list", len(self.store), ":".join(e.name for e in self.store))
             elif command:
@@ -553,6 +559,8 @@ def main():
     parser.add_argument("--socket", required=True, help="the notify socket: a path or @name")
     parser.add_argument("--fdstore-max", type=int, default=0, help="FileDescriptorStoreMax= (0)")
     parser.add_argument("--restart-sec", type=float, default=0.1, help="RestartSec= (0.1)")
+    parser.add_argument("--hold-restarts", action="store_true",
+                        help="restart only at the `restart` command")
     parser.add_argument("--start-limit-burst", type=int, default=5, help="StartLimitBurst= (5)")
     parser.add_argument("--start-limit-interval", type=float, default=10.0,
                         help="StartLimitIntervalSec= (10)")

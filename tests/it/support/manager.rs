@@ -2,8 +2,8 @@
 //! (its header says what of systemd it implements: the notify socket, the
 //! fd store, `Restart=on-failure` with `LISTEN_FDS`, a child subreaper)
 //! started here, its events read line by line from its stdout and folded
-//! into a [`ManagerState`], its commands (`stop`, `list`) written to its
-//! stdin.
+//! into a [`ManagerState`], its commands (`stop`, `list`, `restart`)
+//! written to its stdin.
 //!
 //! [`Manager`] runs any command under it (the tests of the stand-in itself
 //! use small Python daemons); [`ManagedDaemon`] runs `cyrneld` the way
@@ -43,7 +43,7 @@ pub fn unit_setting(key: &str) -> Option<String> {
 #[derive(Clone, Debug)]
 pub struct ManagerOptions {
     fdstore_max: usize,
-    restart_sec: f64,
+    hold_restarts: bool,
     start_limit_burst: u32,
     timeout_stop_sec: f64,
     abstract_socket: bool,
@@ -63,7 +63,7 @@ impl Default for ManagerOptions {
             .unwrap_or(90.0);
         ManagerOptions {
             fdstore_max,
-            restart_sec: 0.0,
+            hold_restarts: false,
             start_limit_burst: 5,
             timeout_stop_sec,
             abstract_socket: false,
@@ -94,9 +94,11 @@ impl ManagerOptions {
         self
     }
 
-    /// `RestartSec=`: how long a crashed daemon stays down.
-    pub fn restart_sec(mut self, secs: f64) -> Self {
-        self.restart_sec = secs;
+    /// A crashed daemon stays down until [`Manager::kill9_then`] has done
+    /// what it does meanwhile (instead of `RestartSec=`, which would only
+    /// make that likely).
+    pub fn hold_restarts(mut self) -> Self {
+        self.hold_restarts = true;
         self
     }
 
@@ -115,7 +117,7 @@ pub struct ManagerState {
     /// The names in the store, in the order a restart passes them
     /// (`LISTEN_FDNAMES`: the most recently stored first).
     pub store: Vec<String>,
-    /// The main process (from `started`, `mainpid`), until it exits.
+    /// The main process (from `started`), until it exits.
     pub main_pid: Option<u32>,
     /// The main process once it sent READY=1, until it exits.
     pub ready: Option<u32>,
@@ -161,7 +163,6 @@ impl ManagerState {
                 self.main_pid = Some(pid);
                 self.starts.push((pid, names_of(w.next().unwrap_or(""))));
             }
-            "mainpid" => self.main_pid = Some(pid_of(Some(rest))),
             "ready" => self.ready = Some(pid_of(Some(rest))),
             "status" => {
                 let (pid, text) = rest.split_once(' ').unwrap_or((rest, ""));
@@ -218,6 +219,8 @@ pub struct Manager {
     dir: tempfile::TempDir,
     socket: String,
     log: PathBuf,
+    /// `ManagerOptions::hold_restarts`.
+    hold_restarts: bool,
 }
 
 impl Manager {
@@ -261,13 +264,14 @@ impl Manager {
             .arg("--fdstore-max")
             .arg(opts.fdstore_max.to_string())
             .arg("--restart-sec")
-            .arg(opts.restart_sec.to_string())
+            .arg("0")
             .arg("--start-limit-burst")
             .arg(opts.start_limit_burst.to_string())
             .arg("--timeout-stop-sec")
             .arg(opts.timeout_stop_sec.to_string())
             .arg("--log")
             .arg(&log)
+            .args(opts.hold_restarts.then_some("--hold-restarts"))
             .arg("--")
             .arg(command.get_program())
             .args(command.get_args());
@@ -305,6 +309,7 @@ impl Manager {
             dir,
             socket,
             log,
+            hold_restarts: opts.hold_restarts,
         }
     }
 
@@ -343,9 +348,7 @@ impl Manager {
     pub fn wait_for<T>(&mut self, what: &str, mut f: impl FnMut(&ManagerState) -> Option<T>) -> T {
         let deadline = Instant::now() + DEADLINE;
         loop {
-            while let Ok(line) = self.lines.try_recv() {
-                self.state.apply(&line);
-            }
+            self.state();
             if let Some(found) = f(&self.state) {
                 return found;
             }
@@ -417,12 +420,16 @@ impl Manager {
         self.kill9_then(|_| ())
     }
 
-    /// `kill9_and_wait_ready`, doing `meanwhile` while the main process is
-    /// down (how long it has: `ManagerOptions::restart_sec`).
+    /// `kill9_and_wait_ready`, doing `meanwhile` after the main process
+    /// ended: before the restart with `ManagerOptions::hold_restarts`,
+    /// else while it may already be under way.
     #[track_caller]
     pub fn kill9_then(&mut self, meanwhile: impl FnOnce(&mut Manager)) -> u32 {
         let old = self.kill9();
         meanwhile(self);
+        if self.hold_restarts {
+            self.command("restart");
+        }
         self.wait_for("the restarted main process to say READY=1", |s| {
             s.ready.filter(|p| *p != old)
         })
@@ -567,26 +574,12 @@ impl ManagedDaemon {
         self.manager.wait_ready();
         // The daemon logs where it listens before it says READY=1; the
         // last such line is the running daemon's.
-        const LISTENING: &str = "cyrneld listening addr=127.0.0.1:";
-        let log = self.manager.log();
-        let port = log
-            .rfind(LISTENING)
-            .and_then(|at| {
-                log[at + LISTENING.len()..]
-                    .split_whitespace()
-                    .next()?
-                    .parse::<u16>()
-                    .ok()
-            })
+        let port = listening_port(&self.manager.log())
             .unwrap_or_else(|| panic!("no listening address logged\n{}", self.manager.report()));
         self.daemon.set_port(port);
         poll(
             "cyrneld under the stand-in to answer GET /health with 200",
-            || match try_http(port, "GET", "/health", &[], None) {
-                Ok(r) if r.status == 200 => Ok(()),
-                Ok(r) => Err(format!("status {}", r.status)),
-                Err(e) => Err(e.to_string()),
-            },
+            || health(port),
         );
     }
 
@@ -598,8 +591,8 @@ impl ManagedDaemon {
         self.kill9_then(|_| ())
     }
 
-    /// `kill9_and_wait_ready`, doing `meanwhile` while the daemon is down
-    /// (how long it has: `ManagerOptions::restart_sec`).
+    /// `kill9_and_wait_ready`, doing `meanwhile` after the daemon ended
+    /// (see [`Manager::kill9_then`]).
     #[track_caller]
     pub fn kill9_then(&mut self, meanwhile: impl FnOnce(&mut Manager)) -> u32 {
         let new = self.manager.kill9_then(meanwhile);
@@ -628,11 +621,6 @@ impl ManagedDaemon {
         );
         state
     }
-
-    /// The daemon's log, over all its starts.
-    pub fn log(&self) -> String {
-        self.manager.log()
-    }
 }
 
 impl Deref for ManagedDaemon {
@@ -640,11 +628,5 @@ impl Deref for ManagedDaemon {
 
     fn deref(&self) -> &Daemon {
         &self.daemon
-    }
-}
-
-impl std::fmt::Debug for ManagedDaemon {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ManagedDaemon(port {})", self.daemon.port())
     }
 }
