@@ -633,7 +633,7 @@ impl Policy {
         uid: Option<(u32, u32)>,
         network: bool,
     ) -> io::Result<Prepared> {
-        let (folder, cwd, output_path, env, own) = match self.level {
+        let (folder, cwd, output_path, env) = match self.level {
             SandboxLevel::Full => {
                 let mount = private_tmpfs(self.limits)?;
                 let dirfd = mount.as_raw_fd();
@@ -646,7 +646,6 @@ impl Policy {
                     cwd.clone(),
                     cwd.join("output"),
                     Vec::new(),
-                    None,
                 )
             }
             _ => {
@@ -664,15 +663,11 @@ impl Policy {
                     },
                 };
                 stage_host(&dir, code, uid)?;
-                let own = match self.level {
-                    SandboxLevel::Landlock => Some(open_path(&dir)?),
-                    _ => None,
-                };
                 let env = match self.level {
                     SandboxLevel::None => Vec::new(),
                     _ => vec![("TMPDIR".to_string(), dir.join("tmp").display().to_string())],
                 };
-                (folder, dir.clone(), dir.join("output"), env, own)
+                (folder, dir.clone(), dir.join("output"), env)
             }
         };
         let mut steps = Steps::default();
@@ -713,10 +708,10 @@ impl Policy {
         if self.level != SandboxLevel::None {
             if self.landlock_abi >= 1 {
                 // The run's own folder: its tmpfs (the mount's root), or
-                // the host folder opened above.
+                // the host folder, through the descriptor the folder holds.
                 let own = match &folder.kind {
-                    FolderKind::Private { mount } => Some((mount.as_raw_fd(), true)),
-                    FolderKind::Host { .. } => own.as_ref().map(|(fd, d)| (fd.as_raw_fd(), *d)),
+                    FolderKind::Private { mount } => mount.as_raw_fd(),
+                    FolderKind::Host { fd, .. } => fd.as_raw_fd(),
                 };
                 steps.landlock = Some(self.ruleset(own, network)?);
             }
@@ -742,7 +737,8 @@ impl Policy {
     /// level allows, read and write the run's own folder and the usual
     /// device nodes; at ABI 6, no signals or abstract sockets outside the
     /// run; at ABI 4 and `network: false` (level `landlock`), no TCP.
-    fn ruleset(&self, own: Option<(RawFd, bool)>, network: bool) -> io::Result<OwnedFd> {
+    /// `own`: a descriptor on the run's folder.
+    fn ruleset(&self, own: RawFd, network: bool) -> io::Result<OwnedFd> {
         let abi = self.landlock_abi;
         let all = fs_rights(abi);
         let mut attr = RulesetAttr {
@@ -806,9 +802,7 @@ impl Policy {
         for (fd, is_dir) in &self.devices {
             add(fd.as_raw_fd(), *is_dir, device)?;
         }
-        if let Some((fd, is_dir)) = own {
-            add(fd, is_dir, all)?;
-        }
+        add(own, true, all)?;
         for (fd, is_dir) in &self.shared {
             add(fd.as_raw_fd(), *is_dir, all)?;
         }
