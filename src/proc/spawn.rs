@@ -180,11 +180,12 @@ struct ChildMounts {
 /// Everything the child reads, as raw pointers into memory the parent keeps
 /// alive (and unchanged) until the clone returns.
 struct ChildArgs {
-    /// The kernel already reset every handler (`CLONE_CLEAR_SIGHAND`):
-    /// only the signals in `ignored` need resetting. Else all of them do.
-    handlers_cleared: bool,
-    ignored: *const libc::c_int,
-    n_ignored: usize,
+    /// The signals whose disposition the child resets to the default:
+    /// every one ([`all_signals`]), or only the ignored ones
+    /// ([`ignored_signals`]) where the kernel already reset every handler
+    /// (`CLONE_CLEAR_SIGHAND`).
+    reset: *const libc::c_int,
+    n_reset: usize,
     program: *const libc::c_char,
     argv: *const *const libc::c_char,
     envp: *const *const libc::c_char,
@@ -291,8 +292,9 @@ const CLONE_CLEAR_SIGHAND: u64 = 0x1_0000_0000;
 fn ignored_signals() -> &'static [libc::c_int] {
     static IGNORED: OnceLock<Vec<libc::c_int>> = OnceLock::new();
     IGNORED.get_or_init(|| {
-        (1..=64)
-            .filter(|&sig| sig != libc::SIGKILL && sig != libc::SIGSTOP)
+        all_signals()
+            .iter()
+            .copied()
             .filter(|&sig| {
                 // The kernel's struct sigaction: handler first.
                 let mut old = [0u64; 4];
@@ -310,6 +312,17 @@ fn ignored_signals() -> &'static [libc::c_int] {
                 };
                 r == 0 && old[0] == libc::SIG_IGN as u64
             })
+            .collect()
+    })
+}
+
+/// Every signal whose disposition can be set (1 to 64 but SIGKILL and
+/// SIGSTOP).
+fn all_signals() -> &'static [libc::c_int] {
+    static ALL: OnceLock<Vec<libc::c_int>> = OnceLock::new();
+    ALL.get_or_init(|| {
+        (1..=64)
+            .filter(|&sig| sig != libc::SIGKILL && sig != libc::SIGSTOP)
             .collect()
     })
 }
@@ -559,11 +572,10 @@ pub fn spawn(exec: &Exec<'_>) -> io::Result<Child> {
         })
         .unwrap_or_default();
 
-    let ignored = ignored_signals();
+    let (every, ignored) = (all_signals(), ignored_signals());
     let mut args = ChildArgs {
-        handlers_cleared: false,
-        ignored: ignored.as_ptr(),
-        n_ignored: ignored.len(),
+        reset: every.as_ptr(),
+        n_reset: every.len(),
         program: program.as_ptr(),
         argv: argv.as_ptr(),
         envp: envp.as_ptr(),
@@ -638,7 +650,7 @@ pub fn spawn(exec: &Exec<'_>) -> io::Result<Child> {
     let mut settled = false;
     if let Some(cgroup) = exec.cgroup.filter(|_| exec.into_cgroup) {
         if !CLONE3_UNAVAILABLE.load(Ordering::Relaxed) {
-            args.handlers_cleared = true;
+            (args.reset, args.n_reset) = (ignored.as_ptr(), ignored.len());
             let clone_args = CloneArgs {
                 flags: (libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD) as u64
                     | CLONE_INTO_CGROUP
@@ -669,7 +681,7 @@ pub fn spawn(exec: &Exec<'_>) -> io::Result<Child> {
                     // No clone3 (before 5.3, or filtered), or one without
                     // CLONE_INTO_CGROUP (before 5.7): join the old way.
                     CLONE3_UNAVAILABLE.store(true, Ordering::Relaxed);
-                    args.handlers_cleared = false;
+                    (args.reset, args.n_reset) = (every.as_ptr(), every.len());
                 }
                 Err(e) => {
                     settled = true;
@@ -858,22 +870,11 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         // all zero: SIG_DFL, no flags, nothing blocked while handling. Raw,
         // because glibc refuses its internal signals (32, 33), which a
         // parent may have left ignored. With the handlers already cleared
-        // by the kernel, only the ignored signals are left to reset.
+        // by the kernel, only the ignored signals are left to reset (`reset`
+        // says which).
         let dfl = [0u64; 4];
-        let (first, last) = if a.handlers_cleared {
-            (0, a.n_ignored)
-        } else {
-            (1, 65)
-        };
-        for i in first..last {
-            let sig = if a.handlers_cleared {
-                *a.ignored.add(i)
-            } else {
-                i as libc::c_int
-            };
-            if sig == libc::SIGKILL || sig == libc::SIGSTOP {
-                continue;
-            }
+        for i in 0..a.n_reset {
+            let sig = *a.reset.add(i);
             if libc::syscall(
                 libc::SYS_rt_sigaction,
                 sig,
