@@ -387,7 +387,6 @@ impl Leader {
     /// the service manager's fd store across a crash (not our child).
     /// Call from within the runtime.
     pub fn adopt(pidfd: OwnedFd, pid: i32, child: bool) -> io::Result<Leader> {
-        reexec::set_nonblocking(&pidfd)?;
         Ok(Leader {
             pid,
             pidfd: register_pidfd(pidfd)?,

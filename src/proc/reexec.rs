@@ -26,14 +26,6 @@ fn fcntl(fd: RawFd, cmd: libc::c_int, arg: libc::c_int) -> io::Result<libc::c_in
     }
 }
 
-/// Sets `O_NONBLOCK` (a descriptor handed over keeps its flags; tokio
-/// needs it non-blocking).
-pub fn set_nonblocking(fd: &impl AsRawFd) -> io::Result<()> {
-    let fd = fd.as_raw_fd();
-    let flags = fcntl(fd, libc::F_GETFL, 0)?;
-    fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK).map(|_| ())
-}
-
 /// Raises a pipe's capacity (`F_SETPIPE_SZ`): what a run writes while no
 /// daemon reads (between a crash and the restart) waits there. Returns the
 /// capacity it got.

@@ -18,7 +18,7 @@ use super::machine::{Event, StreamStats};
 use super::{now_ms, watch, Adoption, HandedRun};
 use crate::model::{ProcessId, Record, State, Stream};
 use crate::proc::sandbox::RunFolder;
-use crate::proc::{self, reexec, Leader, Scope, Tracked};
+use crate::proc::{self, Leader, Scope, Tracked};
 use crate::store::StoreError;
 
 impl Actor {
@@ -37,17 +37,18 @@ impl Actor {
                 continue;
             }
             if let Some(h) = handed.remove(&id) {
+                // The record's pid; handed over with its pid, it must match.
                 let recorded = identity.as_ref().map(|i| i.pid);
-                // Handed over with its pid: it must be the record's.
-                if recorded.is_some() && h.pid.is_none_or(|p| Some(p) == recorded) {
-                    match self.adopt(&rec, h, child) {
+                match recorded.filter(|&p| h.pid.is_none_or(|hp| hp == p)) {
+                    Some(pid) => match self.adopt(&rec, h, pid, child) {
                         Ok(()) => continue,
                         Err(e) => {
                             tracing::error!(%id, error = %e, "cannot re-adopt a handed-over run; putting it down")
                         }
+                    },
+                    None => {
+                        tracing::error!(%id, pid = ?h.pid, "a handed-over run does not match its record; putting the record's processes down");
                     }
-                } else {
-                    tracing::error!(%id, pid = ?h.pid, "a handed-over run does not match its record; putting the record's processes down");
                 }
             }
             let cgroup = self.settings.cgroups.as_ref().map(|r| r.run(id.0));
@@ -97,20 +98,13 @@ impl Actor {
     /// Watches a handed-over run again: its leader through the pidfd, its
     /// processes through its cgroup (or group), its output from where the
     /// capture stopped; its timeout and kill deadline from the record.
-    fn adopt(&mut self, rec: &Record, h: HandedRun, child: bool) -> std::io::Result<()> {
+    /// `pid`: the record's, which the handed-over pidfd refers to.
+    fn adopt(&mut self, rec: &Record, h: HandedRun, pid: i32, child: bool) -> std::io::Result<()> {
         let id = rec.id;
-        let pid = rec
-            .identity
-            .as_ref()
-            .map(|i| i.pid)
-            .ok_or_else(|| std::io::Error::other("the record has no pid"))?;
         let leader = Arc::new(Leader::adopt(h.pidfd, pid, child)?);
+        // tokio makes them non-blocking.
         let pipe = |fd: Option<std::os::fd::OwnedFd>| -> std::io::Result<Option<pipe::Receiver>> {
-            fd.map(|fd| {
-                reexec::set_nonblocking(&fd)?;
-                pipe::Receiver::from_owned_fd(fd)
-            })
-            .transpose()
+            fd.map(pipe::Receiver::from_owned_fd).transpose()
         };
         let (stdout, stderr) = (pipe(h.stdout)?, pipe(h.stderr)?);
         let start = match h.streams {
