@@ -9,6 +9,7 @@
 //! rest stays in the pipe) and hands the pipes, the folder and the counts
 //! back to the actor as one `Parked`, for the next image of the daemon.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use tokio::net::unix::pipe;
@@ -314,11 +315,12 @@ async fn capture(
     // to the same stream offsets again (idempotent), then capture goes on.
     if let Some(j) = &mut journal {
         match j.pending() {
-            Ok((at, bytes)) => {
+            Ok((at, mut bytes)) => {
                 let room = cap.saturating_sub(at).min(bytes.len() as u64) as usize;
                 if room > 0 {
+                    bytes.truncate(room);
                     let mut b = Batch::buffered();
-                    b.put_chunk(id, stream, at, bytes[..room].to_vec());
+                    b.put_chunk(id, stream, at, bytes);
                     if let Err(e) = store.write(b).await {
                         tracing::warn!(%id, error = %e, "storing journaled output failed; bytes dropped");
                     }
@@ -373,10 +375,9 @@ async fn capture(
                 });
             }
         }
-        // The bytes taken in: from the journal (owned) or read into `buf`;
-        // either way copied once, into the chunk stored.
-        let journaled: Vec<u8>;
-        let chunk: &[u8] = if let Some(j) = &mut journal {
+        // The bytes taken in: read back from the journal (owned, stored as
+        // they are) or read into `buf` (copied once, into the chunk stored).
+        let chunk: Cow<'_, [u8]> = if let Some(j) = &mut journal {
             let taken = if stopping {
                 use std::os::fd::AsFd;
                 j.take_from(pipe.as_fd(), READ_BUF)
@@ -387,10 +388,7 @@ async fn capture(
             match taken {
                 Ok(0) => break,
                 Ok(_) => match j.unstored() {
-                    Ok(b) => {
-                        journaled = b;
-                        &journaled
-                    }
+                    Ok(b) => Cow::Owned(b),
                     Err(_) => break,
                 },
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && !stopping => continue,
@@ -420,14 +418,21 @@ async fn capture(
             if n == 0 {
                 break;
             }
-            &buf[..n]
+            Cow::Borrowed(&buf[..n])
         };
         let n = chunk.len();
         let room = cap.saturating_sub(kept).min(n as u64) as usize;
         let mut stored = 0u64;
         if room > 0 {
+            let bytes = match chunk {
+                Cow::Owned(mut v) => {
+                    v.truncate(room);
+                    v
+                }
+                Cow::Borrowed(b) => b[..room].to_vec(),
+            };
             let mut b = Batch::buffered();
-            b.put_chunk(id, stream, kept, chunk[..room].to_vec());
+            b.put_chunk(id, stream, kept, bytes);
             match store.write(b).await {
                 Ok(()) => {
                     kept += room as u64;
