@@ -157,6 +157,8 @@ fn main() -> ExitCode {
                     e.kind()
                 ));
                 eprintln!("cyrneld: {e2}");
+                // Printed above already: only the status is left.
+                std::process::exit(e.exit_code());
             }
             e.exit()
         }
