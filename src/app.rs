@@ -217,8 +217,8 @@ pub async fn run(
     };
     let mut cgroup_limits = Vec::new();
     for (key, file, controller, value) in [
-        ("memory_max", "memory.max", "memory", config.memory_max),
-        ("pids_max", "pids.max", "pids", config.pids_max),
+        ("memory_max", c"memory.max", "memory", config.memory_max),
+        ("pids_max", c"pids.max", "pids", config.pids_max),
     ] {
         let Some(value) = value else { continue };
         if cgroups.as_ref().is_some_and(|root| root.has(controller)) {

@@ -321,7 +321,7 @@ impl RunCgroup {
     /// Creates the cgroup (an empty leftover from a crash is reused) and
     /// opens its directory for the child to be created in (a new cgroup)
     /// or to join (a leftover, which may have been killed).
-    pub fn prepare(&self, limits: &[(&str, u64)]) -> io::Result<Joiner> {
+    pub fn prepare(&self, limits: &[(&CStr, u64)]) -> io::Result<Joiner> {
         // SAFETY: mkdirat with a C string relative to the root's open fd.
         let new = if unsafe { libc::mkdirat(self.root.as_raw_fd(), self.name.as_ptr(), 0o777) } == 0
         {
@@ -340,8 +340,7 @@ impl RunCgroup {
         )?;
         // Controller limits (memory.max, pids.max), only those enabled.
         for (file, value) in limits {
-            let name = CString::new(*file).map_err(io::Error::other)?;
-            let f = open_at(fd.as_raw_fd(), &name, libc::O_WRONLY)?;
+            let f = open_at(fd.as_raw_fd(), file, libc::O_WRONLY)?;
             io::Write::write_all(&mut fs::File::from(f), value.to_string().as_bytes())?;
         }
         Ok(Joiner {

@@ -34,6 +34,7 @@ mod table;
 mod uids;
 mod watch;
 
+use std::ffi::CStr;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -78,7 +79,7 @@ pub struct Settings {
     pub credentials: Option<(u32, u32)>,
     /// Controller limits written into each run cgroup (`memory.max`,
     /// `pids.max`), only those the host delegates.
-    pub cgroup_limits: Vec<(&'static str, u64)>,
+    pub cgroup_limits: Vec<(&'static CStr, u64)>,
     /// How long an `Idempotency-Key` answers with its first create.
     pub idempotency_retention_ms: u64,
     /// The service manager, whose file-descriptor store keeps runs across
