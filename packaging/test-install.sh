@@ -556,9 +556,11 @@ unit_actions() {
 }
 
 # no_restart_in TEXT: none of the script lines (comments aside) restarts.
+# (Not `! … | grep -q`: with pipefail, grep -q stopping at a match could
+# kill the first grep with SIGPIPE and turn the match into a pass.)
 no_restart_in() {
 	# -w: `restart` also matches try-restart and (try-)reload-or-restart.
-	! grep -vE '^[[:space:]]*#' <<<"$1" | grep -qwE 'restart|condrestart'
+	[ -z "$(grep -vE '^[[:space:]]*#' <<<"$1" | grep -wE 'restart|condrestart')" ]
 }
 
 # --- .deb in a container-like root (no systemd) --------------------------
@@ -674,8 +676,11 @@ check "the unit's enablement is gone" test ! -e "$R/etc/systemd/system/multi-use
 check "the cyrnel user stays (Debian keeps system users)" sh -c "chroot '$R' getent passwd cyrnel >/dev/null"
 
 log ".deb maintainer scripts under a running systemd (simulated): an upgrade reloads, never restarts"
+for f in postinst prerm postrm; do
+	dpkg-deb -I "$deb" "$f" >"$work/deb-$f" || fail "the .deb has no $f"
+done
 check "no maintainer script of the .deb restarts the daemon" \
-	no_restart_in "$(for f in preinst postinst prerm postrm; do dpkg-deb -I "$deb" "$f" 2>/dev/null; done)"
+	no_restart_in "$(cat "$work"/deb-postinst "$work"/deb-prerm "$work"/deb-postrm)"
 new_root deb-sd "$base"
 D=$work/deb-sd
 cp "$deb" "$upgrade_deb" "$D/tmp/pkgs/"
@@ -810,8 +815,7 @@ check "erase keeps /var/lib/cyrnel" test -d "$P/var/lib/cyrnel/db"
 check "erase keeps the modified config as .rpmsave" grep -qx 'max_running = 8' "$P/etc/cyrnel/cyrneld.toml.rpmsave"
 
 log ".rpm scriptlets under a running systemd (simulated): an upgrade reloads, never restarts"
-check "no scriptlet of the .rpm restarts the daemon" no_restart_in "$(rpm -qp --scripts "$rpm_file")"
-"$repo/packaging/rpm/build.sh" "$work" 3 >/dev/null || fail "building the release-3 .rpm"
+check "no scriptlet of the .rpm restarts the daemon" no_restart_in "$(<"$work/rpm-scripts")"
 new_root rpm-sd "$base"
 Q=$work/rpm-sd
 fake_systemd "$Q"
@@ -825,7 +829,9 @@ rpm_in "$Q" -U --nodeps "$work/cyrnel-$upstream-2.x86_64.rpm"
 check_eq "upgrade while the daemon runs: a reload (the replaced package's %postun), no restart" \
 	"reload cyrneld.service" "$(unit_actions "$Q")"
 unit_running "$Q" no
-rpm_in "$Q" -U --nodeps "$work/cyrnel-$upstream-3.x86_64.rpm"
+# A reinstall of release 2, as for the .deb: the replaced instance's
+# %postun runs with $1 = 1, as for an upgrade.
+rpm_in "$Q" -U --nodeps --replacepkgs "$work/cyrnel-$upstream-2.x86_64.rpm"
 check_eq "upgrade while it does not run: nothing" "" "$(unit_actions "$Q")"
 unit_running "$Q" yes
 rpm_in "$Q" -e cyrnel
