@@ -84,9 +84,11 @@ promtool:
 
 # An earlier build, for the upgrade test (tests/it/handover.rs hands over
 # from it to this build): the commit below, the last that writes handover
-# state version 1 (a development build: no release wrote it), built once from `git archive` on a target dir of
-# its own (sharing one would let cargo mistake one build's binary for the
-# other's) and kept in the cache dir.
+# state version 1 (a development build: no release wrote it), built once
+# from `git archive` on a target dir of its own (sharing one would let
+# cargo mistake one build's binary for the other's) and kept in the cache
+# dir. Its sources are elsewhere, so CCACHE_BASEDIR is set again after
+# CARGO_ENV (the later assignment wins).
 HANDOVER_BASE = 45a5cc579d545602623cdcdc8641033c1e759989
 PREVIOUS_BIN = $(CACHE_DIR)/cyrneld-$(HANDOVER_BASE)
 

@@ -417,12 +417,12 @@ fn sighup_hands_over_only_when_the_binary_was_replaced() {
     assert!(!is_alive(run_pid));
 }
 
-/// The previous release's binary (`make previous` builds it; `make test`
+/// The earlier build's binary (`make previous` builds it; `make test`
 /// passes its path).
-fn previous_release() -> std::path::PathBuf {
+fn earlier_build() -> std::path::PathBuf {
     let path = std::env::var_os("CYRNEL_TEST_PREVIOUS_CYRNELD").expect(
         "CYRNEL_TEST_PREVIOUS_CYRNELD is not set: run the tests through `make test`, \
-         which builds the previous release (`make previous`) and passes its path",
+         which builds the earlier build (`make previous`) and passes its path",
     );
     let path = std::path::PathBuf::from(path);
     assert!(
@@ -433,33 +433,31 @@ fn previous_release() -> std::path::PathBuf {
     path
 }
 
-/// Removes, when dropped, the folder base the previous release logged
+/// Removes, when dropped, the folder base the earlier build logged
 /// (`runs_base=`) if it is empty: it named the base after the data dir's
-/// uid block and left it at a stop, while this release names it after the
+/// uid block and left it at a stop, while this build names it after the
 /// whole path and removes only its own. One was left in `/dev/shm` by every
 /// run of the upgrade test before.
-struct PreviousReleaseBase(std::path::PathBuf);
+struct EarlierBuildBase(std::path::PathBuf);
 
-impl Drop for PreviousReleaseBase {
+impl Drop for EarlierBuildBase {
     fn drop(&mut self) {
         let _ = fs::remove_dir(&self.0);
     }
 }
 
 #[test]
-fn an_upgrade_from_the_previous_release_keeps_every_run() {
+fn an_upgrade_from_an_earlier_build_keeps_every_run() {
     let markers = marker_dir();
     let go = markers.path().join("go");
     // Declared before the daemon, so it is dropped after the daemon stops.
     let _old_base;
-    let d = Daemon::options()
-        .own_binary_from(&previous_release())
-        .start();
-    _old_base = PreviousReleaseBase(d.runs_base().expect("the previous release logs runs_base="));
+    let d = Daemon::options().own_binary_from(&earlier_build()).start();
+    _old_base = EarlierBuildBase(d.runs_base().expect("the earlier build logs runs_base="));
     let old = d.get("/handover").json();
     assert_eq!(
         old["stateVersion"], 1,
-        "the previous release writes version 1: {old}"
+        "the earlier build writes version 1: {old}"
     );
     let writer = d.create_code(&format!(
         "i=0; while [ ! -e {go} ]; do echo \"out $i\"; i=$((i+1)); done; exit 6",
@@ -483,9 +481,9 @@ fn an_upgrade_from_the_previous_release_keeps_every_run() {
     assert!(lines > 0);
     assert_eq!(d.kill(sleeper).status, 200);
     assert_eq!(d.wait_idle(sleeper)["exitState"], "canceled");
-    // Back to the previous release: it cannot read version 2, so the
+    // Back to the earlier build: it cannot read version 2, so the
     // handover is refused and nothing changes.
-    replace_binary(&bin, &previous_release());
+    replace_binary(&bin, &earlier_build());
     let r = d.post_no_body("/handover");
     assert_eq!(r.status, 409, "{r}");
     assert!(
