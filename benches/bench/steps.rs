@@ -119,24 +119,34 @@ pub(crate) fn step_costs(dir: &Path, iterations: usize) -> Result<Vec<StepSample
     // them (raw, `none`, the root child entering its folder through
     // `/proc/<pid>/fd`) therefore run on a thread of their own, which
     // keeps its bounding set; the timing is taken on that thread.
+    // Rows with seccomp (6, 7) run on a third thread: the thread that
+    // spawns them takes the filter's first stage once, as the daemon's
+    // starter thread does (`proc::sandbox::Seccomp`), and its later
+    // children inherit it; rows 4 and 5 must not.
     std::thread::scope(|scope| {
-        let (to_plain, plain_rx) = std::sync::mpsc::channel::<(usize, usize)>();
-        let (plain_tx, from_plain) = std::sync::mpsc::channel();
         let one = &one;
-        scope.spawn(move || {
-            for (row, i) in plain_rx {
-                if plain_tx.send(one(row, i)).is_err() {
-                    return;
+        let worker = || {
+            let (to, rx) = std::sync::mpsc::channel::<(usize, usize)>();
+            let (tx, from) = std::sync::mpsc::channel();
+            scope.spawn(move || {
+                for (row, i) in rx {
+                    if tx.send(one(row, i)).is_err() {
+                        return;
+                    }
                 }
+            });
+            move |row: usize, i: usize| -> Result<[f64; 4], String> {
+                to.send((row, i)).map_err(|e| e.to_string())?;
+                from.recv().map_err(|e| e.to_string())?
             }
-        });
+        };
+        let (plain, filtered) = (worker(), worker());
         for i in 0..warmup + iterations {
             for (row, samples) in out.iter_mut().enumerate() {
-                let [prepare, spawn, drop, total] = if row < 4 {
-                    to_plain.send((row, i)).map_err(|e| e.to_string())?;
-                    from_plain.recv().map_err(|e| e.to_string())??
-                } else {
-                    one(row, i)?
+                let [prepare, spawn, drop, total] = match row {
+                    0..4 => plain(row, i)?,
+                    4 | 5 => one(row, i)?,
+                    _ => filtered(row, i)?,
                 };
                 if i >= warmup {
                     samples.prepare.push(prepare);

@@ -106,9 +106,9 @@ pub struct Policy {
     root: Option<OwnedFd>,
     /// `shared_dirs`, for their read-write rules.
     shared: Vec<(OwnedFd, bool)>,
-    /// Filters for runs with and without network.
-    seccomp_net: Arc<[libc::sock_filter]>,
-    seccomp_no_net: Arc<[libc::sock_filter]>,
+    /// Filters for runs with and without network (`None`: no seccomp).
+    seccomp_net: Option<Arc<Seccomp>>,
+    seccomp_no_net: Option<Arc<Seccomp>>,
     /// Directories (data dir) and files (config, key) masked at `full`.
     mask_dirs: Arc<[CString]>,
     mask_files: Arc<[CString]>,
@@ -265,8 +265,31 @@ pub struct Steps {
     pub drop_bounding: bool,
     pub no_new_privs: bool,
     pub landlock: Option<OwnedFd>,
-    /// The filter program (shared with the [`Policy`]).
-    pub seccomp: Option<Arc<[libc::sock_filter]>>,
+    /// The filter (shared with the [`Policy`]), in two stages: see
+    /// [`Seccomp`].
+    pub seccomp: Option<Arc<Seccomp>>,
+}
+
+/// A run's seccomp filter, split in two stages that together decide every
+/// call exactly as `whole` does.
+///
+/// Installing a filter costs each child about 50 µs here however small the
+/// filter is above a floor of about 30 µs (validation, conversion, JIT, and
+/// the per-number action cache built with interrupts off;
+/// BENCHMARKS.md). Filters are inherited, so the spawning thread installs
+/// stage one once: the deny list minus [`SETUP_CALLS`], the calls the
+/// daemon makes itself to prepare and start runs. Each child adds stage
+/// two, those few calls, right before exec. The kernel runs both on every call and takes the stricter
+/// answer; the stages deny disjoint sets, so a run's calls get exactly the
+/// answers `whole` gives. A child of a thread that does not run under
+/// `first` installs `whole` instead (`spawn::child_filter`).
+pub struct Seccomp {
+    /// For the spawning thread, once (with `no_new_privs`).
+    pub first: Arc<[libc::sock_filter]>,
+    /// For each child, on top of `first`.
+    pub second: Arc<[libc::sock_filter]>,
+    /// Both in one program.
+    pub whole: Arc<[libc::sock_filter]>,
 }
 
 pub struct Mounts {
@@ -548,13 +571,19 @@ impl Policy {
         }
         let private_ipc = level == SandboxLevel::Full;
         let (seccomp_net, seccomp_no_net) = if seccomp_on {
-            (
-                seccomp_program(private_ipc, false).into(),
-                // At full, a network namespace takes the network away.
-                seccomp_program(private_ipc, level == SandboxLevel::Landlock).into(),
-            )
+            // One stage one for both: a thread runs under one.
+            let first: Arc<[libc::sock_filter]> = seccomp_stage_one(private_ipc).into();
+            let stages = |deny_ip_sockets| {
+                Some(Arc::new(Seccomp {
+                    first: first.clone(),
+                    second: seccomp_stage_two(deny_ip_sockets).into(),
+                    whole: seccomp_program(private_ipc, deny_ip_sockets).into(),
+                }))
+            };
+            // At full, a network namespace takes the network away.
+            (stages(false), stages(level == SandboxLevel::Landlock))
         } else {
-            (Arc::from([]), Arc::from([]))
+            (None, None)
         };
         let cstr = |p: &Path| CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other);
         let (mut mask_dirs, mut mask_files, mut shared_paths) =
@@ -715,14 +744,11 @@ impl Policy {
                 };
                 steps.landlock = Some(self.ruleset(own, network)?);
             }
-            let prog = if network {
-                &self.seccomp_net
+            steps.seccomp = if network {
+                self.seccomp_net.clone()
             } else {
-                &self.seccomp_no_net
+                self.seccomp_no_net.clone()
             };
-            if !prog.is_empty() {
-                steps.seccomp = Some(prog.clone());
-            }
         }
         Ok(Prepared {
             folder,
@@ -1203,19 +1229,52 @@ enum Action {
     Socket,
 }
 
-/// The filter program: the deny list, clone with namespace flags, and
-/// (for `network: false` at level `landlock`) IP and packet sockets.
-///
-/// The numbers are searched as a binary tree, not a list: the kernel runs
-/// a new filter once for every system call number when it is installed
-/// (to cache which calls are always allowed), so a list of ~60 compares
-/// cost about that many instructions per number for every spawn; and the
-/// tree is over intervals with shared outcomes ([`search`]), so the
-/// program is small.
-pub fn seccomp_program(private_ipc: bool, deny_ip_sockets: bool) -> Vec<libc::sock_filter> {
-    let Some(arch) = seccomp_arch() else {
-        return Vec::new();
-    };
+/// Denied calls the daemon makes itself to set runs up: `clone3` (the
+/// spawner), the mount API that prepares a run's folder and mounts
+/// (`fsopen` to `open_tree`; a thread that spawns may prepare too, as the
+/// probe and the benchmarks do), and what each child of level `full` does
+/// between clone and exec (its namespaces and mount view). Seccomp stage
+/// one allows them, stage two denies them (see [`Seccomp`]). The mount
+/// API's numbers are consecutive (428 to 432), so stage two stays small.
+const SETUP_CALLS: [libc::c_long; 9] = [
+    libc::SYS_clone3,
+    libc::SYS_unshare,
+    libc::SYS_mount,
+    libc::SYS_mount_setattr,
+    libc::SYS_open_tree,
+    libc::SYS_move_mount,
+    libc::SYS_fsopen,
+    libc::SYS_fsconfig,
+    libc::SYS_fsmount,
+];
+
+/// Every number the filter does not simply allow, sorted, with what it
+/// does: the deny list, clone with namespace flags, and (`deny_ip_sockets`)
+/// IP and packet sockets.
+fn filter_entries(private_ipc: bool, deny_ip_sockets: bool) -> Vec<(u32, Action)> {
+    let mut entries: Vec<(u32, Action)> = denied_calls(private_ipc)
+        .into_iter()
+        .map(|(nr, errno)| (nr as u32, Action::Errno(errno as u32)))
+        .collect();
+    entries.push((libc::SYS_clone as u32, Action::Clone));
+    if deny_ip_sockets {
+        entries.push((libc::SYS_socket as u32, Action::Socket));
+    }
+    entries.sort_unstable_by_key(|e| e.0);
+    entries.dedup_by_key(|e| e.0);
+    entries
+}
+
+/// Whether an entry belongs to stage two: a setup call, or a rule only
+/// some runs get (IP sockets).
+fn in_stage_two(e: &(u32, Action)) -> bool {
+    SETUP_CALLS.iter().any(|&nr| nr as u32 == e.0) || e.1 == Action::Socket
+}
+
+/// The start of a self-contained filter: any other architecture kills
+/// the process, and the number is loaded.
+fn prologue() -> Option<Vec<libc::sock_filter>> {
+    let arch = seccomp_arch()?;
     let mut p = vec![
         stmt(LD_ABS_W, ARCH),
         jump(JEQ_K, arch, 1, 0),
@@ -1228,16 +1287,54 @@ pub fn seccomp_program(private_ipc: bool, deny_ip_sockets: bool) -> Vec<libc::so
         p.push(jump(JGE_K, 0x4000_0000, 0, 1));
         p.push(stmt(RET_K, RET_ERRNO | libc::EPERM as u32));
     }
-    let mut entries: Vec<(u32, Action)> = denied_calls(private_ipc)
+    Some(p)
+}
+
+/// The whole filter program: the deny list, clone with namespace flags,
+/// and (for `network: false` at level `landlock`) IP and packet sockets.
+///
+/// The numbers are searched as a binary tree, not a list: the kernel runs
+/// a new filter once for every system call number when it is installed
+/// (to cache which calls are always allowed), so a list of ~60 compares
+/// cost about that many instructions per number for every spawn; and the
+/// tree is over intervals with shared outcomes ([`search`]), so the
+/// program is small.
+pub fn seccomp_program(private_ipc: bool, deny_ip_sockets: bool) -> Vec<libc::sock_filter> {
+    let Some(mut p) = prologue() else {
+        return Vec::new();
+    };
+    p.extend(search(&filter_entries(private_ipc, deny_ip_sockets)));
+    p
+}
+
+/// Stage one (see [`Seccomp`]): the whole program minus stage two's
+/// entries.
+pub fn seccomp_stage_one(private_ipc: bool) -> Vec<libc::sock_filter> {
+    let Some(mut p) = prologue() else {
+        return Vec::new();
+    };
+    let entries: Vec<_> = filter_entries(private_ipc, false)
         .into_iter()
-        .map(|(nr, errno)| (nr as u32, Action::Errno(errno as u32)))
+        .filter(|e| !in_stage_two(e))
         .collect();
-    entries.push((libc::SYS_clone as u32, Action::Clone));
-    if deny_ip_sockets {
-        entries.push((libc::SYS_socket as u32, Action::Socket));
+    p.extend(search(&entries));
+    p
+}
+
+/// Stage two (see [`Seccomp`]): the setup calls and, for
+/// `deny_ip_sockets`, IP and packet sockets. Only ever installed on top
+/// of stage one, which already decides other architectures (the process
+/// is killed, whatever this stage answers) and x32 numbers.
+pub fn seccomp_stage_two(deny_ip_sockets: bool) -> Vec<libc::sock_filter> {
+    if seccomp_arch().is_none() {
+        return Vec::new();
     }
-    entries.sort_unstable_by_key(|e| e.0);
-    entries.dedup_by_key(|e| e.0);
+    // Whether IPC is private does not touch these entries.
+    let entries: Vec<_> = filter_entries(true, deny_ip_sockets)
+        .into_iter()
+        .filter(in_stage_two)
+        .collect();
+    let mut p = vec![stmt(LD_ABS_W, NR)];
     p.extend(search(&entries));
     p
 }
@@ -1502,10 +1599,73 @@ mod tests {
         }
     }
 
+    /// Of two filters' answers, the one the kernel acts on: the action
+    /// of highest precedence (the stages never both answer an errno).
+    fn stricter(a: u32, b: u32) -> u32 {
+        let rank = |r: u32| match r & 0xffff_0000 {
+            RET_KILL_PROCESS => 0,
+            RET_ERRNO => 1,
+            RET_ALLOW => 2,
+            other => panic!("action {other:#x}"),
+        };
+        if rank(a) <= rank(b) {
+            a
+        } else {
+            b
+        }
+    }
+
+    #[test]
+    fn seccomp_stages_together_decide_every_call_as_the_whole_filter() {
+        let arch = seccomp_arch().unwrap();
+        let args = [
+            0,
+            libc::SIGCHLD as u32,
+            libc::CLONE_NEWUSER as u32,
+            (libc::CLONE_NEWNS | libc::CLONE_NEWIPC) as u32,
+            libc::AF_UNIX as u32,
+            libc::AF_INET as u32,
+            libc::AF_INET6 as u32,
+            libc::AF_PACKET as u32,
+        ];
+        for ipc in [true, false] {
+            let one = seccomp_stage_one(ipc);
+            for net in [false, true] {
+                let whole = seccomp_program(ipc, net);
+                let two = seccomp_stage_two(net);
+                for a in [arch, 0x1234] {
+                    for nr in (0..1024u32).chain(0x4000_0000..0x4000_0200) {
+                        for &arg in &args {
+                            assert_eq!(
+                                stricter(
+                                    run_filter(&one, a, nr, arg),
+                                    run_filter(&two, a, nr, arg)
+                                ),
+                                run_filter(&whole, a, nr, arg),
+                                "ipc {ipc}, net {net}, arch {a:#x}, nr {nr}, arg {arg:#x}"
+                            );
+                        }
+                    }
+                }
+                // Stage one lets the spawner and the child make their
+                // setup calls; stage two holds those and little else.
+                for nr in SETUP_CALLS {
+                    assert_eq!(run_filter(&one, arch, nr as u32, 0), RET_ALLOW);
+                    assert_ne!(run_filter(&two, arch, nr as u32, 0), RET_ALLOW);
+                }
+                assert!(two.len() < 24, "{}", two.len());
+            }
+        }
+    }
+
     #[test]
     fn seccomp_jumps_stay_inside_the_program() {
-        for (ipc, net) in [(true, false), (false, true), (false, false)] {
-            let p = seccomp_program(ipc, net);
+        let programs = [(true, false), (false, true), (false, false)]
+            .into_iter()
+            .map(|(ipc, net)| seccomp_program(ipc, net))
+            .chain([true, false].map(seccomp_stage_one))
+            .chain([true, false].map(seccomp_stage_two));
+        for p in programs {
             assert!(p.len() < 4096);
             for (i, ins) in p.iter().enumerate() {
                 if ins.code & 0x07 == 0x05 {

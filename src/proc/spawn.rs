@@ -29,7 +29,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::OnceLock;
 
-use super::sandbox::Steps;
+use super::sandbox::{Seccomp, Steps};
 
 /// The child's stack. Its frames are small (system calls only); execve
 /// itself runs on the kernel stack.
@@ -510,6 +510,62 @@ fn empty_bounding_set() -> io::Result<()> {
     Ok(())
 }
 
+thread_local! {
+    /// The seccomp stage one this thread runs under, if any, and whether
+    /// installing one failed (then its children install whole filters).
+    static SECCOMP_FIRST: std::cell::RefCell<(Option<std::sync::Arc<[libc::sock_filter]>>, bool)> =
+        const { std::cell::RefCell::new((None, false)) };
+}
+
+/// The filter a child of this thread installs for `s`: stage two when the
+/// thread runs under `s.first`, which it installs on itself the first time
+/// (with `no_new_privs`, which its children set anyway; see
+/// [`Seccomp`]), else the whole filter. Like the empty bounding set, stage
+/// one stays with the thread and every thread it creates: spawn sandboxed
+/// runs from dedicated threads.
+fn child_filter(s: &Seccomp) -> &[libc::sock_filter] {
+    SECCOMP_FIRST.with_borrow_mut(|(first, failed)| {
+        if first.is_none() && !*failed {
+            match install_on_this_thread(&s.first) {
+                Ok(()) => *first = Some(s.first.clone()),
+                Err(e) => {
+                    *failed = true;
+                    tracing::warn!(error = %e, "seccomp stage one on the spawning thread failed; each child installs the whole filter");
+                }
+            }
+        }
+        match first {
+            Some(f) if std::sync::Arc::ptr_eq(f, &s.first) => &s.second[..],
+            _ => &s.whole[..],
+        }
+    })
+}
+
+/// `no_new_privs` and then `prog` as a seccomp filter on the calling
+/// thread only (no `SECCOMP_FILTER_FLAG_TSYNC`).
+fn install_on_this_thread(prog: &[libc::sock_filter]) -> io::Result<()> {
+    let fprog = libc::sock_fprog {
+        len: prog.len() as libc::c_ushort,
+        filter: prog.as_ptr().cast_mut(),
+    };
+    // SAFETY: prctl on the calling thread; `fprog` points at `prog`, alive
+    // for the call (the kernel copies the program).
+    unsafe {
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+            || libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER,
+                &fprog as *const libc::sock_fprog,
+                0,
+                0,
+            ) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// Starts `exec` as a child of the calling thread. Returns once the child
 /// has called execve (or failed before it, in which case it is reaped and
 /// the error returned). With `sandbox.drop_bounding`, the calling thread's
@@ -544,9 +600,12 @@ pub fn spawn(exec: &Exec<'_>) -> io::Result<Child> {
         .collect();
     let cwd = cstring(exec.cwd.as_os_str().as_bytes())?;
     let stdin = dev_null()?;
-    let seccomp = exec.sandbox.seccomp.as_ref().map(|prog| libc::sock_fprog {
-        len: prog.len() as libc::c_ushort,
-        filter: prog.as_ptr().cast_mut(),
+    let seccomp = exec.sandbox.seccomp.as_deref().map(|s| {
+        let prog = child_filter(s);
+        libc::sock_fprog {
+            len: prog.len() as libc::c_ushort,
+            filter: prog.as_ptr().cast_mut(),
+        }
     });
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
@@ -1238,6 +1297,70 @@ mod tests {
         std::io::Read::read_to_string(&mut std::fs::File::from(child.stdout), &mut out).unwrap();
         assert_eq!(cpus_allowed(&out), before);
         wait_pidfd(&child.pidfd).unwrap();
+    }
+
+    fn status_field(status: &str, key: &str) -> String {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_else(|| panic!("{key} missing: {status}"))
+            .trim()
+            .to_string()
+    }
+
+    /// A thread that spawns with a two-stage filter takes stage one once;
+    /// its children add stage two and run under both. A thread already
+    /// under another stage one gives its children the whole filter.
+    #[test]
+    fn a_spawning_thread_takes_seccomp_stage_one_and_its_children_add_stage_two() {
+        use super::super::sandbox::{seccomp_program, seccomp_stage_one, seccomp_stage_two};
+        use std::sync::Arc;
+        let stages = || {
+            Arc::new(Seccomp {
+                first: seccomp_stage_one(true).into(),
+                second: seccomp_stage_two(false).into(),
+                whole: seccomp_program(true, false).into(),
+            })
+        };
+        // A thread of its own: stage one stays with the thread.
+        std::thread::spawn(move || {
+            let (mine, other) = (stages(), stages());
+            let me = || std::fs::read_to_string("/proc/thread-self/status").unwrap();
+            assert_eq!(status_field(&me(), "Seccomp:"), "0");
+            let steps = Steps {
+                no_new_privs: true,
+                seccomp: Some(mine.clone()),
+                ..Steps::default()
+            };
+            for _ in 0..2 {
+                let child = spawn(&Exec {
+                    program: Path::new("/bin/cat"),
+                    args: &[OsStr::new("/proc/self/status")],
+                    env: &[],
+                    cwd: Path::new("/"),
+                    cgroup: None,
+                    into_cgroup: false,
+                    rlimits: &[],
+                    credentials: None,
+                    sandbox: &steps,
+                })
+                .unwrap();
+                let mut out = String::new();
+                std::io::Read::read_to_string(&mut std::fs::File::from(child.stdout), &mut out)
+                    .unwrap();
+                wait_pidfd(&child.pidfd).unwrap();
+                // 2: filter mode; the thread's stage and the child's own.
+                assert_eq!(status_field(&out, "Seccomp:"), "2");
+                assert_eq!(status_field(&out, "Seccomp_filters:"), "2");
+                assert_eq!(status_field(&out, "NoNewPrivs:"), "1");
+                assert_eq!(status_field(&me(), "Seccomp_filters:"), "1");
+            }
+            assert!(std::ptr::eq(child_filter(&mine), &mine.second[..]));
+            assert!(std::ptr::eq(child_filter(&other), &other.whole[..]));
+            assert_eq!(status_field(&me(), "Seccomp_filters:"), "1");
+        })
+        .join()
+        .unwrap();
     }
 
     /// The start time worked out from the clock is the one `/proc` shows.

@@ -354,6 +354,59 @@ fn landlock_a_run_holds_no_capability_and_cannot_gain_one() {
     assert!(out.contains("userns=1"), "{out}");
 }
 
+/// The calls the daemon makes itself to prepare and start runs (seccomp
+/// stage one lets them through, stage two denies them:
+/// `proc::sandbox::Seccomp`) are denied to the run. Each is made with
+/// arguments the kernel itself refuses a process without capabilities
+/// for otherwise (EINVAL, EFAULT), so only the filter answers EPERM
+/// (ENOSYS for clone3). `fsopen`, `fsmount` and `move_mount` answer an
+/// unprivileged caller EPERM either way: the unit tests of the filter
+/// speak for them.
+fn the_spawners_own_calls_are_denied_to_the_run(d: Daemon, level: &str) {
+    let code = r#"python3 - <<'PY'
+import ctypes, os
+l = ctypes.CDLL(None, use_errno=True)
+common = dict(open_tree=428, fsconfig=431, clone3=435, mount_setattr=442)
+nr = dict(common, **{"x86_64": dict(unshare=272, mount=165),
+                     "aarch64": dict(unshare=97, mount=40)}[os.uname().machine])
+def errno(*a):
+    ctypes.set_errno(0)
+    return 0 if l.syscall(*a) == 0 else ctypes.get_errno()
+print("unshare=%d" % errno(nr["unshare"], 1))
+print("mount=%d" % errno(nr["mount"], None, None, None, 0, None))
+print("open_tree=%d" % errno(nr["open_tree"], -1, None, 0xffffffff))
+print("fsconfig=%d" % errno(nr["fsconfig"], -1, 0xffffffff, None, None, 0))
+print("mount_setattr=%d" % errno(nr["mount_setattr"], -1, None, 0xffffffff, None, 0))
+print("clone3=%d" % errno(nr["clone3"], None, 0))
+PY"#;
+    let (rec, out, err) = run(&d, code);
+    assert_level(&rec, level);
+    let (eperm, enosys) = (libc::EPERM, libc::ENOSYS);
+    for line in [
+        format!("unshare={eperm}"),
+        format!("mount={eperm}"),
+        format!("open_tree={eperm}"),
+        format!("fsconfig={eperm}"),
+        format!("mount_setattr={eperm}"),
+        format!("clone3={enosys}"),
+    ] {
+        assert!(
+            out.lines().any(|l| l == line),
+            "expected {line}: {out} / {err}"
+        );
+    }
+}
+
+#[test]
+fn full_the_spawners_own_calls_are_denied_to_the_run() {
+    the_spawners_own_calls_are_denied_to_the_run(full(), "full");
+}
+
+#[test]
+fn landlock_the_spawners_own_calls_are_denied_to_the_run() {
+    the_spawners_own_calls_are_denied_to_the_run(landlock(), "landlock");
+}
+
 // ---------------------------------------------------------------------------
 // Nothing left behind; bounded folder
 // ---------------------------------------------------------------------------
