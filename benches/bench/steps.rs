@@ -38,6 +38,14 @@ pub(crate) fn step_costs(dir: &Path, iterations: usize) -> Result<Vec<StepSample
         "/dev/shm/cyrnel-bench-steps-{}",
         std::process::id()
     ));
+    /// Removes the folder base on every way out, an error's too.
+    struct RemoveOnDrop(PathBuf);
+    impl Drop for RemoveOnDrop {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+    let _remove = RemoveOnDrop(shm.clone());
     let runs_base = if fs::create_dir_all(&shm).is_ok() {
         shm.clone()
     } else {
@@ -158,7 +166,6 @@ pub(crate) fn step_costs(dir: &Path, iterations: usize) -> Result<Vec<StepSample
         }
         Ok::<(), String>(())
     })?;
-    let _ = fs::remove_dir_all(&shm);
     Ok(out)
 }
 
