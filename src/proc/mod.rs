@@ -264,6 +264,14 @@ pub fn prioritize_spawner() {
     }
 }
 
+/// Dedicates the calling thread to spawning runs: it takes the seccomp
+/// filter's first stage at its first sandboxed spawn, so that each child
+/// installs only the second (`sandbox::Seccomp`). Call it only on threads
+/// that do nothing else (the starter's spawner; see `spawn.rs`).
+pub fn dedicate_spawner_thread() {
+    spawn::dedicate_this_thread();
+}
+
 /// Start-up: runs `shell <folder>/code` with `prepared`'s isolation and
 /// waits for it; returns its exit code (`None`: killed by a signal).
 pub fn probe_spawn(

@@ -510,48 +510,91 @@ fn empty_bounding_set() -> io::Result<()> {
     Ok(())
 }
 
+/// Where the calling thread stands with seccomp stage one (see
+/// [`Seccomp`]).
+enum StageOne {
+    /// Not a spawning thread: its children install the whole filter, and
+    /// the thread itself is never changed.
+    NotHere,
+    /// Dedicated to spawning ([`dedicate_this_thread`]): takes stage one
+    /// at its first sandboxed spawn.
+    Allowed,
+    Installed(std::sync::Arc<[libc::sock_filter]>),
+    /// Installing failed; its children install the whole filter.
+    Failed,
+}
+
 thread_local! {
-    /// The seccomp stage one this thread runs under, if any, and whether
-    /// installing one failed (then its children install whole filters).
-    static SECCOMP_FIRST: std::cell::RefCell<(Option<std::sync::Arc<[libc::sock_filter]>>, bool)> =
-        const { std::cell::RefCell::new((None, false)) };
+    static STAGE_ONE: std::cell::RefCell<StageOne> = const { std::cell::RefCell::new(StageOne::NotHere) };
+}
+
+/// Marks the calling thread as one that spawns runs and does nothing
+/// else: at its first spawn with a seccomp filter it puts `no_new_privs`
+/// and the filter's stage one on itself, for good, and every later child
+/// only adds stage two (see [`Seccomp`]). Stage one denies what the
+/// thread and any thread it creates could otherwise do (ptrace, keyrings,
+/// BPF, io_uring, namespaces through `clone`, ...), so only threads that
+/// exist to spawn (the starter, the start-up probe) call this; the
+/// children of any other thread install the whole filter.
+pub fn dedicate_this_thread() {
+    STAGE_ONE.with_borrow_mut(|s| {
+        if matches!(s, StageOne::NotHere) {
+            *s = StageOne::Allowed;
+        }
+    });
 }
 
 /// The filter a child of this thread installs for `s`: stage two when the
-/// thread runs under `s.first`, which it installs on itself the first time
-/// (with `no_new_privs`, which its children set anyway; see
-/// [`Seccomp`]), else the whole filter. Like the empty bounding set, stage
-/// one stays with the thread and every thread it creates: spawn sandboxed
-/// runs from dedicated threads.
+/// thread runs under `s.first` (installed here on a dedicated thread's
+/// first call), else the whole filter.
 fn child_filter(s: &Seccomp) -> &[libc::sock_filter] {
-    SECCOMP_FIRST.with_borrow_mut(|(first, failed)| {
-        if first.is_none() && !*failed {
-            match install_on_this_thread(&s.first) {
-                Ok(()) => *first = Some(s.first.clone()),
+    STAGE_ONE.with_borrow_mut(|state| {
+        if matches!(state, StageOne::Allowed) {
+            *state = match install_on_this_thread(&s.first) {
+                Ok(()) => StageOne::Installed(s.first.clone()),
                 Err(e) => {
-                    *failed = true;
                     tracing::warn!(error = %e, "seccomp stage one on the spawning thread failed; each child installs the whole filter");
+                    StageOne::Failed
                 }
-            }
+            };
         }
-        match first {
-            Some(f) if std::sync::Arc::ptr_eq(f, &s.first) => &s.second[..],
+        match state {
+            StageOne::Installed(f) if std::sync::Arc::ptr_eq(f, &s.first) => &s.second[..],
             _ => &s.whole[..],
         }
     })
 }
 
 /// `no_new_privs` and then `prog` as a seccomp filter on the calling
-/// thread only (no `SECCOMP_FILTER_FLAG_TSYNC`).
+/// thread only (no `SECCOMP_FILTER_FLAG_TSYNC`). With
+/// `SECCOMP_FILTER_FLAG_SPEC_ALLOW` where the kernel knows it (Linux
+/// 4.17): on kernels that turn speculative-execution mitigations on for
+/// every task with a filter, the daemon's thread stays as it was; each
+/// child's stage two, installed without the flag, still turns them on for
+/// the run.
 fn install_on_this_thread(prog: &[libc::sock_filter]) -> io::Result<()> {
+    const SECCOMP_SET_MODE_FILTER: libc::c_ulong = 1;
+    const SECCOMP_FILTER_FLAG_SPEC_ALLOW: libc::c_ulong = 1 << 2;
     let fprog = libc::sock_fprog {
         len: prog.len() as libc::c_ushort,
         filter: prog.as_ptr().cast_mut(),
     };
-    // SAFETY: prctl on the calling thread; `fprog` points at `prog`, alive
-    // for the call (the kernel copies the program).
+    // SAFETY: prctl and seccomp on the calling thread; `fprog` points at
+    // `prog`, alive for the calls (the kernel copies the program).
     unsafe {
-        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let with_flag = libc::syscall(
+            libc::SYS_seccomp,
+            SECCOMP_SET_MODE_FILTER,
+            SECCOMP_FILTER_FLAG_SPEC_ALLOW,
+            &fprog as *const libc::sock_fprog,
+        );
+        if with_flag == 0 {
+            return Ok(());
+        }
+        if *libc::__errno_location() != libc::EINVAL
             || libc::prctl(
                 libc::PR_SET_SECCOMP,
                 libc::SECCOMP_MODE_FILTER,
@@ -1308,11 +1351,24 @@ mod tests {
             .to_string()
     }
 
-    /// A thread that spawns with a two-stage filter takes stage one once;
-    /// its children add stage two and run under both. A thread already
-    /// under another stage one gives its children the whole filter.
+    /// `syscall(nr, arg, 0, 0, 0, 0)`: 0, or the errno.
+    fn errno_of(nr: libc::c_long, arg: libc::c_long) -> i32 {
+        // SAFETY: the calls used here take integers only (unshare's flags,
+        // keyctl's operation); bad values are refused, nothing is written.
+        let r = unsafe { libc::syscall(nr, arg, 0, 0, 0, 0) };
+        if r == 0 {
+            0
+        } else {
+            io::Error::last_os_error().raw_os_error().unwrap()
+        }
+    }
+
+    /// A thread dedicated to spawning takes seccomp stage one once (and
+    /// `no_new_privs`), which its children inherit under the stage two
+    /// they add; a thread under another stage one gives its children the
+    /// whole filter, and a thread not dedicated is never changed.
     #[test]
-    fn a_spawning_thread_takes_seccomp_stage_one_and_its_children_add_stage_two() {
+    fn a_dedicated_thread_takes_seccomp_stage_one_and_its_children_add_stage_two() {
         use super::super::sandbox::{seccomp_program, seccomp_stage_one, seccomp_stage_two};
         use std::sync::Arc;
         let stages = || {
@@ -1322,13 +1378,28 @@ mod tests {
                 whole: seccomp_program(true, false).into(),
             })
         };
-        // A thread of its own: stage one stays with the thread.
+        let me = || std::fs::read_to_string("/proc/thread-self/status").unwrap();
+        let filters =
+            |status: &str| -> u32 { status_field(status, "Seccomp_filters:").parse().unwrap() };
+        // Not dedicated: whole filters for the children, the thread as it was.
+        std::thread::spawn(move || {
+            let s = stages();
+            let before = me();
+            assert!(std::ptr::eq(child_filter(&s), &s.whole[..]));
+            assert_eq!(filters(&me()), filters(&before));
+            assert_eq!(
+                status_field(&me(), "NoNewPrivs:"),
+                status_field(&before, "NoNewPrivs:")
+            );
+        })
+        .join()
+        .unwrap();
         std::thread::spawn(move || {
             let (mine, other) = (stages(), stages());
-            let me = || std::fs::read_to_string("/proc/thread-self/status").unwrap();
-            assert_eq!(status_field(&me(), "Seccomp:"), "0");
+            let before = filters(&me());
+            dedicate_this_thread();
+            // no_new_privs is left to the thread: the child inherits it.
             let steps = Steps {
-                no_new_privs: true,
                 seccomp: Some(mine.clone()),
                 ..Steps::default()
             };
@@ -1349,15 +1420,20 @@ mod tests {
                 std::io::Read::read_to_string(&mut std::fs::File::from(child.stdout), &mut out)
                     .unwrap();
                 wait_pidfd(&child.pidfd).unwrap();
-                // 2: filter mode; the thread's stage and the child's own.
-                assert_eq!(status_field(&out, "Seccomp:"), "2");
-                assert_eq!(status_field(&out, "Seccomp_filters:"), "2");
+                // The thread's stage and the child's own.
+                assert_eq!(filters(&out), before + 2);
                 assert_eq!(status_field(&out, "NoNewPrivs:"), "1");
-                assert_eq!(status_field(&me(), "Seccomp_filters:"), "1");
+                assert_eq!(filters(&me()), before + 1);
+                assert_eq!(status_field(&me(), "NoNewPrivs:"), "1");
             }
+            // The thread holds stage one, not the whole list: it may
+            // unshare (here refused for a bad flag, not by the filter),
+            // and it may not use keyrings.
+            assert_eq!(errno_of(libc::SYS_unshare, 1), libc::EINVAL);
+            assert_eq!(errno_of(libc::SYS_keyctl, 0), libc::EPERM);
             assert!(std::ptr::eq(child_filter(&mine), &mine.second[..]));
             assert!(std::ptr::eq(child_filter(&other), &other.whole[..]));
-            assert_eq!(status_field(&me(), "Seccomp_filters:"), "1");
+            assert_eq!(filters(&me()), before + 1);
         })
         .join()
         .unwrap();

@@ -13,8 +13,10 @@
 //! hands them out. The spawner is long-lived because a leader is a child
 //! of the thread that spawned it and must never be handed to the main
 //! thread (the orphan reaper, see `proc::OrphanReaper`); it is also the
-//! only thread whose capability bounding set level `full` empties
-//! (`proc::spawn`).
+//! only thread whose capability bounding set level `full` empties, and
+//! the one that carries the seccomp filter's first stage (with
+//! `no_new_privs`) for every run (`proc::dedicate_spawner_thread`): it
+//! does nothing but spawn, and creates no thread.
 
 use std::io;
 use std::sync::mpsc as std_mpsc;
@@ -118,6 +120,7 @@ impl Starter {
             .spawn(move || {
                 let _entered = runtime.enter();
                 proc::prioritize_spawner();
+                proc::dedicate_spawner_thread();
                 while let Ok((job, result)) = ready.recv() {
                     let result = result.and_then(|r| start(&settings, &job, r));
                     let started = Started {

@@ -361,7 +361,8 @@ fn landlock_a_run_holds_no_capability_and_cannot_gain_one() {
 /// for otherwise (EINVAL, EFAULT), so only the filter answers EPERM
 /// (ENOSYS for clone3). `fsopen`, `fsmount` and `move_mount` answer an
 /// unprivileged caller EPERM either way: the unit tests of the filter
-/// speak for them.
+/// speak for them. The run holds both stages (the daemon's starter thread
+/// is dedicated to spawning), not the whole list.
 fn the_spawners_own_calls_are_denied_to_the_run(d: Daemon, level: &str) {
     let code = r#"python3 - <<'PY'
 import ctypes, os
@@ -378,9 +379,23 @@ print("open_tree=%d" % errno(nr["open_tree"], -1, None, 0xffffffff))
 print("fsconfig=%d" % errno(nr["fsconfig"], -1, 0xffffffff, None, None, 0))
 print("mount_setattr=%d" % errno(nr["mount_setattr"], -1, None, 0xffffffff, None, 0))
 print("clone3=%d" % errno(nr["clone3"], None, 0))
-PY"#;
+PY
+grep '^Seccomp_filters:' /proc/self/status"#;
     let (rec, out, err) = run(&d, code);
     assert_level(&rec, level);
+    // Two filters on top of the daemon's own (none, unless its host adds
+    // one): the starter thread's stage one and the run's stage two.
+    let filters = |status: &str| -> u32 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp_filters:"))
+            .unwrap_or_else(|| panic!("no Seccomp_filters: {status}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let daemon = fs::read_to_string(format!("/proc/{}/status", d.pid())).unwrap();
+    assert_eq!(filters(&out), filters(&daemon) + 2, "{out}");
     let (eperm, enosys) = (libc::EPERM, libc::ENOSYS);
     for line in [
         format!("unshare={eperm}"),
