@@ -1307,22 +1307,22 @@ mod tests {
         assert_eq!(start_ticks(10, 5), None);
     }
 
-    fn cpus_allowed(status: &str) -> String {
+    fn status_field(status: &str, key: &str) -> String {
         status
             .lines()
-            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-            .unwrap()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_else(|| panic!("{key} missing: {status}"))
             .trim()
             .to_string()
     }
 
-    /// The spawning thread is held on one CPU only for the clone, and the
-    /// child runs with the thread's own affinity.
-    #[test]
-    fn the_child_and_the_thread_keep_their_affinity() {
-        let mine = || cpus_allowed(&std::fs::read_to_string("/proc/thread-self/status").unwrap());
-        let before = mine();
-        let steps = Steps::default();
+    fn cpus_allowed(status: &str) -> String {
+        status_field(status, "Cpus_allowed_list:")
+    }
+
+    /// Spawns `cat /proc/self/status` with `steps` from this thread: the
+    /// child's view of itself.
+    fn a_childs_status(steps: &Steps) -> String {
         let child = spawn(&Exec {
             program: Path::new("/bin/cat"),
             args: &[OsStr::new("/proc/self/status")],
@@ -1332,23 +1332,24 @@ mod tests {
             into_cgroup: false,
             rlimits: &[],
             credentials: None,
-            sandbox: &steps,
+            sandbox: steps,
         })
         .unwrap();
-        assert_eq!(mine(), before);
         let mut out = String::new();
         std::io::Read::read_to_string(&mut std::fs::File::from(child.stdout), &mut out).unwrap();
-        assert_eq!(cpus_allowed(&out), before);
         wait_pidfd(&child.pidfd).unwrap();
+        out
     }
 
-    fn status_field(status: &str, key: &str) -> String {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .unwrap_or_else(|| panic!("{key} missing: {status}"))
-            .trim()
-            .to_string()
+    /// The spawning thread is held on one CPU only for the clone, and the
+    /// child runs with the thread's own affinity.
+    #[test]
+    fn the_child_and_the_thread_keep_their_affinity() {
+        let mine = || cpus_allowed(&std::fs::read_to_string("/proc/thread-self/status").unwrap());
+        let before = mine();
+        let child = a_childs_status(&Steps::default());
+        assert_eq!(mine(), before);
+        assert_eq!(cpus_allowed(&child), before);
     }
 
     /// `syscall(nr, arg, 0, 0, 0, 0)`: 0, or the errno.
@@ -1404,22 +1405,7 @@ mod tests {
                 ..Steps::default()
             };
             for _ in 0..2 {
-                let child = spawn(&Exec {
-                    program: Path::new("/bin/cat"),
-                    args: &[OsStr::new("/proc/self/status")],
-                    env: &[],
-                    cwd: Path::new("/"),
-                    cgroup: None,
-                    into_cgroup: false,
-                    rlimits: &[],
-                    credentials: None,
-                    sandbox: &steps,
-                })
-                .unwrap();
-                let mut out = String::new();
-                std::io::Read::read_to_string(&mut std::fs::File::from(child.stdout), &mut out)
-                    .unwrap();
-                wait_pidfd(&child.pidfd).unwrap();
+                let out = a_childs_status(&steps);
                 // The thread's stage and the child's own.
                 assert_eq!(filters(&out), before + 2);
                 assert_eq!(status_field(&out, "NoNewPrivs:"), "1");
