@@ -238,11 +238,12 @@ pub(crate) async fn bench_churn(k: &Knobs, bin: &Path, root: &Path, rep: &mut Re
     for round in 1..=rounds {
         let r = spawn_round(runs, clients, &d, &ev).await;
         progress!(
-            "churn: round {round}/{rounds}: baseline {:.0} spawns/s; daemon {:.0} runs/s ({} not success); ratio {:.2}; machine {:.0} % busy ({:.0} % stolen)",
+            "churn: round {round}/{rounds}: baseline {:.0} spawns/s; daemon {:.0} runs/s ({} not success); ratio {:.2} (in machine CPU {:.2}); machine {:.0} % busy ({:.0} % stolen)",
             r.base_rate,
             r.rate,
             r.not_success,
-            r.rate / r.base_rate,
+            r.ratio(),
+            r.cpu_ratio(),
             r.machine_busy * 100.0,
             r.machine_steal * 100.0
         );
@@ -254,7 +255,7 @@ pub(crate) async fn bench_churn(k: &Knobs, bin: &Path, root: &Path, rep: &mut Re
     d.stop().await;
     let rate = median(all.iter().map(|r| r.rate).collect());
     let base_rate = median(all.iter().map(|r| r.base_rate).collect());
-    let ratio = median(all.iter().map(|r| r.rate / r.base_rate).collect());
+    let ratio = median(all.iter().map(SpawnRound::ratio).collect());
     let label = if n >= 1000 && n.is_multiple_of(1000) {
         format!("{}k", n / 1000)
     } else {
@@ -284,9 +285,13 @@ pub(crate) async fn bench_churn(k: &Knobs, bin: &Path, root: &Path, rep: &mut Re
             "footprint_before": before.json(), "footprint_after_delete": after.json(),
             "daemon_runs_per_s": r3(rate), "baseline_spawns_per_s": r3(base_rate),
             "ratio": r3(ratio), "ratio_is": "median of the per-round ratios",
+            "cpu_ratio": r3(median(all.iter().map(SpawnRound::cpu_ratio).collect())),
             "per_round": all.iter().map(|r| json!({
                 "baseline_spawns_per_s": r3(r.base_rate), "daemon_runs_per_s": r3(r.rate),
-                "ratio": r3(r.rate / r.base_rate), "not_success": r.not_success,
+                "ratio": r3(r.ratio()), "cpu_ratio": r3(r.cpu_ratio()),
+                "machine_cpu_ms_per_raw_spawn": r3(r.base_cpu_ms),
+                "machine_cpu_ms_per_run": r3(r.run_cpu_ms),
+                "not_success": r.not_success,
                 "daemon_cpu_s": r3(r.daemon_cpu_s), "machine_busy": r3(r.machine_busy),
                 "machine_steal": r3(r.machine_steal),
             })).collect::<Vec<_>>(),
