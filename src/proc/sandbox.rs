@@ -293,6 +293,23 @@ pub struct Seccomp {
     pub(super) whole: Arc<[libc::sock_filter]>,
 }
 
+impl Seccomp {
+    /// The filter for runs with or without IP sockets, on top of `first`
+    /// ([`seccomp_stage_one`]): one stage one serves every variant, since
+    /// a thread runs under one.
+    pub(super) fn new(
+        first: Arc<[libc::sock_filter]>,
+        private_ipc: bool,
+        deny_ip_sockets: bool,
+    ) -> Seccomp {
+        Seccomp {
+            first,
+            second: seccomp_stage_two(deny_ip_sockets).into(),
+            whole: seccomp_program(private_ipc, deny_ip_sockets).into(),
+        }
+    }
+}
+
 pub struct Mounts {
     pub private_tmp: RawFd,
     pub mask_dirs: Arc<[CString]>,
@@ -572,14 +589,13 @@ impl Policy {
         }
         let private_ipc = level == SandboxLevel::Full;
         let (seccomp_net, seccomp_no_net) = if seccomp_on {
-            // One stage one for both: a thread runs under one.
             let first: Arc<[libc::sock_filter]> = seccomp_stage_one(private_ipc).into();
             let stages = |deny_ip_sockets| {
-                Some(Arc::new(Seccomp {
-                    first: first.clone(),
-                    second: seccomp_stage_two(deny_ip_sockets).into(),
-                    whole: seccomp_program(private_ipc, deny_ip_sockets).into(),
-                }))
+                Some(Arc::new(Seccomp::new(
+                    first.clone(),
+                    private_ipc,
+                    deny_ip_sockets,
+                )))
             };
             // At full, a network namespace takes the network away.
             (stages(false), stages(level == SandboxLevel::Landlock))
@@ -1275,10 +1291,13 @@ fn in_stage_two(e: &(u32, Action)) -> bool {
     SETUP_CALLS.iter().any(|&nr| nr as u32 == e.0) || e.1 == Action::Socket
 }
 
-/// The start of a self-contained filter: any other architecture kills
-/// the process, and the number is loaded.
-fn prologue() -> Option<Vec<libc::sock_filter>> {
-    let arch = seccomp_arch()?;
+/// A self-contained filter deciding `entries`: any other architecture
+/// kills the process, x32 numbers are refused, the rest is searched
+/// ([`search`]). Empty where seccomp is not supported.
+fn self_contained(entries: &[(u32, Action)]) -> Vec<libc::sock_filter> {
+    let Some(arch) = seccomp_arch() else {
+        return Vec::new();
+    };
     let mut p = vec![
         stmt(LD_ABS_W, ARCH),
         jump(JEQ_K, arch, 1, 0),
@@ -1291,7 +1310,8 @@ fn prologue() -> Option<Vec<libc::sock_filter>> {
         p.push(jump(JGE_K, 0x4000_0000, 0, 1));
         p.push(stmt(RET_K, RET_ERRNO | libc::EPERM as u32));
     }
-    Some(p)
+    p.extend(search(entries));
+    p
 }
 
 /// The whole filter program: the deny list, clone with namespace flags,
@@ -1304,25 +1324,17 @@ fn prologue() -> Option<Vec<libc::sock_filter>> {
 /// tree is over intervals with shared outcomes ([`search`]), so the
 /// program is small.
 pub fn seccomp_program(private_ipc: bool, deny_ip_sockets: bool) -> Vec<libc::sock_filter> {
-    let Some(mut p) = prologue() else {
-        return Vec::new();
-    };
-    p.extend(search(&filter_entries(private_ipc, deny_ip_sockets)));
-    p
+    self_contained(&filter_entries(private_ipc, deny_ip_sockets))
 }
 
 /// Stage one (see [`Seccomp`]): the whole program minus stage two's
 /// entries.
 pub fn seccomp_stage_one(private_ipc: bool) -> Vec<libc::sock_filter> {
-    let Some(mut p) = prologue() else {
-        return Vec::new();
-    };
     let entries: Vec<_> = filter_entries(private_ipc, false)
         .into_iter()
         .filter(|e| !in_stage_two(e))
         .collect();
-    p.extend(search(&entries));
-    p
+    self_contained(&entries)
 }
 
 /// Stage two (see [`Seccomp`]): the setup calls and, for

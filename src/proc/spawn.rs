@@ -1370,15 +1370,9 @@ mod tests {
     /// whole filter, and a thread not dedicated is never changed.
     #[test]
     fn a_dedicated_thread_takes_seccomp_stage_one_and_its_children_add_stage_two() {
-        use super::super::sandbox::{seccomp_program, seccomp_stage_one, seccomp_stage_two};
+        use super::super::sandbox::seccomp_stage_one;
         use std::sync::Arc;
-        let stages = || {
-            Arc::new(Seccomp {
-                first: seccomp_stage_one(true).into(),
-                second: seccomp_stage_two(false).into(),
-                whole: seccomp_program(true, false).into(),
-            })
-        };
+        let stages = || Arc::new(Seccomp::new(seccomp_stage_one(true).into(), true, false));
         let me = || std::fs::read_to_string("/proc/thread-self/status").unwrap();
         let filters =
             |status: &str| -> u32 { status_field(status, "Seccomp_filters:").parse().unwrap() };

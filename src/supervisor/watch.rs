@@ -424,13 +424,9 @@ async fn capture(
         let room = cap.saturating_sub(kept).min(n as u64) as usize;
         let mut stored = 0u64;
         if room > 0 {
-            let bytes = match chunk {
-                Cow::Owned(mut v) => {
-                    v.truncate(room);
-                    v
-                }
-                Cow::Borrowed(b) => b[..room].to_vec(),
-            };
+            // Owned: stored as it is; borrowed from `buf`: copied once.
+            let mut bytes = chunk.into_owned();
+            bytes.truncate(room);
             let mut b = Batch::buffered();
             b.put_chunk(id, stream, kept, bytes);
             match store.write(b).await {

@@ -293,7 +293,8 @@ fn landlock_the_api_key_never_reaches_a_run() {
 // Privileges
 // ---------------------------------------------------------------------------
 
-fn capability_lines(out: &str) -> Vec<(String, String)> {
+/// The `key: value` lines of a `/proc/<pid>/status` text.
+fn status_fields(out: &str) -> Vec<(String, String)> {
     out.lines()
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
@@ -308,7 +309,7 @@ fn full_a_run_holds_no_capability_and_cannot_gain_one() {
                 python3 -c 'import os; os.setuid(0)' 2>/dev/null; echo setuid=$?";
     let (rec, out, err) = run(&d, code);
     assert_level(&rec, "full");
-    let fields = capability_lines(&out);
+    let fields = status_fields(&out);
     let get = |k: &str| {
         fields
             .iter()
@@ -343,7 +344,7 @@ fn landlock_a_run_holds_no_capability_and_cannot_gain_one() {
                 unshare -r true 2>/dev/null; echo userns=$?";
     let (rec, out, _) = run(&d, code);
     assert_level(&rec, "landlock");
-    let fields = capability_lines(&out);
+    let fields = status_fields(&out);
     for set in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
         assert!(
             fields.contains(&(set.to_string(), "0000000000000000".to_string())),
@@ -386,13 +387,10 @@ grep '^Seccomp_filters:' /proc/self/status"#;
     // Two filters on top of the daemon's own (none, unless its host adds
     // one): the starter thread's stage one and the run's stage two.
     let filters = |status: &str| -> u32 {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("Seccomp_filters:"))
+        status_fields(status)
+            .into_iter()
+            .find_map(|(k, v)| (k == "Seccomp_filters").then(|| v.parse().unwrap()))
             .unwrap_or_else(|| panic!("no Seccomp_filters: {status}"))
-            .trim()
-            .parse()
-            .unwrap()
     };
     let daemon = fs::read_to_string(format!("/proc/{}/status", d.pid())).unwrap();
     assert_eq!(filters(&out), filters(&daemon) + 2, "{out}");
