@@ -195,6 +195,12 @@ impl Daemon {
     }
 }
 
+/// Clock ticks per second (`/proc`'s CPU times are in ticks).
+pub(crate) fn ticks_per_sec() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
+}
+
 /// (own, reaped children's) CPU seconds of a process, from its stat file.
 pub(crate) fn cpu_secs_of(stat_path: &str) -> (f64, f64) {
     let stat = fs::read_to_string(stat_path).unwrap_or_default();
@@ -203,8 +209,7 @@ pub(crate) fn cpu_secs_of(stat_path: &str) -> (f64, f64) {
         .split_whitespace()
         .map(|x| x.parse().unwrap_or(0.0))
         .collect();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let hz = ticks_per_sec();
     if f.len() < 15 {
         return (0.0, 0.0);
     }

@@ -130,9 +130,7 @@ impl SpawnRound {
 
 /// Busy jiffies between two readings of [`machine_jiffies`], in ms.
 fn busy_ms(from: (u64, u64, u64), to: (u64, u64, u64)) -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    to.0.saturating_sub(from.0) as f64 * 1000.0 / hz
+    to.0.saturating_sub(from.0) as f64 * 1000.0 / ticks_per_sec()
 }
 
 pub(crate) async fn spawn_round(
