@@ -266,8 +266,10 @@ pub fn prioritize_spawner() {
 
 /// Dedicates the calling thread to spawning runs: it takes the seccomp
 /// filter's first stage at its first sandboxed spawn, so that each child
-/// installs only the second (`sandbox::Seccomp`). Call it only on threads
-/// that do nothing else (the starter's spawner; see `spawn.rs`).
+/// installs only the second (`sandbox::Seccomp`), and its children share
+/// the descriptor table, copying only its lowest slots. Call it only on
+/// threads that do nothing else (the starter's spawner; see `spawn.rs`),
+/// early.
 pub fn dedicate_spawner_thread() {
     spawn::dedicate_this_thread();
 }

@@ -511,6 +511,53 @@ readlink /proc/$$/fd/0
     );
 }
 
+/// A run does not get a copy of the daemon's descriptor table, however
+/// many clients the daemon serves: its table (`FDSize`) holds only the
+/// daemon's lowest slots.
+#[test]
+fn a_run_copies_none_of_the_daemons_client_connections() {
+    use std::io::{Read, Write};
+    const CLIENTS: usize = 300;
+    let d = Daemon::start();
+    // Each connection answered once, so the daemon has accepted it and
+    // holds its descriptor; all stay open (keep-alive).
+    let clients: Vec<std::net::TcpStream> = (0..CLIENTS)
+        .map(|_| {
+            let mut c = std::net::TcpStream::connect(("127.0.0.1", d.port())).unwrap();
+            c.write_all(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+                .unwrap();
+            let mut head = [0u8; 12];
+            c.read_exact(&mut head).unwrap();
+            assert_eq!(&head, b"HTTP/1.1 200");
+            c
+        })
+        .collect();
+    let daemon_fds = fs::read_dir(format!("/proc/{}/fd", d.pid()))
+        .unwrap()
+        .count();
+    assert!(
+        daemon_fds > CLIENTS,
+        "the daemon holds {daemon_fds} descriptors"
+    );
+    // The run's shell itself: the grep it forks gets a table sized to
+    // what the shell has open.
+    let id = d.create_code("grep '^FDSize:' /proc/$$/status\n");
+    assert_outcome(&d.wait_idle(id), "success", None);
+    let out = d.stdout_text(id);
+    let size: usize = out
+        .trim()
+        .strip_prefix("FDSize:")
+        .unwrap_or_else(|| panic!("{out}"))
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        size < CLIENTS,
+        "the run's table has {size} slots while the daemon holds {daemon_fds} descriptors"
+    );
+    drop(clients);
+}
+
 /// The thread that spawns runs may run at a raised priority (as root):
 /// a run still starts at the daemon's own (the daemon inherits this test's
 /// nice value).
