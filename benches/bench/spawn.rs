@@ -196,6 +196,13 @@ pub(crate) async fn bench_spawn(k: &Knobs, d: &Daemon, ev: &Events, rep: &mut Re
     .await;
     ev.wait_count("idle", idle0 + 64, Duration::from_secs(60))
         .await;
+    // Idle clients, as a daemon that serves many has: each one a
+    // descriptor the daemon holds while it spawns.
+    let idle = k.spawn_idle;
+    let idle_clients = connect_many(d.addr(), idle).await;
+    if idle > 0 {
+        progress!("spawn: {idle} idle keep-alive connections held open during the rounds");
+    }
     // Baseline and daemon alternate, so that a change in the machine's
     // speed during the section (shared, noisy hosts) hits both sides.
     let mut all = Vec::new();
@@ -223,6 +230,7 @@ pub(crate) async fn bench_spawn(k: &Knobs, d: &Daemon, ev: &Events, rep: &mut Re
         );
         all.push(r);
     }
+    drop(idle_clients);
     let rate = median(all.iter().map(|r| r.rate).collect());
     let base_rate = median(all.iter().map(|r| r.base_rate).collect());
     let ratio = median(all.iter().map(SpawnRound::ratio).collect());
@@ -235,7 +243,12 @@ pub(crate) async fn bench_spawn(k: &Knobs, d: &Daemon, ev: &Events, rep: &mut Re
     require_full("spawn", &level);
     rep.row(
         &format!(
-            "Spawn throughput: runs of `true`, level `{level}`, {clients} clients, until idle"
+            "Spawn throughput: runs of `true`, level `{level}`, {clients} clients{}, until idle",
+            if idle > 0 {
+                format!(" ({idle} more idle)")
+            } else {
+                String::new()
+            }
         ),
         format!("{} runs/s", fmt_rate(rate)),
     )
@@ -270,6 +283,7 @@ pub(crate) async fn bench_spawn(k: &Knobs, d: &Daemon, ev: &Events, rep: &mut Re
         "spawn".into(),
         json!({
             "runs": runs, "clients": clients, "rounds": rounds, "sandbox": level,
+            "idle_connections": idle,
             "daemon_runs_per_s": r3(rate), "baseline_spawns_per_s": r3(base_rate),
             "ratio": r3(ratio), "ratio_is": "median of the per-round ratios",
             "cpu_ratio": r3(cpu_ratio),
