@@ -22,8 +22,10 @@
 //!
 //! On a thread dedicated to spawning, the child also shares the daemon's
 //! descriptor table (`CLONE_FILES`) and copies only its lowest slots before
-//! it changes any descriptor, so a spawn does not cost more with every
-//! client the daemon serves (see [`StdioSlots`]).
+//! it sets up its own descriptors, so a spawn does not cost more with every
+//! client the daemon serves (see [`StdioSlots`]). Until then it only reads
+//! descriptors the spawning thread holds, and adds nothing to the table
+//! but the socket it brings loopback up with (closed on every path).
 
 use std::ffi::{CString, OsStr};
 use std::io;
@@ -200,11 +202,11 @@ struct ChildArgs {
     stderr: RawFd,
     /// Nonzero when the child shares the parent's descriptor table
     /// (`CLONE_FILES`): it takes a copy of the slots below this one only
-    /// (`close_range(.., CLOSE_RANGE_UNSHARE)`) before it touches a
-    /// descriptor. See [`StdioSlots`].
+    /// (`close_range(.., CLOSE_RANGE_UNSHARE)`) before it sets up its
+    /// stdio. See [`StdioSlots`].
     fd_limit: libc::c_uint,
-    /// A cgroup directory to join through its `cgroup.procs` (-1: none, or
-    /// the child was created in it).
+    /// The `cgroup.procs` of a cgroup to join, opened for writing by the
+    /// parent (-1: none, or the child was created in it).
     join_cgroup: RawFd,
     rlimits: *const (libc::__rlimit_resource_t, libc::rlim_t),
     n_rlimits: usize,
@@ -257,6 +259,24 @@ fn above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {
     }
     // SAFETY: n is a fresh descriptor.
     Ok(unsafe { OwnedFd::from_raw_fd(n) })
+}
+
+/// `cgroup.procs` of the cgroup directory `dir`, open for writing.
+fn open_procs(dir: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: openat relative to a directory descriptor the caller holds;
+    // the result is a fresh descriptor that we own.
+    let fd = unsafe {
+        libc::openat(
+            dir,
+            c"cgroup.procs".as_ptr(),
+            libc::O_WRONLY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is fresh.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// A pipe with both ends close-on-exec: (read, write).
@@ -576,9 +596,9 @@ pub fn dedicate_this_thread() {
 /// clients (`/events` streams, keep-alive connections) some 100 µs per
 /// spawn, spent on the serial spawning thread. The children of a thread
 /// with slots share the table instead (`CLONE_FILES`) and, before they
-/// change anything in it, take a copy of the slots below
+/// set up their stdio, take a copy of the slots below
 /// [`StdioSlots::limit`] only (`close_range` with `CLOSE_RANGE_UNSHARE`,
-/// Linux 5.9): `/dev/null` and the two slots, into which the thread
+/// Linux 5.9, sound since the fix checked in [`table_unshares_below`]): `/dev/null` and the two slots, into which the thread
 /// duplicates the child's pipe ends before the clone (and `/dev/null`
 /// again after it, so the pipes see their end when the child's copies
 /// close). Every descriptor of the daemon is close-on-exec, and the child
@@ -599,8 +619,8 @@ thread_local! {
 
 impl StdioSlots {
     /// `None` where the kernel cannot unshare a table by `close_range`
-    /// (before Linux 5.9, or the call filtered): checked with a child
-    /// that does only that.
+    /// soundly (before Linux 5.9, the call filtered, or without the fix
+    /// of CVE-2024-45025): see [`table_unshares_below`].
     fn new() -> io::Result<Option<StdioSlots>> {
         let null = dev_null()?;
         let slot = || -> io::Result<OwnedFd> {
@@ -626,40 +646,98 @@ impl StdioSlots {
 
 /// Whether a child sharing this process's descriptor table can take a
 /// copy of its slots below `limit` (`close_range` with
-/// `CLOSE_RANGE_UNSHARE`): a child that does only that and exits.
+/// `CLOSE_RANGE_UNSHARE`) and get a sound table.
+///
+/// Kernels from 5.9 until the fix of CVE-2024-45025 (6.11, and the stable
+/// releases it was backported to) copied stale "word full" bits for the
+/// slots above the cut: where the parent had 64 consecutive descriptors
+/// open there, the child's later descriptors skip those numbers (and a
+/// process with a low `RLIMIT_NOFILE` runs out early). So the check makes
+/// that case: a first child, with a private copy of the table, fills the
+/// 64 slots from the first multiple of 64 at or above `limit`; a child of
+/// it sharing that table unshares below `limit` and checks that the
+/// lowest free slot from there is the first of them. Both are made
+/// `CLONE_VM | CLONE_VFORK` and only make system calls.
 fn table_unshares_below(limit: libc::c_uint) -> bool {
-    extern "C" fn unshare_and_exit(arg: *mut libc::c_void) -> libc::c_int {
-        // SAFETY: a system call on a number, then the child ends without
-        // running anything of the daemon; the table it changed is its own
-        // copy, or still the shared one untouched if the call failed.
+    struct Probe {
+        limit: libc::c_uint,
+        /// The first of the 64 slots filled (a multiple of 64).
+        block: libc::c_int,
+        null: RawFd,
+        inner_stack: *mut libc::c_void,
+    }
+    extern "C" fn shares_and_unshares(arg: *mut libc::c_void) -> libc::c_int {
+        // SAFETY: `arg` is the parent's Probe, alive while it is suspended
+        // (CLONE_VFORK); system calls on its numbers, then the child ends
+        // without running anything of the daemon. The table it changes is
+        // its own copy, or, if the call failed, the shared one untouched.
         unsafe {
+            let p = &*(arg as *const Probe);
             let ok = libc::syscall(
                 libc::SYS_close_range,
-                arg as usize as libc::c_uint,
+                p.limit,
                 u32::MAX,
                 libc::CLOSE_RANGE_UNSHARE,
-            ) == 0;
+            ) == 0
+                && libc::fcntl(p.null, libc::F_DUPFD_CLOEXEC, p.block) == p.block;
             libc::_exit(if ok { 0 } else { 1 })
         }
     }
-    let mut stack: Vec<MaybeUninit<u8>> = Vec::with_capacity(16 * 1024);
-    let top = ((stack.as_mut_ptr() as usize + 16 * 1024) & !0xf) as *mut libc::c_void;
+    extern "C" fn fills_then_clones(arg: *mut libc::c_void) -> libc::c_int {
+        // SAFETY: as above; this child has a private copy of the daemon's
+        // table (no CLONE_FILES), so filling slots in it changes nothing of
+        // the daemon's; it waits for its own child, which exits at once.
+        unsafe {
+            let p = &*(arg as *const Probe);
+            for fd in p.block..p.block + 64 {
+                if libc::fcntl(fd, libc::F_GETFD) < 0 && libc::dup2(p.null, fd) != fd {
+                    libc::_exit(2);
+                }
+            }
+            let pid = libc::clone(
+                shares_and_unshares,
+                p.inner_stack,
+                libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_FILES,
+                arg,
+            );
+            let mut status = 0;
+            let ok = pid > 0
+                && libc::waitpid(pid, &mut status, libc::__WALL) == pid
+                && libc::WIFEXITED(status)
+                && libc::WEXITSTATUS(status) == 0;
+            libc::_exit(if ok { 0 } else { 1 })
+        }
+    }
+    let Ok(null) = dev_null() else {
+        return false;
+    };
+    const STACK: usize = 16 * 1024;
+    let mut stacks: Vec<MaybeUninit<u8>> = Vec::with_capacity(2 * STACK);
+    let base = stacks.as_mut_ptr() as usize;
+    let top = |i: usize| ((base + (i + 1) * STACK) & !0xf) as *mut libc::c_void;
+    let probe = Probe {
+        limit,
+        block: (limit.div_ceil(64) * 64) as libc::c_int,
+        null,
+        inner_stack: top(1),
+    };
     let mut pidfd: libc::c_int = -1;
     // SAFETY: sigset_t is plain data, filled by sigfillset below.
     let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: as above; pthread_sigmask fills it.
     let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: signals blocked across the clone as in `spawn`; the child
-    // makes one system call and exits, on `stack`, which outlives it
-    // (CLONE_VFORK: this thread waits until the child has exited).
+    // SAFETY: signals blocked across the clone as in `spawn`; the children
+    // run on the two halves of `stacks` with a pointer to `probe`, both
+    // alive until they have exited (CLONE_VFORK: this thread waits for the
+    // first, which waits for the second).
     let pid = unsafe {
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
         let pid = libc::clone(
-            unshare_and_exit,
-            top,
-            libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_FILES | libc::CLONE_PIDFD,
-            limit as usize as *mut libc::c_void,
+            fills_then_clones,
+            top(0),
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD,
+            (&probe as *const Probe).cast_mut().cast(),
             &mut pidfd as *mut libc::c_int,
             std::ptr::null_mut::<libc::c_void>(),
             std::ptr::null_mut::<libc::c_int>(),
@@ -667,7 +745,7 @@ fn table_unshares_below(limit: libc::c_uint) -> bool {
         libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
         pid
     };
-    drop(stack);
+    drop(stacks);
     if pid < 0 {
         return false;
     }
@@ -981,8 +1059,25 @@ pub fn spawn(exec: &Exec<'_>) -> io::Result<Child> {
             }
         }
     }
+    // The joiner's `cgroup.procs`, opened here so that the child only
+    // writes to it (a child sharing the table adds nothing to it).
+    let mut procs: Option<OwnedFd> = None;
     if !settled {
-        args.join_cgroup = exec.cgroup.unwrap_or(-1);
+        if let Some(dir) = exec.cgroup {
+            match open_procs(dir) {
+                Ok(fd) => procs = Some(fd),
+                Err(e) => {
+                    settled = true;
+                    result = Err(io::Error::new(
+                        e.kind(),
+                        format!("{}: {e}", Step::Cgroup.describe()),
+                    ));
+                }
+            }
+        }
+    }
+    if !settled {
+        args.join_cgroup = procs.as_ref().map_or(-1, |f| f.as_raw_fd());
         // SAFETY: the child runs child_main on `stack` with a pointer to
         // `args`; with CLONE_VFORK this thread is suspended until the child
         // has called execve or exited, so `args`, `stack` and everything
@@ -1021,6 +1116,7 @@ pub fn spawn(exec: &Exec<'_>) -> io::Result<Child> {
     // The slots back on /dev/null before anything can wait for the pipes'
     // end (the child has its own copies, or has exited).
     drop(in_slots);
+    drop(procs);
     let pid = result?;
     // SAFETY: CLONE_PIDFD gave us a fresh descriptor on the child.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
@@ -1183,16 +1279,8 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         if libc::setpgid(0, 0) != 0 {
             return fail(Step::ProcessGroup);
         }
-        if a.join_cgroup >= 0 {
-            let procs = libc::openat(
-                a.join_cgroup,
-                c"cgroup.procs".as_ptr(),
-                libc::O_WRONLY | libc::O_CLOEXEC,
-            );
-            if procs < 0 || libc::write(procs, b"0".as_ptr().cast(), 1) != 1 {
-                return fail(Step::Cgroup);
-            }
-            libc::close(procs);
+        if a.join_cgroup >= 0 && libc::write(a.join_cgroup, b"0".as_ptr().cast(), 1) != 1 {
+            return fail(Step::Cgroup);
         }
         // Before dropping privileges, so a root daemon may also raise them.
         for i in 0..a.n_rlimits {
@@ -1270,8 +1358,7 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         }
         // The descriptors, after every step that uses one of the parent's
         // (cgroup, mounts, Landlock ruleset). A child that shares the
-        // daemon's table takes its own copy of the low slots first, before
-        // it changes anything in it.
+        // daemon's table takes its own copy of the low slots first.
         if a.fd_limit != 0
             && libc::syscall(
                 libc::SYS_close_range,
@@ -1566,7 +1653,7 @@ mod tests {
     /// other descriptors.
     #[test]
     fn a_dedicated_threads_children_copy_only_the_low_descriptor_slots() {
-        const MANY: usize = 700;
+        const MANY: usize = 200;
         let child_view = |dedicated: bool| {
             std::thread::spawn(move || {
                 // Dedicated first, as the starter's spawner is at start-up:
@@ -1607,7 +1694,28 @@ mod tests {
             .join()
             .unwrap()
         };
+        let stdio = || -> Vec<(u64, u64)> {
+            (0..3)
+                .map(|fd| {
+                    let f = std::mem::ManuallyDrop::new(
+                        // SAFETY: borrowed for fstat only, never closed.
+                        unsafe { std::fs::File::from_raw_fd(fd) },
+                    );
+                    let m = std::os::unix::fs::MetadataExt::dev(&f.metadata().unwrap());
+                    (
+                        m,
+                        std::os::unix::fs::MetadataExt::ino(&f.metadata().unwrap()),
+                    )
+                })
+                .collect()
+        };
+        let stdio_before = stdio();
         let (shared_size, shared_open, _) = child_view(true);
+        assert_eq!(
+            stdio(),
+            stdio_before,
+            "the process's own 0, 1 and 2 are untouched"
+        );
         let (copied_size, copied_open, highest) = child_view(false);
         assert!(
             copied_size > highest as usize,
@@ -1620,6 +1728,52 @@ mod tests {
         // 0, 1, 2 and the one `ls` reads the directory through.
         assert_eq!(shared_open.len(), 4, "{shared_open:?}");
         assert_eq!(copied_open.len(), 4, "{copied_open:?}");
+    }
+
+    /// A child that fails joining its cgroup (here `cgroup.procs` is
+    /// `/dev/full`: the write fails with ENOSPC) leaves nothing behind in
+    /// the descriptor table it shared with a dedicated thread.
+    #[test]
+    fn a_child_that_fails_to_join_its_cgroup_leaves_no_descriptor_behind() {
+        let dir = std::env::temp_dir().join(format!("cyrnel-join-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let _ = std::fs::remove_file(dir.join("cgroup.procs"));
+        std::os::unix::fs::symlink("/dev/full", dir.join("cgroup.procs")).unwrap();
+        let cgroup = std::fs::File::open(&dir).unwrap();
+        let full_open = || {
+            std::fs::read_dir("/proc/self/fd")
+                .unwrap()
+                .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
+                .filter(|t| t == Path::new("/dev/full"))
+                .count()
+        };
+        let err = std::thread::scope(|s| {
+            s.spawn(|| {
+                dedicate_this_thread();
+                spawn(&Exec {
+                    program: Path::new("/bin/true"),
+                    args: &[],
+                    env: &[],
+                    cwd: Path::new("/"),
+                    cgroup: Some(cgroup.as_raw_fd()),
+                    into_cgroup: false,
+                    rlimits: &[],
+                    credentials: None,
+                    sandbox: &Steps::default(),
+                })
+                .err()
+                .expect("the join fails")
+            })
+            .join()
+            .unwrap()
+        });
+        assert!(
+            err.to_string().starts_with("joining the run's cgroup")
+                && err.kind() == io::ErrorKind::StorageFull,
+            "{err}"
+        );
+        assert_eq!(full_open(), 0, "a descriptor on cgroup.procs was left open");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// `syscall(nr, arg, 0, 0, 0, 0)`: 0, or the errno.
