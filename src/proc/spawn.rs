@@ -1087,9 +1087,9 @@ pub fn spawn(exec: &Exec<'_>) -> io::Result<Child> {
         // leader's exit is seen through the pidfd, and the orphan reaper
         // does not see it because it waits for the main thread's own
         // children only (OrphanReaper). With CLONE_FILES (`share_table`)
-        // the child takes its own copy of the table before it changes
-        // anything in it (child_main), and the daemon's descriptors it
-        // reads meanwhile stay open: this thread holds them.
+        // the child takes its own copy of the table before it sets up its
+        // descriptors (child_main; see the module docs), and the daemon's
+        // descriptors it reads meanwhile stay open: this thread holds them.
         let pid = unsafe {
             libc::clone(
                 child_main,
