@@ -598,12 +598,11 @@ pub fn dedicate_this_thread() {
 /// with slots share the table instead (`CLONE_FILES`) and, before they
 /// set up their stdio, take a copy of the slots below
 /// [`StdioSlots::limit`] only (`close_range` with `CLOSE_RANGE_UNSHARE`,
-/// Linux 5.9, sound since the fix checked in [`table_unshares_below`]): `/dev/null` and the two slots, into which the thread
-/// duplicates the child's pipe ends before the clone (and `/dev/null`
-/// again after it, so the pipes see their end when the child's copies
-/// close). Every descriptor of the daemon is close-on-exec, and the child
-/// marks whatever it copied below the limit so too, as it does with a
-/// whole table.
+/// Linux 5.9, sound since the fix checked in [`table_unshares_below`]):
+/// `/dev/null` and the two slots, into which the thread duplicates the
+/// child's pipe ends before the clone (and `/dev/null` again after it, so
+/// the pipes see their end when the child's copies close). The child closes whatever else it copied below the limit, as
+/// it does with a whole table.
 struct StdioSlots {
     stdout: OwnedFd,
     stderr: OwnedFd,
@@ -1375,14 +1374,11 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             }
         }
         // Descriptors the daemon itself inherited without close-on-exec
-        // (a careless parent, a test harness) are not the child's business.
-        // This marks the child's own table only; ENOSYS before Linux 5.11.
-        libc::syscall(
-            libc::SYS_close_range,
-            3u32,
-            u32::MAX,
-            libc::CLOSE_RANGE_CLOEXEC,
-        );
+        // (a careless parent, a test harness, a handover's adopted ones)
+        // are not the child's business. Closed in the child's own table
+        // (a copy: never shared by now); ENOSYS before Linux 5.9, where
+        // exec still closes those marked close-on-exec.
+        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
         // Last: from here on the filter applies to every call.
         if !a.seccomp.is_null()
             && libc::prctl(
@@ -1665,9 +1661,14 @@ mod tests {
                         "this kernel unshares by close_range (5.9)"
                     );
                 }
-                let held: Vec<std::fs::File> = (0..MANY)
+                let mut held: Vec<std::fs::File> = (0..MANY)
                     .map(|_| std::fs::File::open("/dev/null").unwrap())
                     .collect();
+                // One without close-on-exec, as a careless parent leaves.
+                // SAFETY: open returns a fresh descriptor, owned by a File.
+                held.push(unsafe {
+                    std::fs::File::from_raw_fd(libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY))
+                });
                 let highest = held.iter().map(|f| f.as_raw_fd()).max().unwrap();
                 let status = a_childs_status(&Steps::default());
                 let size: usize = status_field(&status, "FDSize:").parse().unwrap();
@@ -1725,7 +1726,8 @@ mod tests {
             shared_size < MANY,
             "only the low slots were copied: FDSize {shared_size}"
         );
-        // 0, 1, 2 and the one `ls` reads the directory through.
+        // 0, 1, 2 and the one `ls` reads the directory through: not the
+        // one left without close-on-exec either.
         assert_eq!(shared_open.len(), 4, "{shared_open:?}");
         assert_eq!(copied_open.len(), 4, "{copied_open:?}");
     }
