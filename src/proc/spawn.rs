@@ -1374,10 +1374,10 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             }
         }
         // Descriptors the daemon itself inherited without close-on-exec
-        // (a careless parent, a test harness, a handover's adopted ones)
-        // are not the child's business. Closed in the child's own table
-        // (a copy: never shared by now); ENOSYS before Linux 5.9, where
-        // exec still closes those marked close-on-exec.
+        // (a careless parent, a test harness) are not the child's
+        // business. Closed in the child's own table (a copy: never shared
+        // by now); ENOSYS before Linux 5.9, where exec still closes those
+        // marked close-on-exec.
         libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
         // Last: from here on the filter applies to every call.
         if !a.seccomp.is_null()
