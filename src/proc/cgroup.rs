@@ -256,7 +256,7 @@ impl Joiner {
 }
 
 /// `openat(dirfd, name, flags | O_CLOEXEC)`.
-fn open_at(dirfd: RawFd, name: &CStr, flags: libc::c_int) -> io::Result<OwnedFd> {
+pub(super) fn open_at(dirfd: RawFd, name: &CStr, flags: libc::c_int) -> io::Result<OwnedFd> {
     // SAFETY: openat with a C string; returns a new descriptor.
     let fd = unsafe { libc::openat(dirfd, name.as_ptr(), flags | libc::O_CLOEXEC) };
     if fd < 0 {

@@ -252,31 +252,19 @@ fn above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {
     if fd.as_raw_fd() > 2 {
         return Ok(fd);
     }
+    dup_above_stdio(fd.as_raw_fd())
+}
+
+/// A close-on-exec duplicate of `fd` in the lowest free slot above the
+/// standard three.
+fn dup_above_stdio(fd: RawFd) -> io::Result<OwnedFd> {
     // SAFETY: F_DUPFD_CLOEXEC returns a new descriptor that we own.
-    let n = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
+    let n = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: n is a fresh descriptor.
     Ok(unsafe { OwnedFd::from_raw_fd(n) })
-}
-
-/// `cgroup.procs` of the cgroup directory `dir`, open for writing.
-fn open_procs(dir: RawFd) -> io::Result<OwnedFd> {
-    // SAFETY: openat relative to a directory descriptor the caller holds;
-    // the result is a fresh descriptor that we own.
-    let fd = unsafe {
-        libc::openat(
-            dir,
-            c"cgroup.procs".as_ptr(),
-            libc::O_WRONLY | libc::O_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is fresh.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// A pipe with both ends close-on-exec: (read, write).
@@ -601,8 +589,9 @@ pub fn dedicate_this_thread() {
 /// Linux 5.9, sound since the fix checked in [`table_unshares_below`]):
 /// `/dev/null` and the two slots, into which the thread duplicates the
 /// child's pipe ends before the clone (and `/dev/null` again after it, so
-/// the pipes see their end when the child's copies close). The child closes whatever else it copied below the limit, as
-/// it does with a whole table.
+/// the pipes see their end when the child's copies close). The child
+/// closes whatever else it copied below the limit, as it does with a
+/// whole table.
 struct StdioSlots {
     stdout: OwnedFd,
     stderr: OwnedFd,
@@ -622,17 +611,7 @@ impl StdioSlots {
     /// of CVE-2024-45025): see [`table_unshares_below`].
     fn new() -> io::Result<Option<StdioSlots>> {
         let null = dev_null()?;
-        let slot = || -> io::Result<OwnedFd> {
-            // SAFETY: F_DUPFD_CLOEXEC returns a new descriptor that we own
-            // (the lowest free one above the standard three).
-            let n = unsafe { libc::fcntl(null, libc::F_DUPFD_CLOEXEC, 3) };
-            if n < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // SAFETY: n is a fresh descriptor.
-            Ok(unsafe { OwnedFd::from_raw_fd(n) })
-        };
-        let (stdout, stderr) = (slot()?, slot()?);
+        let (stdout, stderr) = (dup_above_stdio(null)?, dup_above_stdio(null)?);
         let highest = null.max(stdout.as_raw_fd()).max(stderr.as_raw_fd());
         let limit = highest as libc::c_uint + 1;
         Ok(table_unshares_below(limit).then_some(StdioSlots {
@@ -1063,7 +1042,7 @@ pub fn spawn(exec: &Exec<'_>) -> io::Result<Child> {
     let mut procs: Option<OwnedFd> = None;
     if !settled {
         if let Some(dir) = exec.cgroup {
-            match open_procs(dir) {
+            match super::cgroup::open_at(dir, c"cgroup.procs", libc::O_WRONLY) {
                 Ok(fd) => procs = Some(fd),
                 Err(e) => {
                     settled = true;
