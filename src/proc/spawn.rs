@@ -431,27 +431,50 @@ pub fn created_in_cgroup_lives(cgroup: RawFd) -> bool {
         cgroup: cgroup as u64,
         ..CloneArgs::default()
     };
-    // SAFETY: sigset_t is plain data, filled by sigfillset below.
-    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: as above; pthread_sigmask fills it.
-    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    let blocked = SignalsBlocked::new();
     // SAFETY: signals blocked across the clone as in `spawn`; the child
     // only exits, on the stack `clone_args` describes, which outlives it
     // (CLONE_VFORK: this thread waits until the child has exited).
-    let result = unsafe {
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
-        let r = clone3(&clone_args, exit_at_once, std::ptr::null_mut());
-        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
-        r
-    };
-    if result.is_err() {
-        return false;
+    let result = unsafe { clone3(&clone_args, exit_at_once, std::ptr::null_mut()) };
+    drop(blocked);
+    result.is_ok() && exited_zero(pidfd)
+}
+
+/// Every signal blocked in the calling thread until drop, which restores
+/// the thread's mask: a child cloned meanwhile starts with them blocked,
+/// so no handler of the daemon can run in it.
+struct SignalsBlocked(libc::sigset_t);
+
+impl SignalsBlocked {
+    fn new() -> SignalsBlocked {
+        // SAFETY: sigset_t is an array of integers: all-zero bytes are a
+        // valid (empty) set, which sigfillset fills; pthread_sigmask
+        // changes only this thread's mask and writes the old one into
+        // `old`, a live local.
+        unsafe {
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+            SignalsBlocked(old)
+        }
     }
-    // SAFETY: CLONE_PIDFD gave us a fresh descriptor on the child, which
-    // is waited for (and reaped) here.
+}
+
+impl Drop for SignalsBlocked {
+    fn drop(&mut self) {
+        // SAFETY: restores the mask saved in `new`.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.0, std::ptr::null_mut()) };
+    }
+}
+
+/// Whether the child behind `pidfd` (fresh from `CLONE_PIDFD`, owned from
+/// here) exited with status 0; waits for it and reaps it.
+fn exited_zero(pidfd: libc::c_int) -> bool {
+    // SAFETY: CLONE_PIDFD gave the caller a fresh descriptor on the child,
+    // which it hands over.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
-    wait_pidfd(&pidfd).is_ok_and(|(code, _)| code == libc::CLD_EXITED)
+    wait_pidfd(&pidfd).is_ok_and(|(code, status)| code == libc::CLD_EXITED && status == 0)
 }
 
 thread_local! {
@@ -700,18 +723,13 @@ fn table_unshares_below(limit: libc::c_uint) -> bool {
         inner_stack: top(1),
     };
     let mut pidfd: libc::c_int = -1;
-    // SAFETY: sigset_t is plain data, filled by sigfillset below.
-    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: as above; pthread_sigmask fills it.
-    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    let blocked = SignalsBlocked::new();
     // SAFETY: signals blocked across the clone as in `spawn`; the children
     // run on the two halves of `stacks` with a pointer to `probe`, both
     // alive until they have exited (CLONE_VFORK: this thread waits for the
     // first, which waits for the second).
     let pid = unsafe {
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
-        let pid = libc::clone(
+        libc::clone(
             fills_then_clones,
             top(0),
             libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD,
@@ -719,18 +737,11 @@ fn table_unshares_below(limit: libc::c_uint) -> bool {
             &mut pidfd as *mut libc::c_int,
             std::ptr::null_mut::<libc::c_void>(),
             std::ptr::null_mut::<libc::c_int>(),
-        );
-        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
-        pid
+        )
     };
+    drop(blocked);
     drop(stacks);
-    if pid < 0 {
-        return false;
-    }
-    // SAFETY: CLONE_PIDFD gave us a fresh descriptor on the child, which
-    // is waited for (and reaped) here.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
-    wait_pidfd(&pidfd).is_ok_and(|(code, status)| code == libc::CLD_EXITED && status == 0)
+    pid >= 0 && exited_zero(pidfd)
 }
 
 /// The pipe ends duplicated into a thread's [`StdioSlots`] for one spawn;
@@ -970,20 +981,10 @@ pub fn spawn(exec: &Exec<'_>) -> io::Result<Child> {
         .as_ref()
         .map_or(std::ptr::null(), |p| &p.affinity as *const libc::cpu_set_t);
 
-    // Block every signal in this thread across the clone: the child starts
-    // with them blocked and unblocks only after resetting the handlers.
-    // SAFETY: sigset_t is an array of integers: all-zero bytes are a
-    // valid (empty) set, which sigfillset fills next.
-    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: as for `all`; pthread_sigmask overwrites it with the old mask.
-    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: both pointers are to live, writable sigset_t locals of this
-    // frame for the whole call; pthread_sigmask changes only this thread's
-    // mask, which is restored from `old` right after the clone.
-    unsafe {
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
-    }
+    // Every signal blocked in this thread across the clone: the child
+    // starts with them blocked and unblocks only after resetting the
+    // handlers.
+    let blocked = SignalsBlocked::new();
     // The child is created in its cgroup where the kernel can do that
     // (Linux 5.7): moving it in afterwards by writing to `cgroup.procs`
     // takes the cgroup core's fork lock for writing, which waits for an
@@ -1085,10 +1086,7 @@ pub fn spawn(exec: &Exec<'_>) -> io::Result<Child> {
             Ok(pid)
         };
     }
-    // SAFETY: restores the mask saved above.
-    unsafe {
-        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
-    }
+    drop(blocked);
     drop(pin);
     drop(stack);
     // The slots back on /dev/null before anything can wait for the pipes'
