@@ -1586,12 +1586,11 @@ mod tests {
         status_field(status, "Cpus_allowed_list:")
     }
 
-    /// Spawns `cat /proc/self/status` with `steps` from this thread: the
-    /// child's view of itself.
-    fn a_childs_status(steps: &Steps) -> String {
+    /// Spawns `program arg` with `steps` from this thread; its stdout.
+    fn stdout_of(program: &str, arg: &str, steps: &Steps) -> String {
         let child = spawn(&Exec {
-            program: Path::new("/bin/cat"),
-            args: &[OsStr::new("/proc/self/status")],
+            program: Path::new(program),
+            args: &[OsStr::new(arg)],
             env: &[],
             cwd: Path::new("/"),
             cgroup: None,
@@ -1605,6 +1604,12 @@ mod tests {
         std::io::Read::read_to_string(&mut std::fs::File::from(child.stdout), &mut out).unwrap();
         wait_pidfd(&child.pidfd).unwrap();
         out
+    }
+
+    /// Spawns `cat /proc/self/status` with `steps` from this thread: the
+    /// child's view of itself.
+    fn a_childs_status(steps: &Steps) -> String {
+        stdout_of("/bin/cat", "/proc/self/status", steps)
     }
 
     /// The spawning thread is held on one CPU only for the clone, and the
@@ -1649,22 +1654,7 @@ mod tests {
                 let highest = held.iter().map(|f| f.as_raw_fd()).max().unwrap();
                 let status = a_childs_status(&Steps::default());
                 let size: usize = status_field(&status, "FDSize:").parse().unwrap();
-                let fds = spawn(&Exec {
-                    program: Path::new("/bin/ls"),
-                    args: &[OsStr::new("/proc/self/fd")],
-                    env: &[],
-                    cwd: Path::new("/"),
-                    cgroup: None,
-                    into_cgroup: false,
-                    rlimits: &[],
-                    credentials: None,
-                    sandbox: &Steps::default(),
-                })
-                .unwrap();
-                let mut out = String::new();
-                std::io::Read::read_to_string(&mut std::fs::File::from(fds.stdout), &mut out)
-                    .unwrap();
-                wait_pidfd(&fds.pidfd).unwrap();
+                let out = stdout_of("/bin/ls", "/proc/self/fd", &Steps::default());
                 let open: Vec<i32> = out.split_whitespace().map(|n| n.parse().unwrap()).collect();
                 drop(held);
                 (size, open, highest)
@@ -1679,11 +1669,9 @@ mod tests {
                         // SAFETY: borrowed for fstat only, never closed.
                         unsafe { std::fs::File::from_raw_fd(fd) },
                     );
-                    let m = std::os::unix::fs::MetadataExt::dev(&f.metadata().unwrap());
-                    (
-                        m,
-                        std::os::unix::fs::MetadataExt::ino(&f.metadata().unwrap()),
-                    )
+                    let m = f.metadata().unwrap();
+                    use std::os::unix::fs::MetadataExt;
+                    (m.dev(), m.ino())
                 })
                 .collect()
         };
