@@ -424,9 +424,15 @@ async fn capture(
         let room = cap.saturating_sub(kept).min(n as u64) as usize;
         let mut stored = 0u64;
         if room > 0 {
-            // Owned: stored as it is; borrowed from `buf`: copied once.
-            let mut bytes = chunk.into_owned();
-            bytes.truncate(room);
+            // Owned: stored as it is (cut to `room`); borrowed from `buf`:
+            // what fits copied once.
+            let bytes = match chunk {
+                Cow::Owned(mut b) => {
+                    b.truncate(room);
+                    b
+                }
+                Cow::Borrowed(b) => b[..room].to_vec(),
+            };
             let mut b = Batch::buffered();
             b.put_chunk(id, stream, kept, bytes);
             match store.write(b).await {
