@@ -658,8 +658,16 @@ impl StdioSlots {
 /// 64 slots from the first multiple of 64 at or above `limit`; a child of
 /// it sharing that table unshares below `limit` and checks that the
 /// lowest free slot from there is the first of them. Both are made
-/// `CLONE_VM | CLONE_VFORK` and only make system calls.
+/// `CLONE_VM | CLONE_VFORK` and only make system calls. What it finds is
+/// the kernel's, so it is checked once per process (at the first thread's
+/// `limit`).
 fn table_unshares_below(limit: libc::c_uint) -> bool {
+    static SOUND: OnceLock<bool> = OnceLock::new();
+    *SOUND.get_or_init(|| check_unshare_below(limit))
+}
+
+/// The check of [`table_unshares_below`].
+fn check_unshare_below(limit: libc::c_uint) -> bool {
     struct Probe {
         limit: libc::c_uint,
         /// The first of the 64 slots filled (a multiple of 64).
